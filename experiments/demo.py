@@ -1,0 +1,186 @@
+"""The embedded demo: coloured shapes moving in described directions, end to end.
+
+A built-in synthetic set of captioned clips ("a red square moving left slowly") is
+tokenized into ArrayRecord shards (pixels tokenizer, hash-words text encoder), a small
+VideoDiT is trained on them with the rectified-flow loss through grain on a device mesh,
+checkpointed with Orbax, and sampled with classifier-free guidance. `make demo` runs it all:
+
+    python -m sora_jax.demo --workdir=runs/demo
+
+Each stage alone (same config, same workdir):
+
+    python -m sora_jax.tokenize --config=experiments/demo.py --workdir=runs/demo
+    python -m sora_jax.train    --config=experiments/demo.py --workdir=runs/demo
+    python -m sora_jax.sample   --config=experiments/demo.py --workdir=runs/demo \
+        --prompt="a red circle moving up quickly"
+    python -m sora_jax.evaluate --config=experiments/demo.py --workdir=runs/demo
+
+Variants: `experiments/demo.py:tiny` shrinks everything to run in seconds (tests);
+`steps=N` sets the training length. Override any field, e.g. `--config.optimizer.lr=1e-3`.
+"""
+
+import ml_collections
+
+from sora_jax import config as config_lib
+
+PROMPTS = (
+    "a red square moving left slowly",
+    "a green circle moving right quickly",
+    "a blue triangle moving up slowly",
+    "a yellow square moving down quickly",
+    "a magenta circle moving left quickly",
+    "a cyan triangle moving right slowly",
+    "a red circle moving down slowly",
+    "a green square moving up quickly",
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = config_lib.parse_arg(arg, tiny=False, steps=-1)
+    c = ml_collections.ConfigDict()
+
+    # Seed of every random stream: init, data order, noise, times, caption dropout.
+    c.seed = 0
+    # Optimizer steps to train for.
+    c.total_steps = 40 if arg.tiny else 2400
+    if arg.steps > 0:
+        c.total_steps = arg.steps
+    # Write metrics every this many steps.
+    c.log_every_steps = 10 if arg.tiny else 100
+    # Save a checkpoint every this many steps (and always at the end).
+    c.checkpoint_every_steps = 20 if arg.tiny else 800
+    # Run the evaluators every this many steps; 0 = only by `sora_jax.evaluate`.
+    c.eval_every_steps = 0
+
+    # The model: a VideoDiT over spacetime patches of latents.
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "video_dit"
+    # Size preset from sora_jax.models.dit.PRESETS; fields below override it when not None.
+    c.model.preset = None
+    c.model.dim = 64 if arg.tiny else 192
+    c.model.num_layers = 2 if arg.tiny else 6
+    c.model.num_heads = 4 if arg.tiny else 6
+    c.model.mlp_dim = 4 * c.model.dim
+    # Latent patch (frames, height, width) per token.
+    c.model.patch_size = (1, 2, 2)
+    # Compute dtype: 'float32' or 'bfloat16' (parameters are always float32).
+    c.model.dtype = "float32"
+    # Attention implementation: 'xla' | 'cudnn' | 'splash' | 'auto'.
+    c.model.attention_impl = "xla"
+
+    # Video tokenizer: pixels with 4x4 space-to-depth -> 48 latent channels.
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.name = "pixels"
+    c.tokenizer.space_to_depth = 4
+
+    # Text encoder: fixed hash-word embeddings (the synthetic vocabulary is closed).
+    c.text_encoder = ml_collections.ConfigDict()
+    c.text_encoder.name = "hash_words"
+    c.text_encoder.dim = 64
+    # Text tokens S per caption (longer captions are truncated).
+    c.text_encoder.max_length = 8
+
+    c.data = ml_collections.ConfigDict()
+    # Tokenized dataset directory; '' = WORKDIR/data.
+    c.data.dataset_dir = ""
+    # Source of raw clips for `sora_jax.tokenize`.
+    c.data.source = ml_collections.ConfigDict()
+    c.data.source.name = "synthetic"
+    c.data.source.num_clips = 256 if arg.tiny else 4096
+    c.data.source.seed = 0
+    # Buckets: name -> pixel frames, height, width and sampling weight.
+    c.data.buckets = ml_collections.ConfigDict(
+        {"9x32x32": ml_collections.ConfigDict(dict(frames=9, height=32, width=32, weight=1.0))}
+    )
+    # Records per ArrayRecord shard file.
+    c.data.records_per_shard = 256 if arg.tiny else 1024
+    # Samples per step over all devices and processes.
+    c.data.global_batch_size = 16 if arg.tiny else 32
+    # Host batches prefetched in a background thread.
+    c.data.prefetch = 2
+    # Grain worker processes (0 = read in the main process).
+    c.data.worker_count = 0
+
+    # Rectified flow (sora_jax/diffusion/flow.py).
+    c.diffusion = ml_collections.ConfigDict()
+    # Training-time distribution: 'uniform' | 'logit_normal'.
+    c.diffusion.time_sampling = "logit_normal"
+    c.diffusion.logit_mean = 0.0
+    c.diffusion.logit_std = 1.0
+    # Timestep shift alpha: > 0 fixed, -1 = from tokens per frame and latent frames.
+    c.diffusion.shift = 1.0
+    # Tokens per frame at which the automatic shift is 1 (SD3 used 256 at 256px).
+    c.diffusion.shift_base_tokens = 256
+    # Probability of training a sample with the null conditioning (for CFG).
+    c.diffusion.caption_dropout = 0.1
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 1e-3
+    # Schedule after a linear warmup: 'cosine' | 'constant' | 'wsd'.
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = 10 if arg.tiny else 200
+    # Final learning rate as a fraction of lr (cosine, wsd).
+    c.optimizer.lr_end = 0.05
+    # Fraction of steps of the final decay (wsd only).
+    c.optimizer.decay_fraction = 0.2
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.99
+    c.optimizer.eps = 1e-8
+    # Decoupled weight decay on matrices only.
+    c.optimizer.weight_decay = 0.0
+    # Global-norm gradient clipping; 0 disables.
+    c.optimizer.grad_clip = 1.0
+    # EMA decays of the parameters (each kept in the checkpoint).
+    c.optimizer.ema_decays = (0.99,)
+
+    # Mesh sizes per axis; at most one -1 per family (fills the remaining devices).
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.ici_data = -1
+    c.mesh.ici_fsdp = 1
+    c.mesh.ici_context = 1
+    c.mesh.ici_tensor = 1
+    c.mesh.dcn_data = -1
+    c.mesh.dcn_fsdp = 1
+    c.mesh.dcn_context = 1
+    c.mesh.dcn_tensor = 1
+    # Logical -> mesh axis rules; () = sora_jax.parallel.mesh.DEFAULT_RULES.
+    c.mesh.logical_axis_rules = ()
+
+    # Checkpoints kept (older ones are deleted).
+    c.checkpoint_max_to_keep = 3
+
+    # Sampling defaults for `sora_jax.sample` and the evaluators.
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompts = PROMPTS
+    c.sample.bucket = "9x32x32"
+    # ODE steps and method ('euler' | 'heun').
+    c.sample.num_steps = 8 if arg.tiny else 25
+    c.sample.sampler = "euler"
+    # Classifier-free guidance scale (1 = no guidance).
+    c.sample.cfg_scale = 3.0
+    c.sample.seed = 0
+    # Sample with this EMA decay's weights; 0 = raw parameters.
+    c.sample.ema_decay = 0.99
+    c.sample.fps = 8.0
+    # Nearest-neighbour upscaling of written videos (32 px clips are tiny on screen).
+    c.sample.video_scale = 8
+    c.sample.batch_size = 8
+
+    # Evaluators run by `sora_jax.evaluate`.
+    c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.type = "prompt_adherence"
+    # Videos sampled for the score; prompts drawn from the synthetic caption space.
+    c.evaluate.num_videos = 8 if arg.tiny else 96
+    c.evaluate.seed = 1
+    return c
+
+
+def get_sweep(arg: str | None = None) -> list[dict]:
+    """The worked sweep example: two learning rates x two widths."""
+    from sora_jax import sweeping
+
+    del arg
+    return sweeping.product(
+        sweeping.sweep("optimizer.lr", [1e-3, 3e-4]),
+        sweeping.sweep("model.dim", [96, 192]),
+    )

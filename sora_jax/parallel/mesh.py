@@ -1,0 +1,129 @@
+"""Device meshes and logical sharding rules (DESIGN.md §3, §5).
+
+The mesh has axes `('data', 'fsdp', 'context', 'tensor')`. Sizes come from the config as
+`ici_<axis>` (within a slice / host group) and `dcn_<axis>` (across slices), at most one
+of each family `-1` (fill with what is left). Model code names logical axes only; the
+config's `mesh.logical_axis_rules` map them to mesh axes, so the same model runs on one
+CPU (no rules: every constraint is a no-op) or sharded over a pod.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "context", "tensor")
+
+# Default logical -> mesh rules: parameters FSDP-sharded over `fsdp`, heads and MLP width
+# over `tensor`, activations' batch over ('data', 'fsdp') and length over `context`.
+DEFAULT_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_length", "context"),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_text_length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("layers", None),
+)
+
+
+def _fill(sizes: dict[str, int], total: int, family: str) -> dict[str, int]:
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ValueError(
+            f"mesh: at most one {family}_* size may be -1, got {[f'{family}_{a}' for a in free]}"
+        )
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if total % known:
+            raise ValueError(
+                f"mesh: {total} {'slices' if family == 'dcn' else 'devices per slice'} are not "
+                f"divisible by the fixed {family}_* sizes (product {known}); change "
+                f"mesh.{family}_{free[0]} or the others"
+            )
+        sizes = {**sizes, free[0]: total // known}
+    elif known != total:
+        raise ValueError(
+            f"mesh: {family}_* sizes {sizes} multiply to {known}, but there are {total} "
+            f"{'slices' if family == 'dcn' else 'devices per slice'}; set one size to -1"
+        )
+    return sizes
+
+
+def mesh_shape(
+    mesh_config: ml_collections.ConfigDict,
+    device_count: int | None = None,
+    num_slices: int = 1,
+) -> dict[str, int]:
+    """Total size of each mesh axis (ici x dcn), with the `-1` entries filled."""
+    if device_count is None:
+        device_count = jax.device_count()
+    if device_count % num_slices:
+        raise ValueError(f"{device_count} devices do not split into {num_slices} slices")
+    dcn = _fill({a: int(mesh_config.get(f"dcn_{a}", 1)) for a in AXES}, num_slices, "dcn")
+    ici = _fill(
+        {a: int(mesh_config.get(f"ici_{a}", 1)) for a in AXES},
+        device_count // num_slices,
+        "ici",
+    )
+    return {a: ici[a] * dcn[a] for a in AXES}
+
+
+def create_mesh(
+    mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
+    """The device mesh of a config, with Auto axis types (logical rules need them)."""
+    devices = list(devices if devices is not None else jax.devices())
+    num_slices = 1 + max(getattr(d, "slice_index", 0) or 0 for d in devices)
+    shape = mesh_shape(mesh_config, len(devices), num_slices)
+    if num_slices > 1:
+        from jax.experimental import mesh_utils
+
+        ici = _fill(
+            {a: int(mesh_config.get(f"ici_{a}", 1)) for a in AXES},
+            len(devices) // num_slices,
+            "ici",
+        )
+        dcn = [shape[a] // ici[a] for a in AXES]
+        grid = mesh_utils.create_hybrid_device_mesh(
+            [ici[a] for a in AXES], dcn, devices, allow_split_physical_axes=True
+        )
+        return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+    grid = np.asarray(devices).reshape([shape[a] for a in AXES])
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def logical_rules(mesh_config: ml_collections.ConfigDict) -> tuple:
+    """The config's logical -> mesh axis rules as flax expects them."""
+    rules = mesh_config.get("logical_axis_rules", None) or DEFAULT_RULES
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules) -> object:
+    """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (abstract or real)."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading dimension over ('data', 'fsdp'); every context/tensor rank sees the sample."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,80 @@
+"""TrainState and its sharded initialization (DESIGN.md §4.4, STYLE.md 7).
+
+The state is a pytree `step, params, opt_state, ema (decay -> params)`. It is never
+materialized on one device: `jax.eval_shape` gives the abstract state with its logical
+axis names, the config's rules turn those into shardings, and `jax.jit(init,
+out_shardings=...)` creates every shard where it lives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema: dict[str, Any]  # ema_key(decay) -> params averaged with that decay
+
+
+def ema_key(decay: float) -> str:
+    """`0.999 -> 'decay_0p999'`: a key without dots, safe as a checkpoint path component."""
+    return f"decay_{decay:g}".replace(".", "p")
+
+
+def make_init_fn(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    example_inputs: tuple,
+    ema_decays: tuple[float, ...],
+) -> Callable[[jax.Array], TrainState]:
+    """`init(rng) -> TrainState` whose leaves are still `nn.LogicallyPartitioned` boxes."""
+
+    def init(rng):
+        params = model.init(rng, *example_inputs)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema={ema_key(d): params for d in ema_decays},
+        )
+
+    return init
+
+
+def abstract_state(init_fn: Callable, mesh: Mesh, rules) -> tuple[TrainState, Any]:
+    """The abstract (unboxed) state and its shardings, without allocating anything."""
+    boxed = jax.eval_shape(init_fn, jax.random.key(0))
+    with nn.logical_axis_rules(rules):
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nn.meta.unbox(boxed),
+        shardings,
+    )
+    return abstract, shardings
+
+
+def create_sharded_state(init_fn: Callable, mesh: Mesh, rules, seed: int) -> TrainState:
+    """Initializes the state directly into its shardings."""
+    _, shardings = abstract_state(init_fn, mesh, rules)
+
+    def init_unboxed(rng):
+        return nn.meta.unbox(init_fn(rng))
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.jit(init_unboxed, out_shardings=shardings)(jax.random.key(seed))
+
+
+def param_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
