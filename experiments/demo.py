@@ -42,13 +42,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Seed of every random stream: init, data order, noise, times, caption dropout.
     c.seed = 0
     # Optimizer steps to train for.
-    c.total_steps = 40 if arg.tiny else 2400
+    c.total_steps = 40 if arg.tiny else 1200
     if arg.steps > 0:
         c.total_steps = arg.steps
     # Write metrics every this many steps.
     c.log_every_steps = 10 if arg.tiny else 100
     # Save a checkpoint every this many steps (and always at the end).
-    c.checkpoint_every_steps = 20 if arg.tiny else 800
+    c.checkpoint_every_steps = 20 if arg.tiny else 400
     # Run the evaluators every this many steps; 0 = only by `sora_jax.evaluate`.
     c.eval_every_steps = 0
 
@@ -57,9 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.name = "video_dit"
     # Size preset from sora_jax.models.dit.PRESETS; fields below override it when not None.
     c.model.preset = None
-    c.model.dim = 64 if arg.tiny else 192
-    c.model.num_layers = 2 if arg.tiny else 6
-    c.model.num_heads = 4 if arg.tiny else 6
+    c.model.dim = 64 if arg.tiny else 128
+    c.model.num_layers = 2 if arg.tiny else 4
+    c.model.num_heads = 4
     c.model.mlp_dim = 4 * c.model.dim
     # Latent patch (frames, height, width) per token.
     c.model.patch_size = (1, 2, 2)
@@ -118,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.lr = 1e-3
     # Schedule after a linear warmup: 'cosine' | 'constant' | 'wsd'.
     c.optimizer.schedule = "cosine"
-    c.optimizer.warmup_steps = 10 if arg.tiny else 200
+    c.optimizer.warmup_steps = 10 if arg.tiny else 100
     # Final learning rate as a fraction of lr (cosine, wsd).
     c.optimizer.lr_end = 0.05
     # Fraction of steps of the final decay (wsd only).
@@ -182,5 +182,5 @@ def get_sweep(arg: str | None = None) -> list[dict]:
     del arg
     return sweeping.product(
         sweeping.sweep("optimizer.lr", [1e-3, 3e-4]),
-        sweeping.sweep("model.dim", [96, 192]),
+        sweeping.sweep("model.dim", [64, 128]),
     )

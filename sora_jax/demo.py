@@ -7,24 +7,14 @@ evaluate}); the printed commands run the same stages one by one. Re-running resu
 finished shards and the final checkpoint are reused.
 """
 
-import os
+import json
+import pathlib
+import sys
+import time
 
-# The demo's mesh spans two CPU devices (one per core of a small machine), so training
-# runs data-parallel through the same sharded step as on accelerators. Set before JAX
-# initializes; an XLA_FLAGS from the environment wins.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    ).strip()
+from absl import app, flags
 
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-from absl import app, flags  # noqa: E402
-
-from sora_jax import config as config_lib  # noqa: E402
+from sora_jax import config as config_lib
 
 WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where everything goes.")
 CONFIG = flags.DEFINE_string("config", "experiments/demo.py", "Experiment file[:arg].")

@@ -13,7 +13,11 @@ WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metr
 
 
 def run_main(main) -> None:
-    """`app.run` with one-line config errors instead of tracebacks."""
+    """`app.run` with one-line config errors instead of tracebacks.
+
+    Library INFO logs (Orbax, JAX) are hidden by default; `--verbosity=0` shows them.
+    """
+    flags.FLAGS.set_default("verbosity", -1)
     app.run(main, flags_parser=config_lib.parse_flags)
 
 

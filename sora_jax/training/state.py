@@ -72,7 +72,9 @@ def create_sharded_state(init_fn: Callable, mesh: Mesh, rules, seed: int) -> Tra
     def init_unboxed(rng):
         return nn.meta.unbox(init_fn(rng))
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    # No logical rules in context here: the out_shardings place every leaf, and flax would
+    # otherwise constrain kernels inside their initializers, before they take their shape.
+    with jax.set_mesh(mesh):
         return jax.jit(init_unboxed, out_shardings=shardings)(jax.random.key(seed))
 
 
