@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sora_jax import config as config_lib
 
@@ -17,8 +17,13 @@ def run_main(main) -> None:
 
     Library INFO logs (Orbax, JAX) are hidden by default; `--verbosity=0` shows them.
     """
-    flags.FLAGS.set_default("verbosity", -1)
-    app.run(main, flags_parser=config_lib.parse_flags)
+
+    def quiet_main(argv):
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        return main(argv)
+
+    app.run(quiet_main, flags_parser=config_lib.parse_flags)
 
 
 def require(flag, name: str) -> None:

@@ -196,7 +196,7 @@ def write_samples(
         path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
         paths.append(path)
     sheet = video_io.contact_sheet([video_io.to_uint8(v) for v in videos])
-    video_io.write_png(outdir / "contact_sheet.png", sheet)
+    video_io.write_png(outdir / "contact_sheet.png", sheet, scale=max(1, scale // 2))
     return paths
 
 

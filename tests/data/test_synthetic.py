@@ -1,0 +1,135 @@
+"""Synthetic captioned clips: captions parse back, rendering is deterministic, the object
+stays inside the frame, and it travels the distance its speed word promises."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from sora_jax.data import synthetic
+
+
+def test_caption_round_trip_over_every_attribute_combination():
+    for colour, shape, direction, speed in itertools.product(
+        synthetic.COLOURS, synthetic.SHAPES, synthetic.DIRECTIONS, synthetic.SPEEDS
+    ):
+        spec = synthetic.ClipSpec(colour, shape, direction, speed, 0.3, (0.5, 0.5))
+        assert synthetic.parse_caption(spec.caption) == dict(
+            colour=colour, shape=shape, direction=direction, speed=speed
+        )
+    assert synthetic.parse_caption("a red square moving left slowly")["colour"] == "red"
+
+
+@pytest.mark.parametrize(
+    "caption, message",
+    [
+        ("a purple square moving left slowly", "unknown colour 'purple'"),
+        ("a red hexagon moving left slowly", "unknown shape 'hexagon'"),
+        ("a red square moving sideways slowly", "unknown direction 'sideways'"),
+        ("a red square moving left fast", "unknown speed 'fast'"),
+        ("red square left", "does not read"),
+    ],
+)
+def test_parse_caption_errors_name_the_caption_and_allowed_words(caption, message):
+    with pytest.raises(ValueError, match=message) as info:
+        synthetic.parse_caption(caption)
+    assert repr(caption) in str(info.value)
+    if "unknown colour" in message:
+        assert "magenta" in str(info.value)  # the allowed words are listed
+
+
+def test_clip_spec_is_deterministic_and_covers_the_vocabulary():
+    specs = [synthetic.clip_spec(i, seed=0) for i in range(600)]
+    assert specs == [synthetic.clip_spec(i, seed=0) for i in range(600)]
+    assert specs[:50] != [synthetic.clip_spec(i, seed=1) for i in range(50)]
+    for field, vocab in [
+        ("colour", synthetic.COLOURS),
+        ("shape", synthetic.SHAPES),
+        ("direction", synthetic.DIRECTIONS),
+        ("speed", synthetic.SPEEDS),
+    ]:
+        counts = {w: sum(getattr(s, field) == w for s in specs) for w in vocab}
+        # Uniform: each word within 40% of its expected count over 600 draws.
+        expected = len(specs) / len(vocab)
+        assert all(abs(c - expected) < 0.4 * expected for c in counts.values()), (field, counts)
+    assert all(synthetic.MIN_SIZE <= s.size <= synthetic.MAX_SIZE for s in specs)
+
+
+def test_render_is_deterministic_and_clips_differ():
+    a = synthetic.synthetic_clip(7, 3, 9, 32, 32)
+    b = synthetic.synthetic_clip(7, 3, 9, 32, 32)
+    c = synthetic.synthetic_clip(8, 3, 9, 32, 32)
+    np.testing.assert_array_equal(a["video"], b["video"])
+    assert not np.array_equal(a["video"], c["video"])
+    assert a["source_id"] == "synthetic/3/7"
+    assert a["caption"] == synthetic.clip_spec(7, 3).caption
+    assert a["fps"] == 8.0  # 9 frames span CLIP_SECONDS = 1 s
+    assert a["attributes"]["colour"] in a["caption"]
+
+
+@pytest.mark.parametrize("shape", [(9, 16, 16), (9, 32, 32), (5, 24, 40), (9, 40, 24), (1, 32, 32)])
+def test_render_range_colour_and_object_stays_in_frame(shape):
+    num_frames, height, width = shape
+    for i in range(60):
+        spec = synthetic.clip_spec(i, seed=5)
+        video = synthetic.render(spec, num_frames, height, width)
+        assert video.shape == (num_frames, height, width, 3) and video.dtype == np.float32
+        assert video.min() >= -1.0 and video.max() <= 1.0
+        cov = synthetic.coverage(spec, num_frames, height, width)  # [T, H, W]
+        # Every pixel is a blend of black and the caption's colour.
+        rgb = np.asarray(synthetic.COLOURS[spec.colour], np.float32)
+        np.testing.assert_allclose(video, cov[..., None] * 2 * rgb - 1, atol=1e-6)
+        # Fully inside on every frame: the rendered area is the same on every frame (to the
+        # supersampling error) and, from 24 px up, the MARGIN keeps the border empty.
+        mass = cov.sum(axis=(1, 2))
+        assert np.ptp(mass) <= 0.06 * mass.mean(), (spec, mass)
+        if min(height, width) >= 24:
+            border = np.concatenate([cov[:, 0], cov[:, -1], cov[:, :, 0], cov[:, :, -1]], 1)
+            assert border.max() == 0, spec
+        # The object is about size * min(H, W) across (area of a triangle is half).
+        side = spec.size * min(height, width)
+        factor = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[spec.shape]
+        assert mass.mean() == pytest.approx(factor * side**2, rel=0.15)
+
+
+def test_image_shows_the_start_position():
+    spec = synthetic.clip_spec(3)
+    image = synthetic.render(spec, 1, 32, 32)
+    clip = synthetic.render(spec, 9, 32, 32)
+    np.testing.assert_array_equal(image[0], clip[0])
+
+
+@pytest.mark.parametrize("speed, lo", [("slowly", 0.25), ("quickly", 0.45)])
+def test_displacement_is_measurable_and_in_the_caption_direction(speed, lo):
+    for direction in synthetic.DIRECTIONS:
+        # A path centred in the frame, so the largest object fits at either speed.
+        ux, uy = synthetic.DIRECTION_VECTORS[direction]
+        d = synthetic.SPEEDS[speed]
+        start = (0.5 - ux * d / 2, 0.5 - uy * d / 2)
+        spec = synthetic.ClipSpec("red", "square", direction, speed, 0.36, start)
+        cov = synthetic.coverage(spec, 9, 32, 32)  # [T, H, W]
+        centres = (np.arange(32) + 0.5) / 32  # pixel centres, fraction of the side
+        cx = (cov.sum(1) * centres).sum(1) / cov.sum((1, 2))  # [T]
+        cy = (cov.sum(2) * centres).sum(1) / cov.sum((1, 2))  # [T]
+        along, across = (cx, cy) if ux else (cy, cx)
+        sign = ux or uy
+        assert sign * (along[-1] - along[0]) >= lo, (direction, along)
+        assert np.ptp(across) < 0.01, (direction, across)  # straight line
+        assert np.all(sign * np.diff(along) > 0)  # monotone: no bouncing, no wrap
+
+
+def test_generating_a_dataset_is_fast():
+    import time
+
+    start = time.perf_counter()
+    for i in range(500):
+        synthetic.synthetic_clip(i, 0, 9, 32, 32)
+    # ~0.2 ms per clip on a laptop core; 2000 clips should take well under a few seconds.
+    assert time.perf_counter() - start < 2.5
+
+
+def test_bad_render_sizes_are_rejected():
+    with pytest.raises(ValueError, match="num_frames=0"):
+        synthetic.render(synthetic.clip_spec(0), 0, 32, 32)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        synthetic.clip_spec(-1)

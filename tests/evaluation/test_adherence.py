@@ -1,0 +1,90 @@
+"""Prompt adherence from pixels: ground-truth clips measure back as their captions say,
+shuffled captions score near chance, and unreadable videos never match."""
+
+import numpy as np
+import pytest
+
+from sora_jax import video_io
+from sora_jax.data import synthetic
+from sora_jax.evaluation import adherence
+
+
+def _clips(n, shape, seed=0):
+    items = [synthetic.synthetic_clip(i, seed, *shape) for i in range(n)]
+    return [c["video"] for c in items], [c["caption"] for c in items]
+
+
+@pytest.mark.parametrize("shape", [(9, 16, 16), (9, 32, 32), (5, 24, 40), (17, 32, 32)])
+def test_ground_truth_clips_score_perfectly(shape):
+    videos, captions = _clips(200, shape)
+    result = adherence.score(videos, captions)
+    assert result["n"] == 200
+    assert (result["colour"], result["direction"], result["both"]) == (1.0, 1.0, 1.0), [
+        r for r in result["per_video"] if not r["both_match"]
+    ][:5]
+    # The same holds through uint8, the format of decoded files.
+    uint8 = adherence.score([video_io.to_uint8(v) for v in videos], captions)
+    assert uint8["both"] == 1.0
+
+
+def test_every_colour_and_direction_measures_back():
+    for colour in synthetic.COLOURS:
+        for direction in synthetic.DIRECTIONS:
+            for shape in synthetic.SHAPES:
+                ux, uy = synthetic.DIRECTION_VECTORS[direction]
+                start = (0.5 - ux * 0.14, 0.5 - uy * 0.14)
+                spec = synthetic.ClipSpec(colour, shape, direction, "slowly", 0.3, start)
+                got = adherence.measure(synthetic.render(spec, 9, 16, 16))
+                assert got == {"colour": colour, "direction": direction}, spec
+
+
+def test_shuffled_captions_score_near_chance():
+    videos, captions = _clips(600, (9, 16, 16))
+    shuffled = list(np.random.default_rng(0).permutation(captions))
+    result = adherence.score(videos, shuffled)
+    # Chance is 1/6, 1/4, 1/24; with n=600 the std of an accuracy is <= 0.018.
+    assert abs(result["colour"] - result["chance_colour"]) < 0.06
+    assert abs(result["direction"] - result["chance_direction"]) < 0.07
+    assert result["both"] < 0.1
+    assert result["chance_both"] == pytest.approx(1 / 24)
+
+
+def test_unreadable_videos_never_match():
+    black = -np.ones((9, 16, 16, 3), np.float32)
+    assert adherence.measure(black) == {"colour": None, "direction": None}
+    spec = synthetic.clip_spec(0)
+    static = np.repeat(synthetic.render(spec, 1, 16, 16), 9, axis=0)
+    assert adherence.measure(static) == {"colour": spec.colour, "direction": None}
+    image = synthetic.render(spec, 1, 16, 16)
+    assert adherence.measure(image)["direction"] is None
+    result = adherence.score([black, static], [spec.caption, spec.caption])
+    assert result["colour"] == 0.5 and result["direction"] == 0.0 and result["both"] == 0.0
+    assert result["nonfinite_videos"] == 0
+    diverged = synthetic.render(spec, 9, 16, 16)
+    diverged[4:] = np.nan
+    result = adherence.score([diverged], [spec.caption])
+    assert result["nonfinite_videos"] == 1 and result["direction"] == 0.0
+    assert result["per_video"][0]["nonfinite_values"] == 5 * 16 * 16 * 3
+
+
+def test_dim_colour_reads_by_hue_and_noise_below_threshold_is_background():
+    spec = synthetic.ClipSpec("cyan", "circle", "up", "quickly", 0.33, (0.4, 0.7))
+    video = synthetic.render(spec, 9, 32, 32)
+    # 60% cyan, (0, 0.6, 0.6) in [0, 1] units, is nearer to blue (0, 0.35, 1) than to cyan
+    # in raw RGB; dividing by the brightest channel recovers the hue.
+    dim = 0.6 * (video + 1) - 1
+    noise = np.random.default_rng(0).uniform(-1, -0.2, video.shape).astype(np.float32)
+    noisy = np.maximum(dim, noise)  # background noise stays below 0.4 in [0, 1] units
+    assert adherence.measure(noisy) == {"colour": "cyan", "direction": "up"}
+
+
+def test_score_validates_its_inputs():
+    videos, captions = _clips(2, (9, 16, 16))
+    with pytest.raises(ValueError, match="2 videos for 1 captions"):
+        adherence.score(videos, captions[:1])
+    with pytest.raises(ValueError, match="no videos"):
+        adherence.score([], [])
+    with pytest.raises(ValueError, match="unknown colour 'purple'"):
+        adherence.score(videos[:1], ["a purple square moving left slowly"])
+    with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
+        adherence.measure(videos[0][0])
