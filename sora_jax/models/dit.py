@@ -1,0 +1,365 @@
+"""VideoDiT: a diffusion transformer over spacetime patches of video latents, and its presets.
+
+    tokens  = W_p patchify(x_t)                                    [B, L, D]
+    e       = MLP(sinusoid(1000 t))                                 [B, Tm, D]
+    per block (adaLN-Zero, Wan2.1 layout):
+      (a, s, g, a', s', g') = modulation + W_e silu(e)              6 x [B, Tm, D]
+      x += g  · SelfAttn(LN(x) (1 + s) + a, RoPE(t, h, w))
+      x +=      CrossAttn(LN_affine(x), W_text text, text_mask)
+      x += g' · MLP(LN(x) (1 + s') + a')
+    v       = unpatchify(W_o (LN(x) (1 + s_o) + a_o))              [B, T, H, W, C_out]
+
+`t` is `[B]` (Tm = 1) or per latent frame `[B, T]` (Tm = T' = T / pt; the times of the pt
+frames inside one temporal patch are averaged). Every residual branch and the output head
+start at zero, so the initial model outputs exactly zero (adaLN-Zero, DiT; the cross-attention
+output projection is zero-initialized as in PixArt-α).
+
+Parameters. `model.init(rng, x_t, t, text, text_mask)['params']` holds
+`nn.LogicallyPartitioned` boxes (logical axis names for sharding, DESIGN.md §5). Callers
+unbox them, `params = nn.meta.unbox(variables['params'])`, and then
+`model.apply({'params': params}, x_t, t, text, text_mask) -> v` works on the plain tree (it
+also accepts the boxed tree). Parameters are float32; `dtype` is the compute dtype; norm and
+softmax statistics are float32 and `v` is float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from sora_jax.models import rope as rope_lib
+from sora_jax.models.attention import IMPLS
+from sora_jax.models.layers import (
+    ACT,
+    ACT_TEXT,
+    EMBED_INIT,
+    MLP,
+    XAVIER,
+    ZEROS,
+    Attention,
+    LayerNorm,
+    check_patchable,
+    dense,
+    gate,
+    modulate,
+    patchify,
+    timestep_embedding,
+    unpatchify,
+)
+
+__all__ = ["PRESETS", "VideoDiT", "build_model", "patchify", "unpatchify"]
+
+# Size presets: fields of VideoDiT. Param counts are for 16 latent channels, text dim 4096
+# and patch (1, 2, 2) (the Wan2.1 setting), computed with `jax.eval_shape` (tests/models).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Test-sized; every test model derives from it.
+    "tiny": dict(dim=64, num_layers=2, num_heads=4, mlp_dim=256),
+    # DiT (Peebles & Xie 2023, Table 1) widths/depths/heads, MLP ratio 4.
+    "S": dict(dim=384, num_layers=12, num_heads=6, mlp_dim=1536),
+    "B": dict(dim=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    "L": dict(dim=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+    "XL": dict(dim=1152, num_layers=28, num_heads=16, mlp_dim=4608),
+    # Wan2.1 T2V-1.3B (github.com/Wan-Video/Wan2.1, wan/configs/wan_t2v_1_3B.py): 1,418,996,800
+    # params, equal to the published checkpoint's count (the "1.3B" name rounds down).
+    "wan2_1_1_3b": dict(
+        dim=1536,
+        num_layers=30,
+        num_heads=12,
+        mlp_dim=8960,
+        patch_size=(1, 2, 2),
+        freq_dim=256,
+        mlp="gelu",
+        qk_norm=True,
+        cross_attn_norm=True,
+    ),
+    # Wan2.1 T2V-14B (wan/configs/wan_t2v_14B.py): 14,288,491,584 params.
+    "wan2_1_14b": dict(
+        dim=5120,
+        num_layers=40,
+        num_heads=40,
+        mlp_dim=13824,
+        patch_size=(1, 2, 2),
+        freq_dim=256,
+        mlp="gelu",
+        qk_norm=True,
+        cross_attn_norm=True,
+    ),
+}
+
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "offload")
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `model.remat` name (what the backward pass keeps).
+
+    'full' keeps nothing (recomputes the block), 'save_dots' keeps matmul outputs without
+    batch dims (the weight projections; attention is recomputed), 'save_attention_out'
+    keeps only the attention output, 'offload' moves it to pinned host memory instead.
+    """
+    cp = jax.checkpoint_policies
+    if name == "full":
+        return cp.nothing_saveable
+    if name == "save_dots":
+        return cp.dots_with_no_batch_dims_saveable
+    if name == "save_attention_out":
+        return cp.save_only_these_names("attention_out")
+    if name == "offload":
+        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+        if "pinned_host" not in kinds:
+            raise ValueError(
+                f"model.remat='offload' needs a 'pinned_host' memory space; backend "
+                f"{jax.default_backend()!r} has {sorted(kinds)}: use 'save_attention_out'"
+            )
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=["attention_out"],
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    raise ValueError(f"model.remat={name!r} is unknown; choose one of {REMAT_POLICIES}")
+
+
+class DiTBlock(nn.Module):
+    """One transformer block: `(x [B, L, D], e6 [B, Tm, 6, D], ...) -> (x, None)`."""
+
+    num_heads: int
+    mlp_dim: int
+    mlp: str = "gelu"
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    attention_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, e6, context, context_mask, rope):
+        # The (carry, out) signature lets nn.scan stack blocks without a wrapper.
+        d, dt = x.shape[-1], self.dtype
+        table = self.param(
+            "modulation", nn.with_logical_partitioning(ZEROS, (None, "embed")), (6, d)
+        )
+        mod = e6 + table  # [B, Tm, 6, D] float32
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(6))
+        attn = dict(
+            num_heads=self.num_heads,
+            qk_norm=self.qk_norm,
+            attention_impl=self.attention_impl,
+            dtype=dt,
+        )
+
+        h = modulate(LayerNorm(name="norm1")(x), shift1, scale1).astype(dt)
+        x = x + gate(Attention(**attn, name="self_attn")(h, rope=rope), gate1)
+        h = LayerNorm(affine=True, name="norm3")(x).astype(dt) if self.cross_attn_norm else x
+        x = x + Attention(**attn, zero_out=True, name="cross_attn")(h, context, context_mask)
+        h = modulate(LayerNorm(name="norm2")(x), shift2, scale2).astype(dt)
+        x = x + gate(MLP(self.mlp_dim, self.mlp, dtype=dt, name="ffn")(h), gate2)
+        return nn.with_logical_constraint(x, ACT), None
+
+
+def _frame_times(t: jax.Array, batch: int, frames: int, pt: int) -> jax.Array:
+    """Timesteps `[B]` -> `[B, 1]`; per-frame `[B, T]` -> `[B, T']` (mean over each patch)."""
+    if t.shape == (batch,):
+        return t[:, None]
+    if t.shape == (batch, frames):
+        return t.reshape(batch, frames // pt, pt).mean(-1)  # [B, T', pt] -> [B, T']
+    raise ValueError(f"t must be [B]={(batch,)} or [B, T]={batch, frames}, got {t.shape}")
+
+
+def _patch_kernel_init(in_channels: int, cond_channels: int):
+    """Xavier init whose rows for the last `cond_channels` input channels start at zero."""
+
+    def init(key, shape, dtype=jnp.float32):
+        keep = jnp.arange(shape[0]) % in_channels < in_channels - cond_channels  # [P·C]
+        return XAVIER(key, shape, dtype) * keep[:, None].astype(dtype)
+
+    return init
+
+
+class VideoDiT(nn.Module):
+    """`(x_t [B,T,H,W,C], t [B]|[B,T], text [B,S,D_text], text_mask [B,S]) -> v [B,T,H,W,C_out]`."""
+
+    in_channels: int  # latent channels C, plus cond_channels conditioning channels (last)
+    out_channels: int  # velocity channels (= latent channels)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    dim: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp_dim: int = 512
+    text_dim: int = 64
+    freq_dim: int = 256
+    mlp: str = "gelu"  # 'gelu' | 'swiglu'
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    rope_split: tuple[int, int, int] | None = None  # head-dim (E_t, E_h, E_w); None = Wan's
+    attention_impl: str = "xla"  # 'xla' | 'cudnn' | 'splash' | 'auto'
+    dtype: Any = jnp.float32  # compute dtype; params are always float32
+    cond_channels: int = 0  # trailing input channels whose patch-embed rows start at zero
+    scan_layers: bool = False  # stack blocks with nn.scan (params get a leading 'layers' axis)
+    remat: str = "none"  # one of REMAT_POLICIES
+
+    @nn.compact
+    def __call__(self, x_t, t, text, text_mask):
+        b, frames, height, width, c = x_t.shape
+        if c != self.in_channels:
+            raise ValueError(f"x_t has {c} channels, the model was built for {self.in_channels}")
+        if text.shape[-1] != self.text_dim:
+            raise ValueError(
+                f"text has width {text.shape[-1]}, the model was built for {self.text_dim}"
+            )
+        if self.dim % self.num_heads:
+            raise ValueError(f"model.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        patch, dt = tuple(self.patch_size), self.dtype
+        split = rope_lib.check_split(self.rope_split, self.dim // self.num_heads)
+
+        # --- Embeddings: patches, timesteps, text ---------------------------------------
+        tokens, grid = patchify(x_t.astype(dt), patch)  # [B, L, P·C]
+        kernel = _patch_kernel_init(self.in_channels, self.cond_channels)
+        patch_embed = nn.Dense(
+            self.dim,
+            dtype=dt,
+            param_dtype=jnp.float32,
+            name="patch_embedding",
+            kernel_init=nn.with_logical_partitioning(kernel, ("conv_in", "embed")),
+            bias_init=nn.with_logical_partitioning(ZEROS, ("embed",)),
+        )
+        x = nn.with_logical_constraint(patch_embed(tokens), ACT)  # [B, L, D]
+
+        t_frames = _frame_times(jnp.asarray(t), b, frames, patch[0])  # [B, Tm]
+        f32 = jnp.float32  # the timestep path is tiny: keep it in float32
+        e = timestep_embedding(t_frames, self.freq_dim)  # [B, Tm, freq_dim]
+        e = dense(
+            self.dim, ("conv_in", "embed"), dtype=f32, init=EMBED_INIT, name="time_embedding_0"
+        )(e)
+        e = dense(self.dim, ("mlp", "embed"), dtype=f32, init=EMBED_INIT, name="time_embedding_1")(
+            nn.silu(e)
+        )
+        proj = dense(6 * self.dim, ("embed", "mlp"), dtype=f32, zero=True, name="time_projection")
+        e6 = proj(nn.silu(e)).reshape(*e.shape[:2], 6, self.dim)  # [B, Tm, 6·D] -> [B, Tm, 6, D]
+
+        ctx = dense(
+            self.dim, ("vocab", "embed"), dtype=dt, init=EMBED_INIT, name="text_embedding_0"
+        )(text.astype(dt))
+        ctx = dense(self.dim, ("mlp", "embed"), dtype=dt, init=EMBED_INIT, name="text_embedding_1")(
+            nn.gelu(ctx)
+        )
+        ctx = nn.with_logical_constraint(ctx, ACT_TEXT)  # [B, S, D]
+        ctx_mask = text_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S] over [B, N, L, S]
+        rope = rope_lib.rope_tables(grid, split)  # (cos, sin), each [L, E/2]
+
+        # --- Blocks -------------------------------------------------------------------
+        block_cls = DiTBlock
+        if self.remat != "none":
+            policy = remat_policy(self.remat)
+            block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_layers)
+        block_kw = dict(
+            num_heads=self.num_heads,
+            mlp_dim=self.mlp_dim,
+            mlp=self.mlp,
+            qk_norm=self.qk_norm,
+            cross_attn_norm=self.cross_attn_norm,
+            attention_impl=self.attention_impl,
+            dtype=dt,
+        )
+        if self.scan_layers:
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 4,
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(**block_kw, name="blocks")(x, e6, ctx, ctx_mask, rope)
+        else:
+            for i in range(self.num_layers):
+                x, _ = block_cls(**block_kw, name=f"blocks_{i}")(x, e6, ctx, ctx_mask, rope)
+
+        # --- Output head: adaLN (shift, scale from e), zero-initialized linear ----------
+        table = self.param(
+            "head_modulation", nn.with_logical_partitioning(ZEROS, (None, "embed")), (2, self.dim)
+        )
+        mod = e[:, :, None] + table  # [B, Tm, 2, D]
+        h = modulate(LayerNorm(name="norm_out")(x), mod[:, :, 0], mod[:, :, 1]).astype(dt)
+        out_features = math.prod(patch) * self.out_channels
+        head = dense(out_features, ("embed", "conv_out"), dtype=dt, zero=True, name="head")
+        return unpatchify(head(h).astype(jnp.float32), grid, patch)  # [B, T, H, W, C_out]
+
+
+# --- Registry and factory ---------------------------------------------------------------
+
+MODELS = {"video_dit": VideoDiT}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_FIELDS = {f.name for f in dataclasses.fields(VideoDiT)} - {"parent", "name"}
+_BUILD_ARGS = {"in_channels", "out_channels", "text_dim"}  # from the data, not the config
+
+
+def model_fields(model_cfg) -> dict[str, Any]:
+    """The VideoDiT fields a model config asks for: preset, then non-None explicit fields."""
+    cfg = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    name = cfg.pop("name", "video_dit")
+    if name not in MODELS:
+        raise ValueError(f"model.name={name!r} is unknown; choose one of {sorted(MODELS)}")
+    preset = cfg.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"model.preset={preset!r} is unknown; choose one of {list(PRESETS)}")
+    fields = dict(PRESETS[preset]) if preset else {}
+    for key, value in cfg.items():
+        if key not in _FIELDS - _BUILD_ARGS:
+            near = difflib.get_close_matches(key, sorted(_FIELDS - _BUILD_ARGS), n=1)
+            hint = f" (did you mean model.{near[0]}?)" if near else ""
+            raise ValueError(f"model.{key} is not a VideoDiT field{hint}")
+        if value is not None:
+            fields[key] = value
+    if isinstance(fields.get("dtype"), str):
+        if fields["dtype"] not in _DTYPES:
+            raise ValueError(f"model.dtype={fields['dtype']!r}: choose one of {list(_DTYPES)}")
+        fields["dtype"] = _DTYPES[fields["dtype"]]
+    choices = {"mlp": ("gelu", "swiglu"), "remat": REMAT_POLICIES, "attention_impl": IMPLS}
+    for key, allowed in choices.items():
+        if key in fields and fields[key] not in allowed:
+            raise ValueError(f"model.{key}={fields[key]!r} is unknown; choose one of {allowed}")
+    for key in ("patch_size", "rope_split"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(int(v) for v in fields[key])
+    return fields
+
+
+def build_model(model_cfg, in_channels: int, text_dim: int) -> VideoDiT:
+    """The model of a config (ConfigDict or dict) for `in_channels` latent channels.
+
+    `model_cfg.cond_channels` extra conditioning channels are appended to the input (their
+    patch-embedding rows start at zero); the output has `in_channels` velocity channels.
+    """
+    fields = model_fields(model_cfg)
+    cond = int(fields.get("cond_channels", 0))
+    return VideoDiT(
+        in_channels=in_channels + cond, out_channels=in_channels, text_dim=text_dim, **fields
+    )
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Per-block params `blocks_i` -> one `blocks` tree with a leading layers axis (scan)."""
+    blocks = [params[f"blocks_{i}"] for i in range(num_layers)]
+    rest = {k: v for k, v in params.items() if not k.startswith("blocks_")}
+    return {**rest, "blocks": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of `stack_layers`: `blocks` [layers, ...] -> `blocks_0`, `blocks_1`, ..."""
+    num_layers = jax.tree.leaves(params["blocks"])[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "blocks"}
+    per_layer = {
+        f"blocks_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"])
+        for i in range(num_layers)
+    }
+    return {**rest, **per_layer}
+
+
+def check_bucket(model: VideoDiT, latent_shape) -> tuple[int, int, int]:
+    """The token grid of a latent `(T, H, W[, C])` bucket, or a ValueError naming the patch."""
+    return check_patchable(tuple(latent_shape)[:3], model.patch_size)

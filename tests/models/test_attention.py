@@ -1,0 +1,70 @@
+"""`dot_product_attention` against `jax.nn.dot_product_attention` (the independent reference)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sora_jax.models import attention
+
+
+def _qkv(key, b=2, lq=12, lk=7, n=4, e=16, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (b, lq, n, e), dtype)
+    k = jax.random.normal(kk, (b, lk, n, e), dtype)
+    v = jax.random.normal(kv, (b, lk, n, e), dtype)
+    return q, k, v
+
+
+def _mask(key, shape):
+    mask = jax.random.bernoulli(key, 0.6, shape)
+    return mask.at[..., 0].set(True)  # every query row keeps at least one key
+
+
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 7), (2, 4, 12, 7), (1, 1, 12, 7)])
+@pytest.mark.parametrize("self_attention", [False, True])
+def test_xla_matches_jax_reference(mask_shape, self_attention):
+    q, k, v = _qkv(jax.random.key(0), lk=12 if self_attention else 7)
+    if mask_shape is not None and self_attention:
+        mask_shape = (*mask_shape[:-1], 12)
+    mask = None if mask_shape is None else _mask(jax.random.key(1), mask_shape)
+    ours = attention.dot_product_attention(q, k, v, mask, impl="xla")
+    ref = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_rows_are_zero_and_masked_keys_get_no_weight():
+    q, k, v = _qkv(jax.random.key(2))
+    mask = jnp.ones((2, 1, 1, 7), bool).at[0].set(False).at[1, ..., 3:].set(False)
+    out = attention.dot_product_attention(q, k, v, mask)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[0], 0.0)  # sample 0 has no valid key at all
+    # Replacing masked keys/values with garbage changes nothing.
+    k2, v2 = k.at[:, 3:].set(1e3), v.at[:, 3:].set(-1e3)
+    np.testing.assert_array_equal(attention.dot_product_attention(q, k2, v2, mask), out)
+
+
+def test_bfloat16_close_to_float32():
+    q, k, v = _qkv(jax.random.key(3))
+    ref = attention.dot_product_attention(q, k, v)
+    bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    out = attention.dot_product_attention(*bf)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_impl_selection_and_errors():
+    assert attention.resolve_impl("auto", jnp.bfloat16, backend="gpu") == "cudnn"
+    assert attention.resolve_impl("auto", jnp.float32, backend="gpu") == "xla"
+    assert attention.resolve_impl("auto", jnp.bfloat16, backend="cpu") == "xla"
+    q, k, v = _qkv(jax.random.key(4))
+    np.testing.assert_array_equal(
+        attention.dot_product_attention(q, k, v, impl="auto"),
+        attention.dot_product_attention(q, k, v, impl="xla"),
+    )
+    with pytest.raises(ValueError, match="choose one of"):
+        attention.dot_product_attention(q, k, v, impl="flash")
+    with pytest.raises(NotImplementedError, match="splash"):
+        attention.dot_product_attention(q, k, v, impl="splash")
+    with pytest.raises(ValueError, match="bfloat16"):
+        attention.dot_product_attention(q, k, v, impl="cudnn")
