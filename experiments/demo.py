@@ -1,4 +1,4 @@
-"""The embedded demo: coloured shapes moving in described directions, end to end.
+r"""The embedded demo: coloured shapes moving in described directions, end to end.
 
 A built-in synthetic set of captioned clips ("a red square moving left slowly") is
 tokenized into ArrayRecord shards (pixels tokenizer, hash-words text encoder), a small

@@ -10,6 +10,7 @@ from sora_jax import config as config_lib
 
 CONFIG = config_lib.define_config_flag()
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
+flags.declare_key_flag("config")
 
 
 def run_main(main) -> None:

@@ -1,4 +1,4 @@
-"""Evaluate a run's checkpoint with the evaluator of `evaluate.type`.
+r"""Evaluate a run's checkpoint with the evaluator of `evaluate.type`.
 
     python -m sora_jax.evaluate --config=experiments/demo.py --workdir=runs/demo
 
@@ -13,6 +13,9 @@ from sora_jax import entry
 
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 CFG = flags.DEFINE_float("cfg", None, "Guidance scale (default: sample.cfg_scale).")
+
+
+flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
 
 
 def main(argv):

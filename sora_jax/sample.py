@@ -1,4 +1,4 @@
-"""Sample videos from a run's checkpoint.
+r"""Sample videos from a run's checkpoint.
 
     python -m sora_jax.sample --config=experiments/demo.py --workdir=runs/demo \
         --prompt="a red circle moving up quickly" [--cfg=3 --steps=25 --seed=0]
@@ -24,6 +24,9 @@ SEED = flags.DEFINE_integer("seed", None, "Noise seed (default: sample.seed).")
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 EMA = flags.DEFINE_float("ema", None, "EMA decay of the weights; 0 = raw parameters.")
 OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
+
+
+flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
 
 
 def main(argv):

@@ -1,4 +1,4 @@
-"""Expand an experiment's `get_sweep` into named jobs; print them or run them locally.
+r"""Expand an experiment's `get_sweep` into named jobs; print them or run them locally.
 
     python -m sora_jax.sweep --config=experiments/demo.py:tiny --workdir_root=runs/sweep \
         [--run]

@@ -1,4 +1,4 @@
-"""Tokenize a dataset into bucketed ArrayRecord shards with a manifest.
+r"""Tokenize a dataset into bucketed ArrayRecord shards with a manifest.
 
     python -m sora_jax.tokenize --config=experiments/demo.py --workdir=runs/demo
 
@@ -13,6 +13,9 @@ from absl import flags
 from sora_jax import entry
 
 BATCH = flags.DEFINE_integer("batch_size", 64, "Clips encoded per batch.")
+
+
+flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
 
 
 def main(argv):

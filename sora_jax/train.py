@@ -1,4 +1,4 @@
-"""Train (or resume) a video DiT.
+r"""Train (or resume) a video DiT.
 
     python -m sora_jax.train --config=experiments/demo.py:tiny --workdir=runs/tiny \
         [--config.optimizer.lr=3e-4]
@@ -11,8 +11,12 @@ tensorboard/, checkpoints/<step>/.
 import json
 import sys
 
+from absl import flags
+
 from sora_jax import config as config_lib
 from sora_jax import entry
+
+flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
 
 
 def main(argv):

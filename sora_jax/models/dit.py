@@ -58,15 +58,17 @@ __all__ = ["PRESETS", "VideoDiT", "build_model", "patchify", "unpatchify"]
 # Size presets: fields of VideoDiT. Param counts are for 16 latent channels, text dim 4096
 # and patch (1, 2, 2) (the Wan2.1 setting), computed with `jax.eval_shape` (tests/models).
 PRESETS: dict[str, dict[str, Any]] = {
-    # Test-sized; every test model derives from it.
+    # Test-sized; every test model derives from it. 454,656 params.
     "tiny": dict(dim=64, num_layers=2, num_heads=4, mlp_dim=256),
-    # DiT (Peebles & Xie 2023, Table 1) widths/depths/heads, MLP ratio 4.
+    # DiT (Peebles & Xie 2023, Table 1) widths/depths/heads, MLP ratio 4, in our Wan-style
+    # block (which adds cross-attention): 31,331,776 / 121,645,888 / 416,257,088 /
+    # 611,141,824 params for S / B / L / XL.
     "S": dict(dim=384, num_layers=12, num_heads=6, mlp_dim=1536),
     "B": dict(dim=768, num_layers=12, num_heads=12, mlp_dim=3072),
     "L": dict(dim=1024, num_layers=24, num_heads=16, mlp_dim=4096),
     "XL": dict(dim=1152, num_layers=28, num_heads=16, mlp_dim=4608),
     # Wan2.1 T2V-1.3B (github.com/Wan-Video/Wan2.1, wan/configs/wan_t2v_1_3B.py): 1,418,996,800
-    # params, equal to the published checkpoint's count (the "1.3B" name rounds down).
+    # params; the published bf16 checkpoint (2.84 GB) holds 1.42e9 (the name rounds down).
     "wan2_1_1_3b": dict(
         dim=1536,
         num_layers=30,
@@ -78,7 +80,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_norm=True,
         cross_attn_norm=True,
     ),
-    # Wan2.1 T2V-14B (wan/configs/wan_t2v_14B.py): 14,288,491,584 params.
+    # Wan2.1 T2V-14B (wan/configs/wan_t2v_14B.py): 14,288,491,584 params; bf16 checkpoint
+    # 28.6 GB = 1.43e10.
     "wan2_1_14b": dict(
         dim=5120,
         num_layers=40,

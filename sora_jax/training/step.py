@@ -52,7 +52,7 @@ def make_train_step(
             return flow.loss_fn(apply_fn, params, batch, key, config.diffusion, alpha)
 
         (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -71,7 +71,7 @@ def make_train_step(
         metrics = {
             "train/loss": loss_value,
             "train/grad_norm": grad_norm,
-            "train/param_norm": optax.global_norm(params),
+            "train/param_norm": optax.tree.norm(params),
             "train/lr": schedule(state.step),
             "train/skipped": (~finite).astype(jnp.int32),
             "train/per_sample_loss": aux["per_sample_loss"],
