@@ -12,7 +12,7 @@ import pathlib
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from sora_jax import config as config_lib
 
@@ -22,6 +22,8 @@ CONFIG = flags.DEFINE_string("config", "experiments/demo.py", "Experiment file[:
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # library INFO logs only with --verbosity=0
     import jax
 
     from sora_jax.data import tokenization

@@ -159,10 +159,8 @@ class LayerNorm(nn.Module):
         var = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
         y = centered * jax.lax.rsqrt(var + self.eps)
         if self.affine:
-            init = nn.initializers.ones_init()
-            y = y * self.param(
-                "scale", nn.with_logical_partitioning(init, ("embed",)), x.shape[-1:]
-            )
+            ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+            y = y * self.param("scale", ones, x.shape[-1:])
             y = y + self.param(
                 "bias", nn.with_logical_partitioning(ZEROS, ("embed",)), x.shape[-1:]
             )
@@ -236,10 +234,8 @@ class Attention(nn.Module):
     def __call__(self, x, context=None, mask=None, rope=None) -> jax.Array:
         d = x.shape[-1]
         n, e = self.num_heads, d // self.num_heads
-        qkv_names, kv_len = (
-            ("embed", "heads", "kv"),
-            "act_length" if context is None else "act_text_length",
-        )
+        qkv_names = ("embed", "heads", "kv")
+        kv_len = "act_length" if context is None else "act_text_length"
         src = x if context is None else context
         q = dense((n, e), qkv_names, dtype=self.dtype, name="query")(x)  # [B, L, N, E]
         k = dense((n, e), qkv_names, dtype=self.dtype, name="key")(src)  # [B, S, N, E]

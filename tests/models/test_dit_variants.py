@@ -68,6 +68,9 @@ def test_scan_and_remat_give_the_same_loss_and_grads(reference, scan, remat):
     layers = PRESETS["tiny"]["num_layers"]
     p = dit.stack_layers(params, layers) if scan else params
     loss, grads = _value_and_grad(model, p, args)
+    # Not vacuous: a remat policy puts a checkpoint (remat) primitive into the program.
+    jaxpr = str(jax.make_jaxpr(lambda q: model.apply({"params": q}, *args))(p))
+    assert ("remat2[" in jaxpr or "checkpoint[" in jaxpr) == (remat != "none")
     grads = dit.unstack_layers(grads) if scan else grads
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     jax.tree.map(

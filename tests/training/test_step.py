@@ -18,9 +18,9 @@ from sora_jax.training import step as step_lib
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py")
 MANIFEST = {
-    "tokenizer": {"latent_channels": 48},
+    "tokenizer": {"latent_channels": 12},
     "text_encoder": {"dim": 64, "max_length": 8},
-    "buckets": {"9x32x32": {"shape": [9, 8, 8, 48]}},
+    "buckets": {"5x16x16": {"shape": [5, 8, 8, 12]}},
 }
 
 
@@ -41,7 +41,7 @@ def make(config, devices):
 def batch(n=8, seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "latents": rng.standard_normal((n, 9, 8, 8, 48)).astype(np.float32),
+        "latents": rng.standard_normal((n, 5, 8, 8, 12)).astype(np.float32),
         "text": rng.standard_normal((n, 8, 64)).astype(np.float32),
         "text_mask": rng.random((n, 8)) < 0.7,
     }
