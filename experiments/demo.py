@@ -36,7 +36,8 @@ PROMPTS = (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, tiny=False, steps=-1)
+    arg = config_lib.parse_arg(arg, tiny=False, steps=-1, res=16, frames=5, s2d=2)
+    bucket = f"{arg.frames}x{arg.res}x{arg.res}"
     c = ml_collections.ConfigDict()
 
     # Seed of every random stream: init, data order, noise, times, caption dropout.
@@ -63,15 +64,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.mlp_dim = 4 * c.model.dim
     # Latent patch (frames, height, width) per token.
     c.model.patch_size = (1, 2, 2)
+    # Absolute sin-cos positions on top of RoPE: lets a small model tell frames apart
+    # quickly, which motion in a prompted direction needs.
+    c.model.pos_embed = "sincos"
     # Compute dtype: 'float32' or 'bfloat16' (parameters are always float32).
     c.model.dtype = "float32"
     # Attention implementation: 'xla' | 'cudnn' | 'splash' | 'auto'.
     c.model.attention_impl = "xla"
 
-    # Video tokenizer: pixels with 4x4 space-to-depth -> 48 latent channels.
+    # Video tokenizer: pixels with s2d x s2d space-to-depth -> 3 s2d² latent channels.
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.name = "pixels"
-    c.tokenizer.space_to_depth = 4
+    c.tokenizer.space_to_depth = arg.s2d
 
     # Text encoder: fixed hash-word embeddings (the synthetic vocabulary is closed).
     c.text_encoder = ml_collections.ConfigDict()
@@ -90,7 +94,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source.seed = 0
     # Buckets: name -> pixel frames, height, width and sampling weight.
     c.data.buckets = ml_collections.ConfigDict(
-        {"9x32x32": ml_collections.ConfigDict(dict(frames=9, height=32, width=32, weight=1.0))}
+        {
+            bucket: ml_collections.ConfigDict(
+                dict(frames=arg.frames, height=arg.res, width=arg.res, weight=1.0)
+            )
+        }
     )
     # Records per ArrayRecord shard file.
     c.data.records_per_shard = 256 if arg.tiny else 1024
@@ -152,7 +160,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Sampling defaults for `sora_jax.sample` and the evaluators.
     c.sample = ml_collections.ConfigDict()
     c.sample.prompts = PROMPTS
-    c.sample.bucket = "9x32x32"
+    c.sample.bucket = bucket
     # ODE steps and method ('euler' | 'heun').
     c.sample.num_steps = 8 if arg.tiny else 25
     c.sample.sampler = "euler"
@@ -163,7 +171,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.ema_decay = 0.99
     c.sample.fps = 8.0
     # Nearest-neighbour upscaling of written videos (32 px clips are tiny on screen).
-    c.sample.video_scale = 8
+    c.sample.video_scale = 256 // arg.res
     c.sample.batch_size = 8
 
     # Evaluators run by `sora_jax.evaluate`.

@@ -204,6 +204,7 @@ class VideoDiT(nn.Module):
     cond_channels: int = 0  # trailing input channels whose patch-embed rows start at zero
     scan_layers: bool = False  # stack blocks with nn.scan (params get a leading 'layers' axis)
     remat: str = "none"  # one of REMAT_POLICIES
+    pos_embed: str = "none"  # 'none' (RoPE only, as Wan) | 'sincos' (adds absolute positions)
 
     @nn.compact
     def __call__(self, x_t, t, text, text_mask):
@@ -230,7 +231,12 @@ class VideoDiT(nn.Module):
             kernel_init=nn.with_logical_partitioning(kernel, ("conv_in", "embed")),
             bias_init=nn.with_logical_partitioning(ZEROS, ("embed",)),
         )
-        x = nn.with_logical_constraint(patch_embed(tokens), ACT)  # [B, L, D]
+        x = patch_embed(tokens)  # [B, L, D]
+        if self.pos_embed == "sincos":
+            x = x + rope_lib.sincos_embedding(grid, self.dim).astype(dt)[None]
+        elif self.pos_embed != "none":
+            raise ValueError(f"model.pos_embed={self.pos_embed!r}: use 'none' or 'sincos'")
+        x = nn.with_logical_constraint(x, ACT)
 
         t_frames = _frame_times(jnp.asarray(t), b, frames, patch[0])  # [B, Tm]
         f32 = jnp.float32  # the timestep path is tiny: keep it in float32
@@ -322,7 +328,12 @@ def model_fields(model_cfg) -> dict[str, Any]:
         if fields["dtype"] not in _DTYPES:
             raise ValueError(f"model.dtype={fields['dtype']!r}: choose one of {list(_DTYPES)}")
         fields["dtype"] = _DTYPES[fields["dtype"]]
-    choices = {"mlp": ("gelu", "swiglu"), "remat": REMAT_POLICIES, "attention_impl": IMPLS}
+    choices = {
+        "mlp": ("gelu", "swiglu"),
+        "remat": REMAT_POLICIES,
+        "attention_impl": IMPLS,
+        "pos_embed": ("none", "sincos"),
+    }
     for key, allowed in choices.items():
         if key in fields and fields[key] not in allowed:
             raise ValueError(f"model.{key}={fields[key]!r} is unknown; choose one of {allowed}")

@@ -71,3 +71,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cos, sin = cos[:, None, :], sin[:, None, :]  # [L, 1, E/2]: broadcast over heads
     out = jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)  # [B, L, N, E/2, 2] -> [B, L, N, E]
+
+
+def sincos_embedding(grid: tuple[int, int, int], dim: int) -> jax.Array:
+    """Fixed absolute 3D sin-cos position embedding `[L, D]` (DiT, Latte), optional.
+
+    RoPE makes attention depend on relative positions only, so a token cannot tell which
+    frame it is in except through its neighbours; small models trained briefly then make
+    motion in a random direction. Adding this embedding after the patch embedding gives
+    every token its absolute (t, h, w). The width D is split like `default_split`: `D_h =
+    D_w = 2 (D // 6)` channels, the rest to time; each part is `[sin(p w_j), cos(p w_j)]`
+    with `w_j = THETA^(-j / (D_a / 2))`.
+    """
+    split = default_split(dim)
+    positions = grid_positions(grid)  # [L, 3]
+    parts = []
+    for axis, d in enumerate(split):
+        omega = THETA ** (-np.arange(d // 2) / max(d // 2, 1))  # [D_a / 2]
+        angle = positions[:, axis : axis + 1].astype(np.float32) * omega[None]  # [L, D_a / 2]
+        parts += [jnp.sin(angle), jnp.cos(angle)]
+    return jnp.concatenate(parts, axis=-1).astype(jnp.float32)  # [L, D]

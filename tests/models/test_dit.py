@@ -78,9 +78,9 @@ def test_indivisible_shape_names_shape_and_patch():
         jax.eval_shape(model.init, jax.random.key(0), *args)
 
 
-@pytest.mark.parametrize("per_frame", [False, True])
-def test_initial_output_is_exactly_zero(per_frame):
-    model = tiny()
+@pytest.mark.parametrize("per_frame, pos_embed", [(False, "none"), (True, "sincos")])
+def test_initial_output_is_exactly_zero(per_frame, pos_embed):
+    model = tiny(pos_embed=pos_embed)
     args = inputs(jax.random.key(0), per_frame=per_frame)
     params = init(model, args)
     np.testing.assert_array_equal(jit(model.apply)({"params": params}, *args), 0.0)
@@ -101,6 +101,19 @@ def test_masked_text_is_ignored():
     # A caption with no valid token (the null conditioning) still gives a finite output.
     v0 = apply({"params": params}, x, t, text * 0, jnp.zeros_like(mask))
     assert np.all(np.isfinite(v0))
+
+
+def test_sincos_positions_break_frame_permutation_symmetry():
+    """`pos_embed='sincos'` adds absolute positions (the same parameters give another
+    output than RoPE alone), and an unknown value is refused when the model is built."""
+    x, t, text, mask = inputs(jax.random.key(0))
+    plain, absolute = tiny(), tiny(pos_embed="sincos")
+    params = random_params(plain, (x, t, text, mask))
+    v_plain = jit(plain.apply)({"params": params}, x, t, text, mask)
+    v_abs = jit(absolute.apply)({"params": params}, x, t, text, mask)
+    assert np.abs(v_abs - v_plain).max() > 1e-4  # same parameters, the embedding is used
+    with pytest.raises(ValueError, match="pos_embed"):
+        build_model(dict(name="video_dit", preset="tiny", pos_embed="learned"), C, D_TEXT)
 
 
 def test_per_frame_times_equal_to_scalar_time_match():

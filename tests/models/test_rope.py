@@ -47,3 +47,19 @@ def test_splits():
         rope.check_split((6, 5, 5), 16)
     with pytest.raises(ValueError, match="rope_split"):
         rope.check_split((8, 4, 2), 16)
+
+
+def test_sincos_embedding_is_absolute_and_factorized():
+    grid = (3, 4, 5)
+    emb = np.asarray(rope.sincos_embedding(grid, 48))
+    assert emb.shape == (60, 48)
+    # Every token gets a distinct embedding (absolute positions are recoverable).
+    distances = np.linalg.norm(emb[:, None] - emb[None], axis=-1)
+    assert distances[~np.eye(60, dtype=bool)].min() > 1e-3
+    # The time part depends on the frame only: equal within a frame, different across.
+    d_t = rope.default_split(48)[0]
+    per_frame = emb.reshape(3, 20, 48)[..., :d_t]
+    np.testing.assert_allclose(per_frame, np.broadcast_to(per_frame[:, :1], per_frame.shape))
+    assert not np.allclose(per_frame[0, 0], per_frame[1, 0])
+    # Position 0 along every axis: sin 0 = 0, cos 0 = 1.
+    np.testing.assert_allclose(np.abs(emb[0]).sum(), 48 / 2, rtol=1e-6)
