@@ -50,12 +50,12 @@ def test_override_typo_names_nearest_key():
 
 def test_validation_names_field_and_bucket():
     config = config_lib.load_config(f"{DEMO}:tiny")
-    config.data.buckets["9x32x32"].height = 36  # 36 / 4 = 9 latent rows, not divisible by 2
+    config.data.buckets["5x16x16"].height = 18  # 18 / 2 = 9 latent rows, not divisible by 2
     config.model.num_heads = 3  # 64 is not divisible by 3
     with pytest.raises(config_lib.ConfigError) as e:
         config_lib.validate(config)
     text = str(e.value)
-    assert "data.buckets.9x32x32" in text and "patch_size" in text
+    assert "data.buckets.5x16x16" in text and "patch_size" in text
     assert "model.num_heads=3" in text
 
 

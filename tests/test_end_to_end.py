@@ -31,9 +31,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     work = tmp_path / "run"
     out = run("tokenize", work)
     manifest = json.loads((work / "data" / "manifest.json").read_text())
-    assert manifest["buckets"]["9x32x32"]["count"] == 256
-    assert manifest["buckets"]["9x32x32"]["shape"] == [9, 8, 8, 48]
-    assert json.loads(out.strip().splitlines()[-1])["clips_per_bucket"] == {"9x32x32": 256}
+    assert manifest["buckets"]["5x16x16"]["count"] == 256
+    assert manifest["buckets"]["5x16x16"]["shape"] == [5, 8, 8, 12]
+    assert json.loads(out.strip().splitlines()[-1])["clips_per_bucket"] == {"5x16x16": 256}
 
     run("train", work)
     for name in ("config.json", "command.txt", "env.json", "metrics.jsonl"):
@@ -54,9 +54,9 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     (video_path,) = summary["videos"]
     with av.open(video_path) as f:
         frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
-    assert len(frames) == 9
-    scale = 8  # sample.video_scale of the demo config
-    assert frames[0].shape == (32 * scale, 32 * scale, 3)
+    assert len(frames) == 5
+    scale = 16  # sample.video_scale of the demo config
+    assert frames[0].shape == (16 * scale, 16 * scale, 3)
     sidecar = json.loads(pathlib.Path(video_path).with_suffix(".json").read_text())
     assert sidecar["prompt"] == "a red circle moving up quickly"
     assert sidecar["num_steps"] == 4 and sidecar["step"] == 40
