@@ -67,6 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Absolute sin-cos positions on top of RoPE: lets a small model tell frames apart
     # quickly, which motion in a prompted direction needs.
     c.model.pos_embed = "sincos"
+    # Add the pooled caption to the adaLN conditioning (SD3-style) besides cross-attention.
+    c.model.pooled_text = True
     # Compute dtype: 'float32' or 'bfloat16' (parameters are always float32).
     c.model.dtype = "float32"
     # Attention implementation: 'xla' | 'cudnn' | 'splash' | 'auto'.

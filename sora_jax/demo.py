@@ -51,13 +51,7 @@ def main(argv):
     times["train"] = time.perf_counter() - t0
 
     s = config.sample
-    options = generate.SampleOptions(
-        num_steps=s.num_steps,
-        cfg_scale=s.cfg_scale,
-        sampler=s.sampler,
-        seed=s.seed,
-        bucket=s.bucket,
-    )
+    options = generate.SampleOptions.from_config(s)
     print(f"\n[3/4] sample     ({py}.sample {args})", flush=True)
     t0 = time.perf_counter()
     gen = generate.Generator.from_workdir(workdir, config, ema_decay=s.ema_decay)

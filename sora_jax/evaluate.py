@@ -25,13 +25,7 @@ def main(argv):
     from sora_jax.evaluation import evaluators, generate
 
     s = config.sample
-    options = generate.SampleOptions(
-        num_steps=s.num_steps,
-        cfg_scale=s.cfg_scale if CFG.value is None else CFG.value,
-        sampler=s.sampler,
-        seed=s.seed,
-        bucket=s.bucket,
-    )
+    options = generate.SampleOptions.from_config(s, cfg_scale=CFG.value)
     report = evaluators.evaluate(
         config, entry.WORKDIR.value, options, step=STEP.value, ema_decay=s.ema_decay
     )

@@ -41,12 +41,8 @@ def main(argv):
         prompts += [line.strip() for line in lines if line.strip()]
     prompts = prompts or list(config.sample.prompts)
     s = config.sample
-    options = generate.SampleOptions(
-        num_steps=STEPS.value or s.num_steps,
-        cfg_scale=s.cfg_scale if CFG.value is None else CFG.value,
-        sampler=SAMPLER.value or s.sampler,
-        seed=s.seed if SEED.value is None else SEED.value,
-        bucket=s.bucket,
+    options = generate.SampleOptions.from_config(
+        s, num_steps=STEPS.value, cfg_scale=CFG.value, sampler=SAMPLER.value, seed=SEED.value
     )
     summary = generate.sample_to_dir(
         config,

@@ -46,6 +46,19 @@ class SampleOptions:
     bucket: str = ""  # '' = the first bucket of data.buckets
     shift: float = 0.0  # 0 = the training shift of the config
 
+    @classmethod
+    def from_config(cls, sample: ml_collections.ConfigDict, **overrides) -> SampleOptions:
+        """The config's `sample` section, with the non-None `overrides` (e.g. flags) applied."""
+        fields = dict(
+            num_steps=sample.num_steps,
+            cfg_scale=sample.cfg_scale,
+            sampler=sample.sampler,
+            seed=sample.seed,
+            bucket=sample.bucket,
+        )
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
 
 class Generator:
     def __init__(self, config, manifest, params, step: int, weights: str):

@@ -205,6 +205,7 @@ class VideoDiT(nn.Module):
     scan_layers: bool = False  # stack blocks with nn.scan (params get a leading 'layers' axis)
     remat: str = "none"  # one of REMAT_POLICIES
     pos_embed: str = "none"  # 'none' (RoPE only, as Wan) | 'sincos' (adds absolute positions)
+    pooled_text: bool = False  # add the masked mean of the text to the adaLN conditioning
 
     @nn.compact
     def __call__(self, x_t, t, text, text_mask):
@@ -247,6 +248,18 @@ class VideoDiT(nn.Module):
         e = dense(self.dim, ("mlp", "embed"), dtype=f32, init=EMBED_INIT, name="time_embedding_1")(
             nn.silu(e)
         )
+        if self.pooled_text:
+            # Masked mean of the text tokens, added to the timestep embedding (SD3's pooled
+            # conditioning): the caption then modulates every block globally through adaLN.
+            m = text_mask.astype(f32)[..., None]  # [B, S, 1]
+            pooled = (text.astype(f32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)  # [B, D_text]
+            pooled = dense(
+                self.dim, ("vocab", "embed"), dtype=f32, init=EMBED_INIT, name="pooled_text_0"
+            )(pooled)
+            pooled = dense(
+                self.dim, ("mlp", "embed"), dtype=f32, init=EMBED_INIT, name="pooled_text_1"
+            )(nn.silu(pooled))
+            e = e + pooled[:, None]  # [B, Tm, D]
         proj = dense(6 * self.dim, ("embed", "mlp"), dtype=f32, zero=True, name="time_projection")
         e6 = proj(nn.silu(e)).reshape(*e.shape[:2], 6, self.dim)  # [B, Tm, 6·D] -> [B, Tm, 6, D]
 

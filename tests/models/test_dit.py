@@ -78,16 +78,19 @@ def test_indivisible_shape_names_shape_and_patch():
         jax.eval_shape(model.init, jax.random.key(0), *args)
 
 
-@pytest.mark.parametrize("per_frame, pos_embed", [(False, "none"), (True, "sincos")])
-def test_initial_output_is_exactly_zero(per_frame, pos_embed):
-    model = tiny(pos_embed=pos_embed)
+@pytest.mark.parametrize(
+    "per_frame, pos_embed, pooled_text", [(False, "none", False), (True, "sincos", True)]
+)
+def test_initial_output_is_exactly_zero(per_frame, pos_embed, pooled_text):
+    model = tiny(pos_embed=pos_embed, pooled_text=pooled_text)
     args = inputs(jax.random.key(0), per_frame=per_frame)
     params = init(model, args)
     np.testing.assert_array_equal(jit(model.apply)({"params": params}, *args), 0.0)
 
 
-def test_masked_text_is_ignored():
-    model = tiny()
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_masked_text_is_ignored(pooled_text):
+    model = tiny(pooled_text=pooled_text)
     x, t, text, mask = inputs(jax.random.key(0))
     params = random_params(model, (x, t, text, mask))
     apply = jit(model.apply)
