@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Seed of every random stream: init, data order, noise, times, caption dropout.
     c.seed = 0
     # Optimizer steps to train for.
-    c.total_steps = 40 if arg.tiny else 1200
+    c.total_steps = 40 if arg.tiny else 2000
     if arg.steps > 0:
         c.total_steps = arg.steps
     # Write metrics every this many steps.
@@ -64,11 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.mlp_dim = 4 * c.model.dim
     # Latent patch (frames, height, width) per token.
     c.model.patch_size = (1, 2, 2)
-    # Absolute sin-cos positions on top of RoPE: lets a small model tell frames apart
-    # quickly, which motion in a prompted direction needs.
-    c.model.pos_embed = "sincos"
+    # Absolute positions on top of RoPE: 'none' | 'sincos'.
+    c.model.pos_embed = "none"
     # Add the pooled caption to the adaLN conditioning (SD3-style) besides cross-attention.
-    c.model.pooled_text = True
+    c.model.pooled_text = False
     # Compute dtype: 'float32' or 'bfloat16' (parameters are always float32).
     c.model.dtype = "float32"
     # Attention implementation: 'xla' | 'cudnn' | 'splash' | 'auto'.

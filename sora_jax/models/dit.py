@@ -58,8 +58,9 @@ __all__ = ["PRESETS", "VideoDiT", "build_model", "patchify", "unpatchify"]
 # Size presets: fields of VideoDiT. Param counts are for 16 latent channels, text dim 4096
 # and patch (1, 2, 2) (the Wan2.1 setting), computed with `jax.eval_shape` (tests/models).
 PRESETS: dict[str, dict[str, Any]] = {
-    # Test-sized; every test model derives from it. 454,656 params.
-    "tiny": dict(dim=64, num_layers=2, num_heads=4, mlp_dim=256),
+    # Test-sized; every test model derives from it. 1,236,928 params with 16 latent
+    # channels and text dim 4096 (most of them the text projection).
+    "tiny": dict(dim=128, num_layers=2, num_heads=4, mlp_dim=512),
     # DiT (Peebles & Xie 2023, Table 1) widths/depths/heads, MLP ratio 4, in our Wan-style
     # block (which adds cross-attention): 31,331,776 / 121,645,888 / 416,257,088 /
     # 611,141,824 params for S / B / L / XL.

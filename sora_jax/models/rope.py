@@ -76,10 +76,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 def sincos_embedding(grid: tuple[int, int, int], dim: int) -> jax.Array:
     """Fixed absolute 3D sin-cos position embedding `[L, D]` (DiT, Latte), optional.
 
-    RoPE makes attention depend on relative positions only, so a token cannot tell which
-    frame it is in except through its neighbours; small models trained briefly then make
-    motion in a random direction. Adding this embedding after the patch embedding gives
-    every token its absolute (t, h, w). The width D is split like `default_split`: `D_h =
+    RoPE makes attention depend on relative positions only, so a token learns which frame
+    it is in only through its neighbours. Adding this embedding after the patch embedding
+    gives every token its absolute (t, h, w). The width D is split like `default_split`: `D_h =
     D_w = 2 (D // 6)` channels, the rest to time; each part is `[sin(p w_j), cos(p w_j)]`
     with `w_j = THETA^(-j / (D_a / 2))`.
     """
