@@ -62,7 +62,7 @@ def test_excess_is_elementwise_and_shrinks_with_width(shape):
 
 def test_formula_terms_and_config_forms():
     cfg = {"name": "video_dit", "preset": "tiny"}
-    d, f, n, s, s_t = 64, 256, 2, 100, 7
+    d, f, n, s, s_t = 128, 512, 2, 100, 7  # the tiny preset
     expected = n * (
         2 * s * 4 * d * d
         + 2 * s * 2 * d * f
