@@ -41,18 +41,15 @@ def test_sweep_errors(tmp_path):
     plain.write_text(pathlib.Path(DEMO).read_text().split("def get_sweep")[0])
     with pytest.raises(config_lib.ConfigError, match="defines no get_sweep"):
         sweeping.expand(str(plain), str(tmp_path))
-    bad = tmp_path / "bad.py"
-    bad.write_text(
-        pathlib.Path(DEMO).read_text()
-        + "\n\ndef get_sweep(arg=None):\n    return [{'optimizer.lrr': 1.0}]\n"
-    )
+
+    def with_sweep(name, body):
+        path = tmp_path / name
+        path.write_text(pathlib.Path(DEMO).read_text() + f"\n\ndef get_sweep(arg=None):\n{body}")
+        return str(path)
+
+    bad = with_sweep("bad.py", "    return [{'optimizer.lrr': 1.0}]\n")
     with pytest.raises(config_lib.ConfigError, match="unknown fields"):
-        sweeping.expand(str(bad), str(tmp_path))
-    clash = tmp_path / "clash.py"
-    clash.write_text(
-        pathlib.Path(DEMO).read_text()
-        + "\n\ndef get_sweep(arg=None):\n"
-        + "    return [{'optimizer.lr': 1.0}, {'optimizer.lr': 1.0}]\n"
-    )
+        sweeping.expand(bad, str(tmp_path))
+    clash = with_sweep("clash.py", "    return [{'optimizer.lr': 1.0}, {'optimizer.lr': 1.0}]\n")
     with pytest.raises(config_lib.ConfigError, match="share the name"):
-        sweeping.expand(str(clash), str(tmp_path))
+        sweeping.expand(clash, str(tmp_path))

@@ -43,13 +43,19 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict[str, An
     )
 
 
+def _step(mngr: ocp.CheckpointManager, step: int | None) -> int:
+    """`step`, or the latest committed one; an error naming the directory when none."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no committed checkpoint in {mngr.directory}")
+    return step
+
+
 def restore(
     mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
 ) -> tuple[Any, dict[str, Any], int]:
     """Restores `(state, data_state, step)` into the shardings of `abstract_state`."""
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no committed checkpoint in {mngr.directory}")
+    step = _step(mngr, step)
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(
@@ -67,9 +73,7 @@ def restore_params(directory: str | os.PathLike, abstract_params, step: int | No
     """
     mngr = manager(directory, async_save=False)
     try:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no committed checkpoint in {directory}")
+        step = _step(mngr, step)
         restored = mngr.restore(
             step,
             args=ocp.args.Composite(
