@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 IMPLS = ("xla", "cudnn", "splash", "auto")
 # cuDNN's fused attention only takes half-precision inputs.
@@ -34,7 +35,8 @@ def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None) -> st
     backend = backend or jax.default_backend()
     if backend == "gpu" and jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
         return "cudnn"
-    # TPU splash attention is not wired in yet (see `_splash`): XLA is correct everywhere.
+    if backend == "tpu":
+        return "splash"
     return "xla"
 
 
@@ -69,14 +71,112 @@ def _cudnn(q, k, v, mask=None):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
 
 
-def _splash(q, k, v, mask=None):
-    del q, k, v, mask
-    backend = jax.default_backend()
-    where = "on TPU only" if backend != "tpu" else "but is not wired into sora_jax yet"
-    raise NotImplementedError(
-        f"attention impl='splash' (Pallas splash attention) runs {where}; this backend is "
-        f"{backend!r}: use attention_impl='xla' or 'auto'"
+# Splash attention tiles: multiples of 128 (the TPU lane width); 512 is the largest tile
+# MaxText's default block sizes use. Sequences are padded up to whole tiles.
+_SPLASH_LANE, _SPLASH_MAX_BLOCK = 128, 512
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _key_padding(mask, b: int, s: int):
+    """`mask` as a per-sample key mask `[B, S]`, or None. Splash takes masks as segment ids,
+    which express key padding (the only mask the model uses); others are refused."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+        raise ValueError(
+            f"attention impl='splash' supports no mask or a key-padding mask [B, 1, 1, S]; "
+            f"got mask shape {mask.shape}: use attention_impl='xla' for general masks"
+        )
+    return jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
+
+
+def splash_attention(q, k, v, mask=None, *, interpret: bool | None = None):
+    """Pallas splash attention (TPU): the same maths as `xla_attention`.
+
+    Layout `[B, L, N, E]` is moved to the kernel's `[N, L, E]` per sample (vmapped over B).
+    L and S are padded to whole tiles; padded and masked keys get segment id 0, real queries
+    segment id 1, so a query attends to exactly the keys `mask` allows. Off TPU the kernel
+    runs in the Pallas interpreter (`interpret=None` picks that by backend): same numbers,
+    far slower, which is how tests check it on CPU.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    b, lq, n, e = q.shape
+    s = k.shape[1]
+    keep = _key_padding(mask, b, s)  # [B, S] or None
+    lq_pad, s_pad = _round_up(lq, _SPLASH_LANE), _round_up(s, _SPLASH_LANE)
+    block_q, block_kv = math.gcd(lq_pad, _SPLASH_MAX_BLOCK), math.gcd(s_pad, _SPLASH_MAX_BLOCK)
+    blocks = sk.BlockSizes(
+        block_q=block_q,
+        block_kv=block_kv,
+        block_kv_compute=block_kv,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_kv,
+        block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q,
+        block_kv_dq=block_kv,
     )
+    full = sm.MultiHeadMask([sm.FullMask((lq_pad, s_pad)) for _ in range(n)])
+    kernel = sk.make_splash_mha(
+        full, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+    def to_kernel(x, length):  # [B, L, N, E] -> [B, N, L_pad, E]
+        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
+        return jnp.transpose(x, (0, 2, 1, 3))
+
+    scale = jnp.asarray(1.0 / math.sqrt(e), q.dtype)  # the kernel does not scale q itself
+    qk, kk, vk = to_kernel(q * scale, lq_pad), to_kernel(k, s_pad), to_kernel(v, s_pad)
+    q_ids = jnp.broadcast_to(jnp.arange(lq_pad) < lq, (b, lq_pad)).astype(jnp.int32)
+    kv_valid = jnp.arange(s_pad) < s  # [S_pad]
+    if keep is not None:
+        kv_valid = kv_valid & jnp.pad(keep, ((0, 0), (0, s_pad - s)))  # [B, S_pad]
+    kv_ids = jnp.broadcast_to(kv_valid, (b, s_pad)).astype(jnp.int32)
+
+    def one(qb, kb, vb, qi, ki):  # one sample: [N, L_pad, E]
+        return kernel(qb, kb, vb, segment_ids=sk.SegmentIds(q=qi, kv=ki))
+
+    out = jax.vmap(one)(qk, kk, vk, q_ids, kv_ids)  # [B, N, L_pad, E]
+    return jnp.transpose(out, (0, 2, 1, 3))[:, :lq].astype(v.dtype)
+
+
+def _splash(q, k, v, mask=None):
+    """Splash per device: under a mesh, `jax.shard_map` gives each device its own batch rows
+    (over the batch axes) and heads (over `tensor`), as a Pallas kernel cannot be partitioned
+    by the compiler. Dimensions that do not divide stay whole on every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return splash_attention(q, k, v, mask)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+    batch = batch_axes if q.shape[0] % math.prod(sizes[a] for a in batch_axes) == 0 else ()
+    heads = "tensor" if sizes.get("tensor", 1) > 1 and q.shape[2] % sizes["tensor"] == 0 else None
+    qkv_spec = P(batch or None, None, heads, None)
+    if mask is None:
+        fn = jax.shard_map(
+            lambda q, k, v: splash_attention(q, k, v),
+            mesh=mesh,
+            in_specs=(qkv_spec,) * 3,
+            out_specs=qkv_spec,
+            check_vma=False,
+        )
+        return fn(q, k, v)
+    mask = jnp.broadcast_to(mask, (q.shape[0], *jnp.shape(mask)[1:]))
+    fn = jax.shard_map(
+        splash_attention,
+        mesh=mesh,
+        in_specs=(qkv_spec,) * 3 + (P(batch or None, None, None, None),),
+        out_specs=qkv_spec,
+        check_vma=False,
+    )
+    return fn(q, k, v, mask)
 
 
 _IMPL_FNS = {"xla": xla_attention, "cudnn": _cudnn, "splash": _splash}

@@ -78,6 +78,18 @@ def test_scan_and_remat_give_the_same_loss_and_grads(reference, scan, remat):
     )
 
 
+def test_splash_attention_gives_the_same_loss_and_grads(reference):
+    """The model through Pallas splash attention (interpreted on CPU) against XLA attention,
+    covering the self-attention and the key-padded cross-attention of every block."""
+    args, params, (loss_ref, grads_ref) = reference
+    model = build_model({**SMALL, "attention_impl": "splash"}, C, D_TEXT)
+    loss, grads = _value_and_grad(model, params, args)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_ref
+    )
+
+
 def test_scanned_params_have_a_leading_layers_axis():
     model = build_model({**SMALL, "scan_layers": True}, C, D_TEXT)
     boxed = jax.eval_shape(model.init, jax.random.key(0), *_inputs())["params"]
