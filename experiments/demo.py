@@ -64,8 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.mlp_dim = 4 * c.model.dim
     # Latent patch (frames, height, width) per token.
     c.model.patch_size = (1, 2, 2)
-    # Absolute positions on top of RoPE: 'none' | 'sincos'.
-    c.model.pos_embed = "none"
+    # Absolute positions on top of RoPE: 'none' | 'sincos'. The demo's captions fix where the
+    # shape is on each frame (it enters from the side it moves away from), which a model
+    # can only express from pure noise if tokens know their absolute position.
+    c.model.pos_embed = "sincos"
     # Add the pooled caption to the adaLN conditioning (SD3-style) besides cross-attention.
     c.model.pooled_text = False
     # Compute dtype: 'float32' or 'bfloat16' (parameters are always float32).
@@ -116,8 +118,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.time_sampling = "logit_normal"
     c.diffusion.logit_mean = 0.0
     c.diffusion.logit_std = 1.0
-    # Timestep shift alpha: > 0 fixed, -1 = from tokens per frame and latent frames.
-    c.diffusion.shift = 1.0
+    # Timestep shift alpha: > 0 fixed, -1 = from tokens per frame and latent frames. 3 moves
+    # training (and sampling) time towards noise, where the caption decides the layout.
+    c.diffusion.shift = 3.0
     # Tokens per frame at which the automatic shift is 1 (SD3 used 256 at 256px).
     c.diffusion.shift_base_tokens = 256
     # Probability of training a sample with the null conditioning (for CFG).

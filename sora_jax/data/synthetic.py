@@ -20,7 +20,10 @@ Geometry is in units of the frame so one spec renders at any resolution and fram
   0.28 / 8 = 3.5% of the frame side per frame and 'quickly' 6.25%).
 
 Motion is straight: no bouncing, no wrapping. The start is drawn so the whole object stays
-at least `MARGIN` inside the frame on every frame.
+at least `MARGIN` inside the frame on every frame. Along the motion the object starts near
+the side it moves away from (a shape moving left starts on the right), as if it had just
+entered the frame, so its position on every frame follows from the caption; across the
+motion its position is free.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ DIRECTION_VECTORS: dict[str, tuple[int, int]] = {
 }
 MIN_SIZE, MAX_SIZE = 0.30, 0.36  # object side, fraction of min(H, W)
 MARGIN = 0.05  # gap kept between the object and the frame edge, fraction of the frame
+# How far from the trailing margin a clip may start along its motion, fraction of the frame.
+START_JITTER = 0.1
 CLIP_SECONDS = 1.0  # duration depicted by a clip, first frame to last
 IMAGE_FPS = 8.0  # nominal rate reported for a single frame, which has none
 # k x k point samples per pixel for anti-aliased edges. 8 keeps the rendered area of a
@@ -135,9 +140,14 @@ def clip_spec(index: int, seed: int = 0) -> ClipSpec:
     ux, uy = DIRECTION_VECTORS[direction]
     start = []
     for u in (ux, uy):
-        # Along the motion the start leaves room for the travel; across it, anywhere fits.
-        a = lo + travel if u < 0 else lo
-        b = hi - travel if u > 0 else hi
+        # Along the motion the object enters from the trailing side (within START_JITTER of
+        # the margin), so where it is on each frame follows from the caption; across the
+        # motion it may start anywhere.
+        a, b = lo, hi
+        if u < 0:
+            a = max(hi - START_JITTER, lo + travel)
+        elif u > 0:
+            b = min(lo + START_JITTER, hi - travel)
         start.append(float(rng.uniform(a, b)))
     return ClipSpec(colour, shape, direction, speed, size, (start[0], start[1]))
 

@@ -99,6 +99,21 @@ def test_image_shows_the_start_position():
     np.testing.assert_array_equal(image[0], clip[0])
 
 
+def test_clips_start_on_the_side_they_move_away_from():
+    """Along the motion the start is within START_JITTER of the trailing margin; across it
+    the start spreads over the frame."""
+    across = []
+    for i in range(400):
+        spec = synthetic.clip_spec(i)
+        ux, uy = synthetic.DIRECTION_VECTORS[spec.direction]
+        sign, along = (ux, spec.start[0]) if ux else (uy, spec.start[1])
+        across.append(spec.start[1] if ux else spec.start[0])
+        edge = synthetic.MARGIN + spec.size / 2  # nearest allowed centre to an edge
+        trailing = edge if sign > 0 else 1.0 - edge
+        assert abs(along - trailing) <= synthetic.START_JITTER + 1e-9, spec
+    assert np.ptp(across) > 0.5  # free across the motion
+
+
 @pytest.mark.parametrize("speed, lo", [("slowly", 0.25), ("quickly", 0.45)])
 def test_displacement_is_measurable_and_in_the_caption_direction(speed, lo):
     for direction in synthetic.DIRECTIONS:
