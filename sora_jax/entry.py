@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -10,7 +11,23 @@ from sora_jax import config as config_lib
 
 CONFIG = config_lib.define_config_flag()
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
+COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/sora_jax/jax_cache"),
+    "Persistent XLA compilation cache shared by runs ('' = off); --mode=plan fills it.",
+)
 flags.declare_key_flag("config")
+
+
+def enable_compilation_cache() -> None:
+    """Compiled steps are stored on disk so re-runs (resume, plan then train) skip XLA."""
+    if not COMPILATION_CACHE.value:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE.value))
+    # Cache everything that took a second or more to compile (the default skips under 1 s).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def run_main(main) -> None:
@@ -22,6 +39,7 @@ def run_main(main) -> None:
     def quiet_main(argv):
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
+        enable_compilation_cache()
         return main(argv)
 
     app.run(quiet_main, flags_parser=config_lib.parse_flags)

@@ -1,0 +1,255 @@
+"""Ahead-of-time compilation of the train step, one executable per bucket, and `--mode=plan`.
+
+The trainer never jits lazily: `compile_steps` lowers and compiles the step for every
+bucket's global batch shape before the first step (each served from the persistent
+compilation cache when it was compiled before). A batch whose shapes or shardings do not
+match its bucket's executable is then an error naming the bucket and the shapes, never a
+silent recompilation in the middle of a run.
+
+`python -m sora_jax.train --mode=plan` runs the same compilation without reading any
+data or allocating the model (the state and the batch are `jax.ShapeDtypeStruct`s) and
+prints per bucket: tokens, global batch, model FLOPs per step, and the per-device memory
+XLA reserves (`compiled.memory_analysis()`: arguments, outputs, temporaries). It fails
+when a bucket needs more than the device memory: a per-device-kind table below, or
+`--plan_memory_gb`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from sora_jax import config as config_lib
+from sora_jax.data import buckets as buckets_lib
+from sora_jax.models import flops as flops_lib
+from sora_jax.models import text as text_lib
+from sora_jax.models import tokenizer as tokenizer_lib
+from sora_jax.parallel import mesh as mesh_lib
+
+log = logging.getLogger(__name__)
+
+GB = 1024**3
+# Memory per device by `device_kind` substring (first match wins), in GiB: the HBM the
+# vendor lists (H100 SXM 80 GB, H200 141 GB, A100 40/80 GB; TPU v4 32 GiB, v5e 16 GiB,
+# v5p 95 GiB, v6e 32 GiB). A device kind not listed has no limit unless one is given.
+DEVICE_MEMORY_GB = (
+    ("H200", 141.0),
+    ("H100", 80.0),
+    ("A100-SXM4-40GB", 40.0),
+    ("A100", 80.0),
+    ("TPU v4", 32.0),
+    ("TPU v5 lite", 16.0),
+    ("TPU v5e", 16.0),
+    ("TPU v5p", 95.0),
+    ("TPU v5", 95.0),
+    ("TPU v6", 32.0),
+)
+
+
+class PlanError(ValueError):
+    """A bucket does not fit the device memory."""
+
+
+def device_memory_gb(device: jax.Device | None = None) -> float | None:
+    """The listed memory of `device` (default: the first device), or None when unknown.
+    CPU devices share the host's RAM: its total divided by the local device count."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return ram / GB / jax.local_device_count()
+    for key, gb in DEVICE_MEMORY_GB:
+        if key.lower() in device.device_kind.lower():
+            return gb
+    return None
+
+
+def dataset_geometry(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the model and the batch shapes need from a dataset, derived from the config
+    alone (the tokenizer's latent geometry and the text encoder's width), in the layout of
+    a shard manifest, so a plan needs no tokenized data."""
+    tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
+    text = config.text_encoder
+    if "dim" in text and "max_length" in text and text.name == "hash_words":
+        text_entry = {"dim": int(text.dim), "max_length": int(text.max_length)}
+    else:
+        entry = text_lib.build_text_encoder(text).manifest_entry()
+        text_entry = {"dim": entry["dim"], "max_length": entry["max_length"]}
+    return {
+        "tokenizer": {"latent_channels": tokenizer.latent_channels},
+        "text_encoder": text_entry,
+        "buckets": {
+            b.name: {"shape": list(tokenizer.latent_shape(b.frames, b.height, b.width))}
+            for b in buckets_lib.buckets_from_config(config.data)
+        },
+    }
+
+
+def abstract_batch(manifest: dict, bucket: str, global_batch: int, mesh) -> dict[str, Any]:
+    """The global batch of `bucket` as sharded `ShapeDtypeStruct`s (record dtypes)."""
+    shape = tuple(manifest["buckets"][bucket]["shape"])
+    text = manifest["text_encoder"]
+    sharding = mesh_lib.batch_sharding(mesh)
+    spec = {
+        "latents": ((global_batch, *shape), jnp.float16),  # stored as float16 in records
+        "text": ((global_batch, text["max_length"], text["dim"]), jnp.float32),
+        "text_mask": ((global_batch, text["max_length"]), jnp.bool_),
+    }
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in spec.items()}
+
+
+def check_batch(batch: dict[str, Any], expected: dict[str, Any], bucket: str) -> None:
+    """Refuses a batch whose shapes or dtypes differ from its bucket's compiled step (the
+    step would otherwise need a recompilation that the trainer does not do mid-run)."""
+    got = {k: (tuple(v.shape), jnp.dtype(v.dtype)) for k, v in batch.items()}
+    want = {k: (tuple(v.shape), jnp.dtype(v.dtype)) for k, v in expected.items()}
+    if got != want:
+        diff = {k: f"{got.get(k)} != compiled {want.get(k)}" for k in want if got.get(k) != want[k]}
+        raise ValueError(
+            f"a batch of bucket {bucket!r} does not match the step compiled for it: {diff}; "
+            "the dataset's shards disagree with the config (re-tokenize, or fix data.buckets)"
+        )
+
+
+@dataclasses.dataclass
+class BucketPlan:
+    bucket: str
+    latent_shape: tuple[int, ...]
+    tokens: int
+    global_batch: int
+    model_tflops_per_step: float  # 3F x global batch, DESIGN.md §6
+    xla_tflops_per_step: float | None  # XLA's cost analysis of the compiled step
+    argument_gb: float  # per device
+    output_gb: float
+    temp_gb: float
+    alias_gb: float  # outputs sharing argument buffers (donated state)
+    compile_s: float
+
+    @property
+    def peak_gb(self) -> float:
+        """Arguments + temporaries + outputs not aliased to (donated) arguments."""
+        return self.argument_gb + self.temp_gb + max(self.output_gb - self.alias_gb, 0.0)
+
+
+def compile_steps(
+    jitted,
+    abstract_state,
+    manifest: dict,
+    config: ml_collections.ConfigDict,
+    mesh,
+    rules,
+) -> tuple[dict[str, Any], list[BucketPlan]]:
+    """Compiles `jitted(state, batch)` for every bucket of the config.
+
+    Returns `{bucket: compiled executable}` and a `BucketPlan` per bucket.
+    """
+    compiled, plans = {}, []
+    global_batch = int(config.data.global_batch_size)
+    text_len = manifest["text_encoder"]["max_length"]
+    for b in buckets_lib.buckets_from_config(config.data):
+        batch = abstract_batch(manifest, b.name, global_batch, mesh)
+        t0 = time.perf_counter()
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            exe = jitted.lower(abstract_state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        compiled[b.name] = exe
+        shape = tuple(manifest["buckets"][b.name]["shape"])
+        tokens = flops_lib.tokens_per_sample(config.model, shape)
+        train_flops = flops_lib.train_flops_per_sample(config.model, tokens, text_len)
+        mem = exe.memory_analysis()
+        cost = exe.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        xla_flops = (cost or {}).get("flops")
+        plans.append(
+            BucketPlan(
+                bucket=b.name,
+                latent_shape=shape,
+                tokens=tokens,
+                global_batch=global_batch,
+                model_tflops_per_step=train_flops * global_batch / 1e12,
+                # XLA counts one device's share of the partitioned program.
+                xla_tflops_per_step=(
+                    None if xla_flops is None else xla_flops * mesh.devices.size / 1e12
+                ),
+                argument_gb=_gb(mem, "argument_size_in_bytes"),
+                output_gb=_gb(mem, "output_size_in_bytes"),
+                temp_gb=_gb(mem, "temp_size_in_bytes"),
+                alias_gb=_gb(mem, "alias_size_in_bytes"),
+                compile_s=compile_s,
+            )
+        )
+    return compiled, plans
+
+
+def _gb(mem, field: str) -> float:
+    return float(getattr(mem, field, 0) or 0) / GB if mem is not None else 0.0
+
+
+def format_plan(plans: list[BucketPlan], mesh, limit_gb: float | None) -> str:
+    devices = mesh.devices.size
+    kind = mesh.devices.flat[0].device_kind
+    limit = f"{limit_gb:g} GiB" if limit_gb else "unknown (no check)"
+    lines = [
+        f"plan: {devices} x {kind}, mesh {dict(mesh.shape)}, memory per device {limit}",
+        f"  {'bucket':<16} {'latent':<18} {'tokens':>7} {'batch':>6} {'TFLOP/step':>11} "
+        f"{'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'peak GiB':>9} {'compile s':>9}",
+    ]
+    for p in plans:
+        lines.append(
+            f"  {p.bucket:<16} {str(list(p.latent_shape)):<18} {p.tokens:>7} "
+            f"{p.global_batch:>6} {p.model_tflops_per_step:>11.3f} {p.argument_gb:>9.3f} "
+            f"{p.temp_gb:>9.3f} {p.output_gb:>8.3f} {p.peak_gb:>9.3f} {p.compile_s:>9.1f}"
+        )
+    lines.append("  (memory per device from XLA's memory_analysis; TFLOP/step = 3F x batch)")
+    return "\n".join(lines)
+
+
+def check_memory(plans: list[BucketPlan], limit_gb: float | None) -> None:
+    if not limit_gb:
+        return
+    over = [p for p in plans if p.peak_gb > limit_gb]
+    if over:
+        names = ", ".join(f"{p.bucket} ({p.peak_gb:.1f} GiB)" for p in over)
+        raise PlanError(
+            f"buckets {names} need more than the {limit_gb:g} GiB per device: shrink "
+            "data.global_batch_size or the bucket, shard more (mesh.ici_fsdp, ici_context, "
+            "ici_tensor), set model.remat, or pass --plan_memory_gb if the limit is wrong"
+        )
+
+
+def plan(
+    config: ml_collections.ConfigDict,
+    *,
+    memory_gb: float | None = None,
+    devices=None,
+) -> list[BucketPlan]:
+    """Compiles the train step for every bucket without data or allocation; prints the
+    table and raises PlanError when a bucket exceeds `memory_gb` (default: by device kind)."""
+    from sora_jax.training import loop
+    from sora_jax.training import optimizer as optimizer_lib
+    from sora_jax.training import step as step_lib
+
+    config_lib.validate(config)
+    mesh = mesh_lib.create_mesh(config.mesh, devices)
+    rules = mesh_lib.logical_rules(config.mesh)
+    manifest = dataset_geometry(config)
+    model, tx, _, abstract, shardings = loop.setup_state(config, manifest, mesh, rules)
+    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
+    jitted = jax.jit(
+        step_lib.make_train_step(model, tx, config, schedule),
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    _, plans = compile_steps(jitted, abstract, manifest, config, mesh, rules)
+    limit = memory_gb if memory_gb else device_memory_gb(mesh.devices.flat[0])
+    print(format_plan(plans, mesh, limit), flush=True)
+    check_memory(plans, limit)
+    return plans
