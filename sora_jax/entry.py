@@ -16,6 +16,17 @@ COMPILATION_CACHE = flags.DEFINE_string(
     os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/sora_jax/jax_cache"),
     "Persistent XLA compilation cache shared by runs ('' = off); --mode=plan fills it.",
 )
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process runs: HOST:PORT of process 0's coordinator."
+)
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process runs: process count.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process runs: this process's index.")
+DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "", ["", "auto", "off"], "'auto': let JAX detect the cluster (TPU, SLURM)."
+)
+DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout_s", 300, "Seconds to wait for every process to join, and for a lost one."
+)
 flags.declare_key_flag("config")
 
 
@@ -40,6 +51,16 @@ def run_main(main) -> None:
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
         enable_compilation_cache()
+        from sora_jax.parallel import distributed
+
+        distributed.initialize(
+            coordinator_address=COORDINATOR.value,
+            num_processes=NUM_PROCESSES.value,
+            process_id=PROCESS_ID.value,
+            mode=DISTRIBUTED.value,
+            timeout_s=DISTRIBUTED_TIMEOUT.value,
+            heartbeat_timeout_s=DISTRIBUTED_TIMEOUT.value,
+        )
         return main(argv)
 
     app.run(quiet_main, flags_parser=config_lib.parse_flags)
