@@ -8,11 +8,14 @@ so a checkpoint written on one device layout restores onto any other (USER_PAINS
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
 
 
 def manager(
@@ -63,6 +66,27 @@ def restore(
         ),
     )
     return restored["state"], dict(restored["data"] or {}), step
+
+
+def restore_latest_valid(
+    mngr: ocp.CheckpointManager, abstract_state, before: int | None = None
+) -> tuple[Any, dict[str, Any], int] | None:
+    """Restores the newest committed checkpoint that reads back, newest first (optionally
+    only steps `< before`); a step that fails to restore (corrupt or truncated files) is
+    skipped with a warning naming it. None when no checkpoint restores."""
+    steps = sorted((s for s in mngr.all_steps() if before is None or s < before), reverse=True)
+    for step in steps:
+        try:
+            return restore(mngr, abstract_state, step)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped, loudly
+            log.warning(
+                "checkpoint %s/%d could not be restored (%s: %s); trying the previous one",
+                mngr.directory,
+                step,
+                type(e).__name__,
+                str(e).splitlines()[0][:200] if str(e) else "",
+            )
+    return None
 
 
 def restore_params(directory: str | os.PathLike, abstract_params, step: int | None = None):
