@@ -1,0 +1,116 @@
+"""Step time, tokens/s and MFU of the full sharded train step (optimizer, EMA, donation)
+for an experiment config, on random batches of its first bucket.
+
+    python benchmarks/train_step.py --config=experiments/demo.py --steps=20
+    python benchmarks/train_step.py --config=experiments/demo.py \\
+        --config.model.preset=B --config.model.dtype=bfloat16 --config.data.global_batch_size=8
+    python benchmarks/train_step.py --measure_cpu_peak   # the CPU entry of PEAK_TFLOPS
+
+MFU uses sora_jax.training.perf.PEAK_TFLOPS for the device kind (or --peak_tflops).
+Record results in docs/perf.md with the machine.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import linen as nn
+
+from sora_jax import config as config_lib
+from sora_jax.models import flops
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.training import loop, perf, plan
+from sora_jax.training import optimizer as optimizer_lib
+from sora_jax.training import state as state_lib
+from sora_jax.training import step as step_lib
+
+CONFIG = config_lib.define_config_flag()
+STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
+PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s (default: table).")
+MEASURE_PEAK = flags.DEFINE_bool("measure_cpu_peak", False, "Only measure CPU matmul peak.")
+
+
+def measure_cpu_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Best float32 n x n matmul TFLOP/s on the default device."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
+
+
+def main(argv):
+    del argv
+    if MEASURE_PEAK.value:
+        print(f"cpu float32 matmul peak: {measure_cpu_peak():.4f} TFLOP/s")
+        return
+    config = CONFIG.value or config_lib.load_config("experiments/demo.py")
+    config_lib.validate(config)
+    mesh = mesh_lib.create_mesh(config.mesh)
+    rules = mesh_lib.logical_rules(config.mesh)
+    geometry = plan.dataset_geometry(config)
+    model, tx, init_fn, abstract, shardings = loop.setup_state(config, geometry, mesh, rules)
+    state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
+    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
+    jitted = jax.jit(
+        step_lib.make_train_step(model, tx, config, schedule),
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    compiled, (bucket_plan, *_) = plan.compile_steps(
+        jitted, abstract, geometry, config, mesh, rules
+    )
+    bucket = bucket_plan.bucket
+    spec = plan.abstract_batch(geometry, bucket, config.data.global_batch_size, mesh)
+    rng = np.random.default_rng(0)
+    host = {
+        "latents": rng.standard_normal(spec["latents"].shape).astype(np.float16),
+        "text": rng.standard_normal(spec["text"].shape).astype(np.float32),
+        "text_mask": np.ones(spec["text_mask"].shape, bool),
+    }
+    batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh)) for k, v in host.items()}
+    step = compiled[bucket]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        state, metrics = step(state, batch)  # warm-up
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for _ in range(STEPS.value):
+            state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        seconds = time.perf_counter() - t0
+    text_len = geometry["text_encoder"]["max_length"]
+    train_flops = flops.train_flops_per_sample(config.model, bucket_plan.tokens, text_len)
+    peak = PEAK.value * 1e12 if PEAK.value else perf.peak_flops(mesh.devices.flat[0])
+    result = perf.throughput(
+        steps=STEPS.value,
+        seconds=seconds,
+        global_batch=config.data.global_batch_size,
+        tokens_per_sample=bucket_plan.tokens,
+        train_flops_per_sample=train_flops,
+        devices=mesh.devices.size,
+        peak=peak,
+    )
+    print(f"bucket {bucket} latent {list(bucket_plan.latent_shape)} tokens {bucket_plan.tokens}")
+    print(
+        f"devices {mesh.devices.size} x {mesh.devices.flat[0].device_kind}, mesh {dict(mesh.shape)}"
+    )
+    print(
+        f"parameters {state_lib.param_count(state.params):,}, global batch "
+        f"{config.data.global_batch_size}, compile {bucket_plan.compile_s:.1f} s"
+    )
+    for key, value in result.items():
+        print(f"{key:>36}: {value:.4g}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=config_lib.parse_flags, argv=sys.argv)
