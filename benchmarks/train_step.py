@@ -67,11 +67,12 @@ def main(argv):
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
-    compiled, (bucket_plan, *_) = plan.compile_steps(
-        jitted, abstract, geometry, config, mesh, rules
+    first = plan.config_step_shapes(config, geometry, mesh.shape["data"] * mesh.shape["fsdp"])[0]
+    compiled, (bucket_plan,) = plan.compile_steps(
+        jitted, abstract, geometry, [first], config, mesh, rules
     )
     bucket = bucket_plan.bucket
-    spec = plan.abstract_batch(geometry, bucket, config.data.global_batch_size, mesh)
+    spec = plan.abstract_batch(geometry, first, mesh)
     rng = np.random.default_rng(0)
     host = {
         "latents": rng.standard_normal(spec["latents"].shape).astype(np.float16),
@@ -94,7 +95,7 @@ def main(argv):
     result = perf.throughput(
         steps=STEPS.value,
         seconds=seconds,
-        global_batch=config.data.global_batch_size,
+        global_batch=first.global_batch,
         tokens_per_sample=bucket_plan.tokens,
         train_flops_per_sample=train_flops,
         devices=mesh.devices.size,
@@ -106,7 +107,7 @@ def main(argv):
     )
     print(
         f"parameters {state_lib.param_count(state.params):,}, global batch "
-        f"{config.data.global_batch_size}, compile {bucket_plan.compile_s:.1f} s"
+        f"{first.global_batch}, compile {bucket_plan.compile_s:.1f} s"
     )
     for key, value in result.items():
         print(f"{key:>36}: {value:.4g}")

@@ -95,7 +95,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source.name = "synthetic"
     c.data.source.num_clips = 256 if arg.tiny else 4096
     c.data.source.seed = 0
-    # Buckets: name -> pixel frames, height, width and sampling weight.
+    # Buckets: name -> pixel frames, height, width, sampling weight, and optionally
+    # global_batch_size (samples per step of that bucket, overriding the batch fields below).
     c.data.buckets = ml_collections.ConfigDict(
         {
             bucket: ml_collections.ConfigDict(
@@ -109,8 +110,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.global_batch_size = 16 if arg.tiny else 32
     # Host batches prefetched in a background thread.
     c.data.prefetch = 2
-    # Grain worker processes (0 = read in the main process).
+    # Grain reader threads reading steps in parallel (0 = read in the prefetch thread).
     c.data.worker_count = 0
+    # Datasets mixed by weight: (dict(dir=..., weight=1.0, name=''), ...); () = data.dataset_dir.
+    c.data.datasets = ()
+    # Bucket weights: 'buckets' (weights above) | 'size' (records) | 'uniform' | 'a:1,b:0.5'.
+    c.data.bucket_weights = "buckets"
+    # Video tokens per data-parallel device per step; > 0 sizes each bucket's batch from it.
+    c.data.tokens_per_device = 0
+    # Check that all processes agree on the step's bucket every this many steps; 0 = never.
+    c.data.schedule_check_every_steps = 100
 
     # Rectified flow (sora_jax/diffusion/flow.py).
     c.diffusion = ml_collections.ConfigDict()

@@ -4,6 +4,11 @@ r"""Train (or resume) a video DiT.
         [--config.optimizer.lr=3e-4]
 
 Re-running the same command in the same workdir resumes from the latest checkpoint.
+`--mode=plan` compiles the step for every bucket on the configured mesh without data or
+allocation and prints tokens, FLOPs and per-device memory per bucket (fails when a bucket
+does not fit; sora_jax/training/plan.py). `--mode=data_benchmark` runs only the input
+pipeline and prints samples/s and MB/s next to what the step consumes
+(sora_jax/data/benchmark.py).
 Outputs (DESIGN.md §4.2): WORKDIR/config.json, command.txt, env.json, metrics.jsonl,
 tensorboard/, checkpoints/<step>/.
 """
@@ -17,12 +22,36 @@ from sora_jax import config as config_lib
 from sora_jax import entry
 
 flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
+MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "plan", "data_benchmark"],
+    "train: train or resume; plan: compile every bucket and print memory and FLOPs; "
+    "data_benchmark: time the input pipeline alone.",
+)
+PLAN_MEMORY_GB = flags.DEFINE_float(
+    "plan_memory_gb", None, "--mode=plan: memory per device in GiB (default: by device kind)."
+)
 
 
 def main(argv):
     del argv
     entry.require(entry.WORKDIR, "workdir")
     config = entry.loaded_config()
+    if MODE.value == "plan":
+        from sora_jax.training import plan
+
+        try:
+            plan.plan(config, memory_gb=PLAN_MEMORY_GB.value)
+        except plan.PlanError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        return
+    if MODE.value == "data_benchmark":
+        from sora_jax.data import benchmark
+
+        benchmark.data_benchmark(config, entry.WORKDIR.value)
+        return
     config_lib.write_run_files(entry.WORKDIR.value, config, sys.argv)
     from sora_jax.training import loop
 

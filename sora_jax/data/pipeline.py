@@ -1,35 +1,50 @@
 """The training input pipeline: tokenized shards -> one global bucket per step -> batches.
 
 Every global step `s` trains on one bucket (one shape per step, DESIGN.md §3), the same
-on every host: `bucket_schedule(seed, s, weights)` hashes `(seed, s)` to a uniform
-`u ∈ [0, 1)` and inverts the CDF of the normalized weights.
+on every host: `bucket_schedule(seed, s, weights)` (schedule.py) hashes `(seed, s)` to a
+bucket. Which datasets and buckets take part, their weights and each bucket's global batch
+`G_b` (fixed, per bucket, or from a token budget) are resolved by mixture.py. The bucket
+drawn for a step sets the step's batch: different buckets may have different batch sizes,
+every step has one shape.
 
-Records of bucket `b` (`n_b` records, global batch `G`, `P` processes, host batch
-`g = G / P`): epoch `e` of the bucket is a grain global shuffle of its ArrayRecord files,
+Records of bucket `b` (`n_b` records, global batch `G_b`, `P` processes, host batch
+`G_b / P`): epoch `e` of the bucket is a grain global shuffle of its ArrayRecord files,
 seeded from `(seed, b, e)`, so every epoch has its own permutation `π_e`.
 
-**Remainder rule.** Each epoch's permutation is truncated to `E_b = ⌊n_b / G⌋` global
-batches: the `n_b mod G` records at the end of `π_e` are skipped in that epoch (different
-records each epoch, since `π_e` changes). Global batch `j` of the epoch is
-`π_e[j G : (j + 1) G]`; process `p` reads its rows `p, p + P, p + 2P, …` (grain's
-`ds[p::P]` sharding), so processes read disjoint records, and the set of records in a
-global batch does not depend on `P`.
+**Remainder rule.** Each epoch's permutation is truncated to `E_b = ⌊n_b / G_b⌋` global
+batches: the `n_b mod G_b` records at the end of `π_e` are skipped in that epoch
+(different records each epoch, since `π_e` changes). Global batch `j` of the epoch is
+`π_e[j G_b : (j + 1) G_b]`; process `p` reads the contiguous block of rows
+`[p G_b/P, (p + 1) G_b/P)` of it, so processes read disjoint records, and a global batch
+(its records and their order, hence every per-row random number of the step) does not
+depend on `P`.
 
 The `k`-th time bucket `b` is drawn is its batch `k`: epoch `k // E_b`, batch
 `k mod E_b`. `k` is the number of steps before `s` that drew `b`, derived from the
 schedule, so the pipeline's whole state is the next step: a batch is a pure function of
-`(dataset, seed, weights, G, P, p, s)`, whatever `worker_count` and `prefetch` are.
+`(datasets, seed, weights, G_b, P, p, s)`, whatever `worker_count` and `prefetch` are.
+
+**Changing the process count on restore** (elastic continuation). The state holds no
+per-process position, so a run saved with `P` processes and restored with `P'` continues
+at the same global step with the same global batches, split `P'` ways: the records of
+every later global step are exactly those of an uninterrupted run (their order within
+the global batch follows the split). If a bucket's global batch or record count changed
+instead (a token budget over another number of devices, a re-tokenized bucket), its
+position inside the current epoch has no equivalent: that bucket restarts at the next
+epoch, with a warning naming it (`epoch_base` in the state, `(k_0, e_0)`: draw `k ≥ k_0`
+reads epoch `e_0 + (k - k_0) // E_b`); the other buckets continue exactly. A changed seed
+or weights changes the whole schedule, so `set_state` refuses it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import pathlib
 import queue
 import sys
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -38,88 +53,15 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sora_jax.data import records, shards
+from sora_jax.data import mixture, records
+from sora_jax.data.schedule import Schedule, hash_ints
+from sora_jax.data.schedule import bucket_schedule as bucket_schedule
+from sora_jax.data.schedule import check_schedule_agreement as check_schedule_agreement
+
+log = logging.getLogger(__name__)
 
 # Steps addressable by the pipeline's step-indexed grain dataset (effectively unbounded).
 _MAX_STEPS = sys.maxsize // 2
-# Steps per chunk when counting earlier draws of each bucket (see _Schedule).
-_CHUNK = 1 << 16
-_M64 = 0xFFFFFFFFFFFFFFFF
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64 finalizer (Steele et al. 2014): a bijective 64-bit mix, uint64 -> uint64."""
-    x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(_M64)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _hash(*words: int | np.ndarray) -> np.ndarray:
-    """Counter-based hash of a tuple of integers (arrays broadcast), uint64."""
-    h = np.zeros((), np.uint64)
-    with np.errstate(over="ignore"):
-        for w in words:
-            # Python ints (any sign) reduced mod 2^64; int64 arrays wrap the same way.
-            w = np.uint64(w % 2**64) if isinstance(w, int) else np.asarray(w).astype(np.uint64)
-            h = _splitmix64(h ^ w)
-    return h
-
-
-def bucket_schedule(seed: int, steps: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """Bucket index of each global step; identical on every host.
-
-    `u = hash(seed, step) / 2^64 ∈ [0, 1)`, bucket `= min{i : u < Σ_{j ≤ i} w_j / Σ w}`, so
-    bucket `i` is drawn with probability `w_i / Σ w` and a zero weight is never drawn.
-
-    Args:
-      seed: the run's seed.
-      steps: int[...] global step indices.
-      weights: w[B], non-negative, not all zero.
-
-    Returns:
-      int32[...] bucket indices, the shape of `steps`.
-    """
-    w = np.asarray(weights, np.float64)
-    if w.ndim != 1 or w.size == 0 or (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"bucket weights must be non-negative and not all zero, got {weights}")
-    cdf = np.cumsum(w) / w.sum()
-    steps = np.asarray(steps, np.int64)
-    u = (_hash(seed, 0x5EED_B0C4E7, steps) >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    # side='right' skips zero-weight buckets (empty CDF intervals); the clip guards the
-    # last CDF value rounding below 1.
-    return np.minimum(np.searchsorted(cdf, u, side="right"), len(w) - 1).astype(np.int32)
-
-
-class _Schedule:
-    """`locate(step) -> (bucket, k)`: the step's bucket and how often it was drawn before.
-
-    Draw counts are kept at chunk boundaries (`_CHUNK` steps), computed vectorized on
-    first use, so jumping to step 10^7 on resume costs ~150 vectorized chunks, once.
-    """
-
-    def __init__(self, seed: int, weights: Sequence[float]):
-        self.seed, self.weights = seed, list(weights)
-        self._before = [np.zeros(len(self.weights), np.int64)]  # counts at chunk starts
-        self._chunk: tuple[int, np.ndarray] | None = None
-        self._lock = threading.Lock()
-
-    def _chunk_buckets(self, c: int) -> np.ndarray:
-        if self._chunk is None or self._chunk[0] != c:
-            steps = np.arange(c * _CHUNK, (c + 1) * _CHUNK)
-            self._chunk = (c, bucket_schedule(self.seed, steps, self.weights))
-        return self._chunk[1]
-
-    def locate(self, step: int) -> tuple[int, int]:
-        c, i = divmod(step, _CHUNK)
-        with self._lock:
-            while len(self._before) <= c:
-                done = len(self._before) - 1
-                counts = np.bincount(self._chunk_buckets(done), minlength=len(self.weights))
-                self._before.append(self._before[-1] + counts)
-            chunk = self._chunk_buckets(c)
-            bucket = int(chunk[i])
-            return bucket, int(self._before[c][bucket] + np.count_nonzero(chunk[:i] == bucket))
 
 
 class _Select:
@@ -146,13 +88,24 @@ class _Select:
 
 
 class _BatchReader:
-    """`step -> host batch`: a pure function of the step (picklable for grain workers)."""
+    """`step -> host batch`: a pure function of the step (shared by grain's threads)."""
 
-    def __init__(self, buckets: list[dict[str, Any]], *, seed, global_batch, index, count, fields):
-        self.buckets, self.seed, self.fields = buckets, seed, tuple(fields)
-        self.global_batch, self.index, self.count = global_batch, index, count
-        self.schedule = _Schedule(seed, [b["weight"] for b in buckets])
+    def __init__(
+        self, buckets: list[mixture.BucketSpec], sources: list, *, seed, index, count, fields
+    ):
+        self.buckets, self.sources, self.seed, self.fields = buckets, sources, seed, tuple(fields)
+        self.index, self.count = index, count
+        self.schedule = Schedule(seed, [b.weight for b in buckets])
+        # bucket index -> (k_0, e_0): draw k >= k_0 reads epoch e_0 + (k - k_0) // E_b.
+        self.base: dict[int, tuple[int, int]] = {}
         self._epochs: dict[int, tuple[int, grain.MapDataset]] = {}
+
+    def epoch_and_batch(self, b: int, k: int) -> tuple[int, int]:
+        """Epoch and batch index of bucket `b`'s `k`-th draw."""
+        k0, e0 = self.base.get(b, (0, 0))
+        assert k >= k0, f"draw {k} of bucket {self.buckets[b].key!r} precedes its base {k0}"
+        epoch, j = divmod(k - k0, self.buckets[b].batches_per_epoch)
+        return e0 + epoch, j
 
     def epoch_dataset(self, b: int, epoch: int) -> grain.MapDataset:
         """Bucket `b`'s host batches in `epoch`: shuffle → remainder rule → shard → batch."""
@@ -160,20 +113,23 @@ class _BatchReader:
         if cached is not None and cached[0] == epoch:
             return cached[1]
         spec = self.buckets[b]
-        epoch_seed = int(_hash(self.seed, zlib.crc32(spec["name"].encode()), epoch)) >> 32
-        ds = grain.MapDataset.source(spec["source"]).shuffle(seed=epoch_seed)
-        ds = ds[: spec["batches_per_epoch"] * self.global_batch]  # remainder rule
-        ds = ds[self.index :: self.count]  # this process's rows of every global batch
-        ds = ds.map(_Select(spec["name"], self.fields, spec["shape"]))
-        ds = ds.batch(self.global_batch // self.count, drop_remainder=True)
+        epoch_seed = int(hash_ints(self.seed, zlib.crc32(spec.key.encode()), epoch)) >> 32
+        ds = grain.MapDataset.source(self.sources[b]).shuffle(seed=epoch_seed)
+        ds = ds[: spec.batches_per_epoch * spec.global_batch]  # remainder rule
+        ds = ds.map(_Select(spec.key, self.fields, spec.shape))  # lazy: only rows read
+        # Process i holds rows [i g, (i + 1) g) of every global batch (g = G / P): the
+        # processes' host batches concatenate, in process order, to the same global batch
+        # (and the same per-row noise in the step) whatever the process count.
+        ds = ds.batch(spec.global_batch // self.count, drop_remainder=True)
+        ds = ds[self.index :: self.count]
         self._epochs[b] = (epoch, ds)
         return ds
 
     def __call__(self, step: int) -> dict[str, Any]:
         b, k = self.schedule.locate(step)
-        epoch, j = divmod(k, self.buckets[b]["batches_per_epoch"])
+        epoch, j = self.epoch_and_batch(b, k)
         batch = dict(self.epoch_dataset(b, epoch)[j])
-        batch["bucket"] = self.buckets[b]["name"]
+        batch["bucket"] = self.buckets[b].key
         batch["step"] = step
         return batch
 
@@ -201,51 +157,64 @@ def _fill(source: Iterator[Any], out: queue.Queue, stop: threading.Event) -> Non
 class Pipeline:
     """Iterator of host-local batches, one bucket per global step, resumable by step.
 
-    Each `next()` returns `{field: np.ndarray[G / P, ...], 'bucket': str, 'step': int}`.
+    Each `next()` returns `{field: np.ndarray[G_b / P, ...], 'bucket': str, 'step': int}`.
     With `prefetch > 0` a background thread keeps up to `prefetch` batches ready; with
     `worker_count > 0` grain reads that many steps in parallel threads. Neither changes
     any batch. Call `close()` (or use `with`) to stop the threads.
+
+    `dataset_dir` is one dataset directory or a mix (`[{dir, weight, name}, ...]`);
+    `bucket_weights`, `global_batch_size`, `bucket_batch_sizes`, `tokens_per_device`,
+    `patch_size` and `data_parallel` are as in mixture.py; `expected_manifest` (dotted
+    field -> value) is what every manifest must hold to fit the model.
     """
 
     def __init__(
         self,
-        dataset_dir: str | os.PathLike,
+        dataset_dir: str | os.PathLike | Sequence[Any],
         *,
-        global_batch_size: int,
         seed: int,
-        bucket_weights: dict[str, float] | None = None,
+        global_batch_size: int | None = None,
+        bucket_weights: str | Mapping[str, float] | None = None,
+        bucket_batch_sizes: Mapping[str, int] | None = None,
+        tokens_per_device: int = 0,
+        patch_size: Sequence[int] = (1, 1, 1),
+        data_parallel: int | None = None,
+        expected_manifest: Mapping[str, Any] | None = None,
         fields: Sequence[str] = ("latents", "text", "text_mask"),
         process_index: int | None = None,
         process_count: int | None = None,
         prefetch: int = 2,
         worker_count: int = 0,
     ):
-        self.dataset_dir = pathlib.Path(dataset_dir)
-        if not self.dataset_dir.is_dir():
-            raise FileNotFoundError(
-                f"dataset directory {self.dataset_dir} does not exist: tokenize the data "
-                "first (python -m sora_jax.tokenize) or fix data.dataset_dir"
-            )
-        self.manifest = shards.read_manifest(self.dataset_dir)
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
-        self.global_batch_size, self.seed = int(global_batch_size), int(seed)
+        self.seed, self.global_batch_size = int(seed), global_batch_size
         self.prefetch, self.worker_count = int(prefetch), int(worker_count)
-        if self.global_batch_size <= 0 or self.global_batch_size % self.process_count:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} must be a positive multiple of the "
-                f"process count {self.process_count}"
-            )
+        self.tokens_per_device, self.data_parallel = int(tokens_per_device), data_parallel
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index {process_index} not in [0, {self.process_count})")
         if self.prefetch < 0 or self.worker_count < 0:
             raise ValueError(f"prefetch {prefetch} and worker_count {worker_count} must be >= 0")
-        self.bucket_weights = self._weights(bucket_weights)
-        self.buckets = [self._bucket(n, w) for n, w in self.bucket_weights.items()]
+        table = mixture.resolve(
+            dataset_dir,
+            bucket_weights=bucket_weights,
+            global_batch_size=global_batch_size,
+            bucket_batch_sizes=bucket_batch_sizes,
+            tokens_per_device=self.tokens_per_device,
+            patch_size=patch_size,
+            data_parallel=data_parallel,
+            process_count=self.process_count,
+            expected=expected_manifest,
+        )
+        self.datasets, self.buckets, self.unused = table.datasets, table.buckets, table.unused
+        self.manifest = table.manifest  # tokenizer, text encoder; buckets by plain name
+        self.dataset_dir = self.datasets[0].dir
+        self.bucket_weights = {b.key: b.weight for b in self.buckets}
+        sources = [mixture.open_source(b) if b.weight > 0 else None for b in self.buckets]
         self._reader = _BatchReader(
             self.buckets,
+            sources,
             seed=self.seed,
-            global_batch=self.global_batch_size,
             index=self.process_index,
             count=self.process_count,
             fields=fields,
@@ -256,74 +225,23 @@ class Pipeline:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    # --- Setup --------------------------------------------------------------------------
+    # --- What each step reads -----------------------------------------------------------
 
-    def _weights(self, bucket_weights: dict[str, float] | None) -> dict[str, float]:
-        table = self.manifest.get("buckets", {})
-        if bucket_weights is None:  # proportional to the records of each bucket
-            return {name: float(table[name]["count"]) for name in sorted(table)}
-        unknown = [n for n in bucket_weights if n not in table]
-        if unknown:
-            raise ValueError(
-                f"buckets {unknown} are not in {self.dataset_dir / shards.MANIFEST} (it has "
-                f"{sorted(table)}): tokenize them or remove them from the weights"
-            )
-        weights = {n: float(w) for n, w in bucket_weights.items()}
-        bad = {n: w for n, w in weights.items() if not w >= 0}
-        if bad or not any(w > 0 for w in weights.values()):
-            raise ValueError(f"bucket weights must be >= 0 and not all zero, got {weights}")
-        return weights
+    def locate(self, step: int) -> tuple[int, int]:
+        """`(bucket index, k)`: the bucket of global `step` and its draws before `step`."""
+        return self._reader.schedule.locate(step)
 
-    def _bucket(self, name: str, weight: float) -> dict[str, Any]:
-        entry = self.manifest["buckets"][name]
-        count, G = int(entry["count"]), self.global_batch_size
-        spec = {"name": name, "weight": weight, "shape": list(entry["shape"]), "count": count}
-        spec["batches_per_epoch"] = count // G
-        spec["source"] = None
-        if weight == 0:
-            return spec
-        if count == 0 or not entry.get("files"):
-            raise ValueError(
-                f"bucket {name!r} has weight {weight} but no records: remove it from the "
-                "weights or tokenize data for it"
-            )
-        if count < G:
-            raise ValueError(
-                f"bucket {name!r} has {count} records, fewer than one global batch of {G}: "
-                "tokenize more data for it, lower data.global_batch_size, or give it weight 0"
-            )
-        files = [self.dataset_dir / f for f in entry["files"]]
-        absent = [str(f) for f in files if not f.is_file()]
-        if absent:
-            raise FileNotFoundError(f"bucket {name!r}: manifest lists missing shards {absent}")
-        spec["source"] = grain.sources.ArrayRecordDataSource([str(f) for f in files])
-        if len(spec["source"]) != count:
-            raise ValueError(
-                f"bucket {name!r}: its shards hold {len(spec['source'])} records, the manifest "
-                f"says {count}: the dataset is incomplete or stale, re-tokenize it"
-            )
-        return spec
+    def epoch_and_batch(self, b: int, k: int) -> tuple[int, int]:
+        return self._reader.epoch_and_batch(b, k)
+
+    def bucket_at(self, step: int) -> mixture.BucketSpec:
+        return self.buckets[self.locate(step)[0]]
 
     def report(self) -> str:
-        """What the run will read: records, weight and epoch length per bucket."""
-        G, P_ = self.global_batch_size, self.process_count
-        total = sum(b["weight"] for b in self.buckets)
-        lines = [
-            f"data: {self.dataset_dir}  global batch {G} = {P_} process(es) x {G // P_}  "
-            f"seed {self.seed}",
-            f"  {'bucket':<16} {'shape':<18} {'records':>9} {'weight':>8} {'steps/epoch':>11} "
-            f"{'skipped/epoch':>13}",
-        ]
-        for b in self.buckets:
-            lines.append(
-                f"  {b['name']:<16} {str(b['shape']):<18} {b['count']:>9} "
-                f"{b['weight'] / total:>8.3f} {b['batches_per_epoch']:>11} "
-                f"{b['count'] - b['batches_per_epoch'] * G:>13}"
-            )
-        unused = sorted(set(self.manifest["buckets"]) - set(self.bucket_weights))
-        if unused:
-            lines.append(f"  not trained on (no weight): {unused}")
-        return "\n".join(lines)
+        """What the run will read: per bucket records, weight, batch, tokens, epoch length."""
+        return mixture.report(
+            self.datasets, self.buckets, self.unused, seed=self.seed, processes=self.process_count
+        )
 
     # --- State --------------------------------------------------------------------------
 
@@ -332,27 +250,69 @@ class Pipeline:
         return {
             "step": self._next_step,
             "seed": self.seed,
-            "global_batch_size": self.global_batch_size,
             "bucket_weights": dict(self.bucket_weights),
+            "global_batch_sizes": {b.key: b.global_batch for b in self.buckets},
+            "records": {b.key: b.count for b in self.buckets},
+            "epoch_base": {self.buckets[i].key: list(v) for i, v in self._reader.base.items()},
+            "process_count": self.process_count,  # informational: any count may restore
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Continues at `state['step']`; prefetched batches are discarded."""
+        """Continues at `state['step']`; prefetched batches are discarded.
+
+        The process count may differ from the saving run's (exact continuation); a bucket
+        whose global batch or record count differs restarts at its next epoch, with a
+        warning (module docstring).
+        """
         mine = self.get_state()
         diffs = [
             f"{k}: state has {state[k]!r}, pipeline has {mine[k]!r}"
-            for k in ("seed", "global_batch_size", "bucket_weights")
+            for k in ("seed", "bucket_weights")
             if k in state and state[k] != mine[k]
         ]
         if diffs:
             raise ValueError(
                 "the data state was saved by a pipeline with other settings, so resuming "
                 "would not continue the same data stream:\n  " + "\n  ".join(diffs) + "\n"
-                "restore with the same seed, data.global_batch_size and data.buckets, or "
-                "start a new workdir"
+                "restore with the same seed, data.bucket_weights, data.buckets and "
+                "data.datasets, or start a new workdir"
             )
+        step = int(state["step"])
+        old_g = state.get("global_batch_sizes")
+        if old_g is None:  # states written before per-bucket batches: one global batch
+            old_g = {
+                k: state.get("global_batch_size", g) for k, g in mine["global_batch_sizes"].items()
+            }
+        old_n, old_base = state.get("records", mine["records"]), state.get("epoch_base", {})
         self.close()
-        self._next_step = int(state["step"])
+        draws = self._reader.schedule.counts_before(step)  # int64[B], k of each bucket
+        base: dict[int, tuple[int, int]] = {}
+        for i, b in enumerate(self.buckets):
+            k0, e0 = (int(x) for x in old_base.get(b.key, (0, 0)))
+            g, n = int(old_g.get(b.key, b.global_batch)), int(old_n.get(b.key, b.count))
+            if b.weight <= 0 or (g, n) == (b.global_batch, b.count):
+                if (k0, e0) != (0, 0):
+                    base[i] = (k0, e0)
+                continue
+            per_epoch = max(n // g, 1)  # E_b when saved
+            epoch, j = divmod(int(draws[i]) - k0, per_epoch)
+            base[i] = (int(draws[i]), e0 + epoch + (j > 0))
+            log.warning(
+                f"data: bucket {b.key!r} had global batch {g} and {n} records when saved, now "
+                f"{b.global_batch} and {b.count}: its position in epoch {e0 + epoch} does not "
+                f"carry over, so from step {step} it starts epoch {base[i][1]} "
+                f"({(per_epoch - j) % per_epoch} batches of epoch {e0 + epoch} are skipped); "
+                "the other buckets continue exactly"
+            )
+        saved_p = state.get("process_count", self.process_count)
+        if saved_p != self.process_count:
+            log.info(
+                f"data: state saved with {saved_p} processes, continuing with "
+                f"{self.process_count}: the same global batches from step {step}, split "
+                f"{self.process_count} ways"
+            )
+        self._reader.base = base
+        self._next_step = step
 
     # --- Iteration ----------------------------------------------------------------------
 
@@ -413,6 +373,53 @@ class Pipeline:
             self.close()
         except Exception:  # interpreter shutdown: the daemon thread dies with it
             pass
+
+
+def from_config(config, workdir: str | os.PathLike, *, data_parallel: int, **kwargs) -> Pipeline:
+    """The trainer's pipeline: `config.data` read as docs/data_pipeline.md describes.
+
+    `data_parallel` is the mesh's `data x fsdp` size (the batch is sharded over those).
+    Checks every dataset against the model's tokenizer and text encoder first.
+    """
+    from sora_jax.data import buckets as buckets_lib
+    from sora_jax.data import tokenization
+
+    data = config.data
+    default_dir = tokenization.dataset_dir(config, workdir)
+    datasets = [dict(d.items()) for d in data.get("datasets", ())] or [{"dir": default_dir}]
+    for d in datasets:
+        d["dir"] = d.get("dir") or default_dir  # '' = this config's own dataset
+    config_buckets = buckets_lib.buckets_from_config(data)
+    weights = data.get("bucket_weights", "buckets")
+    if weights == "buckets":  # the weights written in data.buckets
+        weights = {b.name: b.weight for b in config_buckets}
+    sizes = {
+        n: int(s["global_batch_size"])
+        for n, s in data.buckets.items()
+        if s.get("global_batch_size", 0) > 0
+    }
+    pipe = Pipeline(
+        datasets,
+        seed=config.seed,
+        global_batch_size=data.global_batch_size,
+        bucket_weights=weights,
+        bucket_batch_sizes=sizes,
+        tokens_per_device=data.get("tokens_per_device", 0),
+        patch_size=tuple(config.model.patch_size),
+        data_parallel=data_parallel,
+        expected_manifest=tokenization.expected_manifest_fields(config),
+        prefetch=data.prefetch,
+        worker_count=data.worker_count,
+        **kwargs,
+    )
+    missing = [b.name for b in config_buckets if b.name not in pipe.manifest["buckets"]]
+    if missing:
+        raise ValueError(
+            f"buckets {missing} of data.buckets are in none of the datasets "
+            f"{[str(d.dir) for d in pipe.datasets]} (they have "
+            f"{sorted(pipe.manifest['buckets'])}); tokenize them or drop them from the config"
+        )
+    return pipe
 
 
 def to_global_batch(

@@ -138,12 +138,18 @@ def _lookup(manifest: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def check_manifest_matches(manifest: dict[str, Any], expected: dict[str, Any]) -> None:
+def check_manifest_matches(
+    manifest: dict[str, Any],
+    expected: dict[str, Any],
+    *,
+    dataset_dir: str | os.PathLike | None = None,
+) -> None:
     """Raises ValueError listing every `expected` dotted field the manifest disagrees with.
 
     Args:
       manifest: as read by `read_manifest`.
       expected: dotted key -> value, e.g. `{'tokenizer.hash': 'ab12…', 'text_encoder.dim': 64}`.
+      dataset_dir: named in the message, so a mix of datasets says which one differs.
     """
     diffs = []
     for key, want in expected.items():
@@ -151,8 +157,11 @@ def check_manifest_matches(manifest: dict[str, Any], expected: dict[str, Any]) -
         if have != want:
             diffs.append(f"  {key}: dataset has {have!r}, config expects {want!r}")
     if diffs:
+        where = f" {pathlib.Path(dataset_dir) / MANIFEST}" if dataset_dir is not None else ""
         raise ValueError(
-            "the tokenized dataset does not match this config:\n"
+            f"the tokenized dataset{where} does not match this config (the model would read "
+            "latents or text embeddings it was not built for):\n"
             + "\n".join(diffs)
-            + "\nre-tokenize the data with this config, or change the config to match the data"
+            + "\nre-tokenize the data with this config (python -m sora_jax.tokenize), or change "
+            "the config's tokenizer / text_encoder to match the data"
         )

@@ -111,3 +111,137 @@ def restore_params(directory: str | os.PathLike, abstract_params, step: int | No
         return restored["state"], step
     finally:
         mngr.close()
+
+
+# --- Initialization from another run (`--init_from`) -----------------------------------
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[pathlib.Path, int]:
+    """`(checkpoints directory, step)` for a run workdir, a checkpoints directory (latest
+    committed step) or one step's directory `checkpoints/<step>`."""
+    path = pathlib.Path(path).expanduser().absolute()
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / "state").is_dir() and path.name.isdigit():
+        return path.parent, int(path.name)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--init_from={path} does not exist: give a run's workdir, its checkpoints/ "
+            "directory, or one checkpoints/<step> directory"
+        )
+    mngr = manager(path, async_save=False)
+    try:
+        return path, _step(mngr, None)
+    finally:
+        mngr.close()
+
+
+def saved_shapes(directory: pathlib.Path, step: int, prefix: str) -> dict[str, tuple]:
+    """`{'a/b/c': shape}` of the saved state's leaves under `prefix` ('params', 'ema/…')."""
+    meta = ocp.StandardCheckpointer().metadata(directory / str(step) / "state")
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    for key in prefix.split("/"):
+        if key not in tree:
+            raise KeyError(f"checkpoint {directory}/{step} has no {prefix!r} (it has {list(tree)})")
+        tree = tree[key]
+    return _flat_shapes(tree)
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    import jax
+
+    leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+        for path, leaf in leaves
+    }
+
+
+def load_report(saved: dict[str, tuple], wanted: dict[str, tuple]) -> dict[str, list]:
+    """Leaves the model wants but the checkpoint lacks, has but the model does not want, and
+    has with another shape."""
+    return {
+        "missing": sorted(set(wanted) - set(saved)),
+        "unexpected": sorted(set(saved) - set(wanted)),
+        "reshaped": sorted(
+            f"{k}: saved {saved[k]} vs model {wanted[k]}"
+            for k in set(saved) & set(wanted)
+            if tuple(saved[k]) != tuple(wanted[k])
+        ),
+    }
+
+
+def load_for_init(
+    path: str | os.PathLike,
+    abstract_params,
+    fresh_params,
+    *,
+    source: str = "params",
+    allow: tuple[str, ...] = (),
+):
+    """Parameters for a new run from another run's checkpoint, and the load report.
+
+    `source` is 'params' or 'ema/<ema_key>'. Leaves the checkpoint lacks or holds with
+    another shape keep their `fresh_params` value when their path matches one of the glob
+    patterns in `allow` (e.g. 'patch_embedding/*' after adding conditioning channels);
+    any other mismatch is an error listing every difference. Unexpected saved leaves are
+    ignored only when allowed too.
+    """
+    import fnmatch
+
+    import jax
+
+    directory, step = resolve_checkpoint(path)
+    saved = saved_shapes(directory, step, source)
+    wanted = _flat_shapes(abstract_params)
+    report = load_report(saved, wanted)
+    reshaped = {entry.split(":")[0] for entry in report["reshaped"]}
+    problems = [
+        f"{kind} {name}"
+        for kind in ("missing", "unexpected", "reshaped")
+        for name in report[kind]
+        if not any(fnmatch.fnmatch(name.split(":")[0], pat) for pat in allow)
+    ]
+    if problems:
+        raise ValueError(
+            f"--init_from={directory}/{step} ({source}) does not fit the model:\n  "
+            + "\n  ".join(problems)
+            + "\nfix the model config, or allow these leaves to start fresh with "
+            "training.init_from_allow=('pattern/*', ...)"
+        )
+    keep = {k for k in wanted if k in saved and k not in reshaped}
+    flat = jax.tree_util.tree_leaves_with_path(abstract_params)
+    name = lambda p: "/".join(str(getattr(k, "key", k)) for k in p)  # noqa: E731
+    target = {}
+    for p, leaf in flat:
+        if name(p) in keep:
+            node = target
+            keys = [str(getattr(k, "key", k)) for k in p]
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = leaf
+    wrapped = {}
+    node = wrapped
+    parts = source.split("/")
+    for k in parts[:-1]:
+        node = node.setdefault(k, {})
+    node[parts[-1]] = target
+    restored, _ = restore_params(directory, wrapped, step)
+    for k in parts:
+        restored = restored[k]
+    loaded = dict(_flatten(restored))
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, fresh: loaded.get(name(p), fresh), fresh_params
+    )
+    report.update(checkpoint=f"{directory}/{step}", source=source, loaded=len(loaded))
+    return params, report
+
+
+def _flatten(tree, prefix=""):
+    for k, v in tree.items():
+        key = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            yield from _flatten(v, key)
+        else:
+            yield key, v

@@ -23,12 +23,12 @@ from tqdm import tqdm
 from sora_jax import config as config_lib
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import pipeline as pipeline_lib
-from sora_jax.data import shards, tokenization
 from sora_jax.models import build_model
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import checkpoint as ckpt_lib
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import optimizer as optimizer_lib
+from sora_jax.training import plan as plan_lib
 from sora_jax.training import state as state_lib
 from sora_jax.training import step as step_lib
 
@@ -49,8 +49,10 @@ def example_inputs(config, manifest, batch: int = 1) -> tuple:
     first = buckets_lib.buckets_from_config(config.data)[0].name
     shape = manifest["buckets"][first]["shape"]
     max_len = manifest["text_encoder"]["max_length"]
+    # Conditioning channels (given latents + mask) are concatenated to x_t by the loss.
+    channels = shape[-1] + int(config.model.get("cond_channels", 0) or 0)
     return (
-        jnp.zeros((batch, *shape), jnp.float32),
+        jnp.zeros((batch, *shape[:-1], channels), jnp.float32),
         jnp.zeros((batch,), jnp.float32),
         jnp.zeros((batch, max_len, manifest["text_encoder"]["dim"]), jnp.float32),
         jnp.ones((batch, max_len), bool),
@@ -81,25 +83,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     log.info("mesh %s", dict(mesh.shape))
 
     # --- Data ---------------------------------------------------------------------------
-    data_dir = tokenization.dataset_dir(config, workdir)
-    manifest = shards.read_manifest(data_dir)
-    shards.check_manifest_matches(manifest, tokenization.expected_manifest_fields(config))
-    weights = {b.name: b.weight for b in buckets_lib.buckets_from_config(config.data)}
-    missing = [b for b in weights if b not in manifest["buckets"]]
-    if missing:
-        raise ValueError(
-            f"buckets {missing} of data.buckets are not in {data_dir}/manifest.json "
-            f"(it has {sorted(manifest['buckets'])}); tokenize them or drop them from the config"
-        )
-    pipeline = pipeline_lib.Pipeline(
-        data_dir,
-        global_batch_size=config.data.global_batch_size,
-        seed=config.seed,
-        bucket_weights=weights,
-        prefetch=config.data.prefetch,
-        worker_count=config.data.worker_count,
+    # Datasets, weights and per-bucket global batches from config.data; every manifest is
+    # checked against the model's tokenizer and text encoder (docs/data_pipeline.md).
+    pipeline = pipeline_lib.from_config(
+        config, workdir, data_parallel=mesh.shape["data"] * mesh.shape["fsdp"]
     )
+    manifest = pipeline.manifest  # the shared tokenizer / text encoder, buckets by name
     print(pipeline.report(), flush=True)
+    check_every = config.data.get("schedule_check_every_steps", 100)
 
     # --- State --------------------------------------------------------------------------
     model, tx, init_fn, abstract, shardings = setup_state(config, manifest, mesh, rules)
@@ -128,6 +119,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
+    # One executable per bucket, compiled now (or loaded from the persistent cache): a
+    # batch that does not fit its bucket's executable fails loudly instead of recompiling.
+    steps = plan_lib.pipeline_step_shapes(pipeline)
+    compiled, plans = plan_lib.compile_steps(jitted, abstract, manifest, steps, config, mesh, rules)
+    expected = {s.key: plan_lib.abstract_batch(manifest, s, mesh) for s in steps}
+    log.info("compiled %d bucket(s) in %.1f s", len(plans), sum(p.compile_s for p in plans))
 
     # --- Loop ---------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir)
@@ -147,12 +144,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     step = start
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for step in range(start, config.total_steps):
+            if step == start or (check_every > 0 and step % check_every == 0):
+                # Every process derives the same bucket and batch for this step, or all stop
+                # here with a named error instead of hanging in a mismatched collective.
+                pipeline_lib.check_schedule_agreement(pipeline, step)
             t0 = time.perf_counter()
             host = next(pipeline)
             batch = pipeline_lib.to_global_batch(host, mesh, fields=fields)
             wait_ms += 1e3 * (time.perf_counter() - t0)
+            inputs = {k: batch[k] for k in fields}
+            plan_lib.check_batch(inputs, expected[host["bucket"]], host["bucket"])
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = jitted(state, {k: batch[k] for k in fields})
+                state, metrics = compiled[host["bucket"]](state, inputs)
             window.append(metrics)
             steps_since_log += 1
             done = step + 1

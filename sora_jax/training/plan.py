@@ -92,15 +92,54 @@ def dataset_geometry(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def abstract_batch(manifest: dict, bucket: str, global_batch: int, mesh) -> dict[str, Any]:
-    """The global batch of `bucket` as sharded `ShapeDtypeStruct`s (record dtypes)."""
-    shape = tuple(manifest["buckets"][bucket]["shape"])
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """One compiled step: a bucket's schedule key, latent shape and global batch."""
+
+    key: str
+    shape: tuple[int, ...]  # latent [T', H', W', C]
+    global_batch: int
+
+
+def config_step_shapes(config, manifest: dict, data_parallel: int) -> list[StepShape]:
+    """The steps a config trains, without reading data: each bucket of `data.buckets` with
+    its global batch by the pipeline's precedence (docs/data_pipeline.md)."""
+    from sora_jax.data import mixture
+
+    out = []
+    for b in buckets_lib.buckets_from_config(config.data):
+        shape = tuple(manifest["buckets"][b.name]["shape"])
+        tokens = flops_lib.tokens_per_sample(config.model, shape)
+        explicit = config.data.buckets[b.name].get("global_batch_size", 0)
+        batch, _ = mixture._batch(
+            b.name,
+            b.name,
+            tokens,
+            global_batch_size=config.data.global_batch_size,
+            bucket_batch_sizes={b.name: explicit} if explicit else {},
+            tokens_per_device=config.data.get("tokens_per_device", 0),
+            data_parallel=data_parallel,
+        )
+        out.append(StepShape(b.name, shape, int(batch)))
+    return out
+
+
+def pipeline_step_shapes(pipeline) -> list[StepShape]:
+    """The steps a pipeline serves (mixtures and token budgets included)."""
+    return [
+        StepShape(b.key, tuple(b.shape), b.global_batch) for b in pipeline.buckets if b.weight > 0
+    ]
+
+
+def abstract_batch(manifest: dict, step: StepShape, mesh) -> dict[str, Any]:
+    """The global batch of one step as sharded `ShapeDtypeStruct`s (record dtypes)."""
     text = manifest["text_encoder"]
     sharding = mesh_lib.batch_sharding(mesh)
+    g = step.global_batch
     spec = {
-        "latents": ((global_batch, *shape), jnp.float16),  # stored as float16 in records
-        "text": ((global_batch, text["max_length"], text["dim"]), jnp.float32),
-        "text_mask": ((global_batch, text["max_length"]), jnp.bool_),
+        "latents": ((g, *step.shape), jnp.float16),  # stored as float16 in records
+        "text": ((g, text["max_length"], text["dim"]), jnp.float32),
+        "text_mask": ((g, text["max_length"]), jnp.bool_),
     }
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in spec.items()}
 
@@ -142,26 +181,25 @@ def compile_steps(
     jitted,
     abstract_state,
     manifest: dict,
+    steps: list[StepShape],
     config: ml_collections.ConfigDict,
     mesh,
     rules,
 ) -> tuple[dict[str, Any], list[BucketPlan]]:
-    """Compiles `jitted(state, batch)` for every bucket of the config.
+    """Compiles `jitted(state, batch)` for every step shape.
 
-    Returns `{bucket: compiled executable}` and a `BucketPlan` per bucket.
+    Returns `{bucket key: compiled executable}` and a `BucketPlan` per bucket.
     """
     compiled, plans = {}, []
-    global_batch = int(config.data.global_batch_size)
     text_len = manifest["text_encoder"]["max_length"]
-    for b in buckets_lib.buckets_from_config(config.data):
-        batch = abstract_batch(manifest, b.name, global_batch, mesh)
+    for step in steps:
+        batch = abstract_batch(manifest, step, mesh)
         t0 = time.perf_counter()
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             exe = jitted.lower(abstract_state, batch).compile()
         compile_s = time.perf_counter() - t0
-        compiled[b.name] = exe
-        shape = tuple(manifest["buckets"][b.name]["shape"])
-        tokens = flops_lib.tokens_per_sample(config.model, shape)
+        compiled[step.key] = exe
+        tokens = flops_lib.tokens_per_sample(config.model, step.shape)
         train_flops = flops_lib.train_flops_per_sample(config.model, tokens, text_len)
         mem = exe.memory_analysis()
         cost = exe.cost_analysis()
@@ -169,11 +207,11 @@ def compile_steps(
         xla_flops = (cost or {}).get("flops")
         plans.append(
             BucketPlan(
-                bucket=b.name,
-                latent_shape=shape,
+                bucket=step.key,
+                latent_shape=step.shape,
                 tokens=tokens,
-                global_batch=global_batch,
-                model_tflops_per_step=train_flops * global_batch / 1e12,
+                global_batch=step.global_batch,
+                model_tflops_per_step=train_flops * step.global_batch / 1e12,
                 # XLA counts one device's share of the partitioned program.
                 xla_tflops_per_step=(
                     None if xla_flops is None else xla_flops * mesh.devices.size / 1e12
@@ -216,7 +254,7 @@ def check_memory(plans: list[BucketPlan], limit_gb: float | None) -> None:
         return
     over = [p for p in plans if p.peak_gb > limit_gb]
     if over:
-        names = ", ".join(f"{p.bucket} ({p.peak_gb:.1f} GiB)" for p in over)
+        names = ", ".join(f"{p.bucket} ({p.peak_gb:.3g} GiB)" for p in over)
         raise PlanError(
             f"buckets {names} need more than the {limit_gb:g} GiB per device: shrink "
             "data.global_batch_size or the bucket, shard more (mesh.ici_fsdp, ici_context, "
@@ -248,7 +286,9 @@ def plan(
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
-    _, plans = compile_steps(jitted, abstract, manifest, config, mesh, rules)
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    steps = config_step_shapes(config, manifest, data_parallel)
+    _, plans = compile_steps(jitted, abstract, manifest, steps, config, mesh, rules)
     limit = memory_gb if memory_gb else device_memory_gb(mesh.devices.flat[0])
     print(format_plan(plans, mesh, limit), flush=True)
     check_memory(plans, limit)

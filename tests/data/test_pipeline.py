@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sora_jax.data import pipeline as pipeline_lib
+from sora_jax.data import schedule as schedule_lib
 from sora_jax.data import shards
 
 # bucket -> (latent shape [T', H', W', C], records, records per shard). 'b' and 'c' leave
@@ -95,12 +96,15 @@ def test_bucket_schedule_is_pure_per_step():
 
 def test_schedule_draw_counts_match_brute_force():
     weights = [2.0, 1.0, 1.0]
-    n = pipeline_lib._CHUNK + 500  # crosses a chunk boundary
+    n = schedule_lib.CHUNK + 500  # crosses a chunk boundary
     buckets = pipeline_lib.bucket_schedule(11, np.arange(n), weights)
-    schedule = pipeline_lib._Schedule(11, weights)
-    for step in [0, 1, 17, pipeline_lib._CHUNK - 1, pipeline_lib._CHUNK, n - 1, 5, 300]:
+    schedule = schedule_lib.Schedule(11, weights)
+    for step in [0, 1, 17, schedule_lib.CHUNK - 1, schedule_lib.CHUNK, n - 1, 5, 300]:
         b = int(buckets[step])
         assert schedule.locate(step) == (b, int(np.sum(buckets[:step] == b)))
+        np.testing.assert_array_equal(
+            schedule.counts_before(step), np.bincount(buckets[:step], minlength=3)
+        )
 
 
 # --- Batches -----------------------------------------------------------------------------

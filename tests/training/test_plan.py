@@ -67,7 +67,9 @@ def test_a_batch_that_does_not_fit_its_bucket_is_refused():
     config = tiny()
     mesh = mesh_lib.create_mesh(config.mesh, jax.devices()[:1])
     geometry = plan.dataset_geometry(config)
-    expected = plan.abstract_batch(geometry, "5x16x16", 8, mesh)
+    (step,) = plan.config_step_shapes(config, geometry, data_parallel=1)
+    assert step == plan.StepShape("5x16x16", (5, 8, 8, 12), 8)
+    expected = plan.abstract_batch(geometry, step, mesh)
     good = {k: np.zeros(v.shape, v.dtype) for k, v in expected.items()}
     plan.check_batch(good, expected, "5x16x16")
     bad = dict(good, latents=np.zeros((8, 5, 8, 8, 16), np.float16))
