@@ -17,6 +17,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import platform
@@ -225,6 +226,7 @@ def validate(config: ConfigDict) -> None:
 
     tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
     patch = tuple(config.model.patch_size)
+    bucket_tokens = {}  # bucket name -> video tokens L, for the context-parallel checks
     for bucket in buckets_lib.buckets_from_config(config.data):
         try:
             tokenizer.check_frames(bucket.frames)
@@ -239,6 +241,9 @@ def validate(config: ConfigDict) -> None:
                     f"is not divisible by model.patch_size {patch}; pick a bucket size that is "
                     f"a multiple of tokenizer stride x patch"
                 )
+        grid = [size // p for size, p in zip(latent[:3], patch, strict=True) if size % p == 0]
+        if len(grid) == 3:
+            bucket_tokens[bucket.name] = math.prod(grid)  # L = T' H' W'
     model = config.model
     if "dim" in model and model.dim is not None and "num_heads" in model and model.num_heads:
         if model.dim % model.num_heads:
@@ -260,8 +265,52 @@ def validate(config: ConfigDict) -> None:
                 f"data.global_batch_size={config.data.global_batch_size} is not divisible by "
                 f"the batch shards data x fsdp = {batch_shards} of the mesh; change one of them"
             )
+    errors.extend(_context_parallel_errors(config.model, shape, bucket_tokens))
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _context_parallel_errors(model, shape, bucket_tokens: dict[str, int]) -> list[str]:
+    """`model.context_parallel` against the mesh and the buckets (docs/parallelism.md).
+
+    Token counts need no divisibility: both strategies pad L to a multiple of the context
+    size C and mask the padding. Ulysses splits each tensor shard's heads over C, so those
+    must divide; a bucket with fewer tokens than C would leave devices holding only padding.
+    """
+    from sora_jax.models import dit
+    from sora_jax.parallel import context as context_lib
+
+    strategy = model.get("context_parallel", "none")
+    if strategy not in context_lib.STRATEGIES:
+        return [
+            f"model.context_parallel={strategy!r} is unknown; choose one of "
+            f"{context_lib.STRATEGIES}"
+        ]
+    if strategy == "none" or shape is None or shape["context"] == 1:
+        return []
+    c, t = shape["context"], shape["tensor"]
+    errors = []
+    try:
+        heads = int(dit.model_fields(model).get("num_heads", dit.VideoDiT.num_heads))
+    except ValueError as e:
+        return [str(e)]
+    # Heads a tensor shard holds: split over `tensor` only when it divides them.
+    per_shard = heads // t if heads % t == 0 else heads
+    if strategy == "ulysses" and per_shard % c:
+        errors.append(
+            f"model.context_parallel='ulysses' splits the {per_shard} heads of each tensor shard "
+            f"(model.num_heads={heads}, mesh tensor={t}) over mesh context={c}, which does not "
+            f"divide; make num_heads / tensor a multiple of {c}, change mesh.ici_context / "
+            f"dcn_context, or use model.context_parallel='ring'"
+        )
+    for name, tokens in bucket_tokens.items():
+        if tokens < c:
+            errors.append(
+                f"data.buckets.{name}: {tokens} video tokens over mesh context={c} leave "
+                f"{c - tokens} devices holding only padding; use a context size of at most "
+                f"{tokens} (mesh.ici_context / dcn_context) or drop the bucket"
+            )
+    return errors
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ Every attention in the model (video self-attention, text cross-attention) calls 
 function, so it is the seam where kernels (cuDNN flash, Pallas splash) and context-parallel
 strategies (Ulysses all-to-all, ring attention over `jax.shard_map`) plug in (DESIGN.md §5).
 
+Context parallelism: `context_parallel='ulysses' | 'ring'` computes self-attention with the
+video tokens split over the mesh axis `context` (sora_jax/parallel/context.py, where the
+maths is), and `'queries'` cross-attention with only the queries split; each reduces to the
+plain kernel without a mesh or with a `context` axis of size 1.
+
 Shapes: q `[B, L, N, E]` (L query tokens), k and v `[B, S, N, E]` (S key tokens: video
 tokens for self-attention, text tokens for cross-attention). The optional boolean `mask`
 broadcasts to `[B, N, L, S]`; True means "may attend". Keys that are masked out get
@@ -20,6 +25,8 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from sora_jax.parallel import context as context_lib
 
 IMPLS = ("xla", "cudnn", "splash", "auto")
 # cuDNN's fused attention only takes half-precision inputs.
@@ -180,20 +187,41 @@ def _splash(q, k, v, mask=None):
 
 
 _IMPL_FNS = {"xla": xla_attention, "cudnn": _cudnn, "splash": _splash}
+# Per-device kernels for context-parallel strategies, which run them inside their own
+# `jax.shard_map` (so splash here is the kernel itself, not its shard_map wrapper).
+_LOCAL_FNS = {"xla": xla_attention, "cudnn": _cudnn, "splash": splash_attention}
 
 
-def dot_product_attention(q, k, v, mask=None, impl: str = "xla"):
+def dot_product_attention(q, k, v, mask=None, impl: str = "xla", *, context_parallel="none"):
     """Multi-head attention `[B, L, N, E] x [B, S, N, E] -> [B, L, N, E]`.
 
     `mask`: bool, broadcastable to `[B, N, L, S]` (True = attend), or None (attend to all).
     Rows whose keys are all masked come back as zeros, whatever the implementation.
+    `context_parallel`: 'none', 'ulysses' or 'ring' (self-attention, L = S the same tokens),
+    or 'queries' (cross-attention); see sora_jax/parallel/context.py.
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[::3] != k.shape[::3]:
         raise ValueError(
             f"attention expects q [B, L, N, E] and k, v [B, S, N, E] with equal B and E, got "
             f"q {q.shape}, k {k.shape}, v {v.shape}"
         )
-    out = _IMPL_FNS[resolve_impl(impl, q.dtype)](q, k, v, mask)
+    impl = resolve_impl(impl, q.dtype)
+    if context_parallel not in context_lib.MODES:
+        raise ValueError(
+            f"context_parallel={context_parallel!r} is unknown; choose one of "
+            f"{context_lib.STRATEGIES} (model.context_parallel)"
+        )
+    if context_parallel in ("ulysses", "ring") and q.shape != k.shape:
+        raise ValueError(
+            f"context_parallel={context_parallel!r} is for self-attention (q and k of one "
+            f"shape), got q {q.shape} and k {k.shape}; use 'queries' for cross-attention"
+        )
+    if context_parallel != "none" and context_lib.context_degree() > 1:
+        out = context_lib.context_parallel_attention(
+            q, k, v, mask, mode=context_parallel, attend=_LOCAL_FNS[impl]
+        )
+    else:
+        out = _IMPL_FNS[impl](q, k, v, mask)
     if mask is not None:
         # Fully masked query rows: zero output instead of an average over padding.
         any_key = jnp.any(jnp.broadcast_to(mask, (*mask.shape[:-1], k.shape[1])), axis=-1)

@@ -52,6 +52,7 @@ from sora_jax.models.layers import (
     timestep_embedding,
     unpatchify,
 )
+from sora_jax.parallel.context import STRATEGIES as CONTEXT_PARALLEL
 
 __all__ = ["PRESETS", "VideoDiT", "build_model", "patchify", "unpatchify"]
 
@@ -138,6 +139,7 @@ class DiTBlock(nn.Module):
     qk_norm: bool = True
     cross_attn_norm: bool = True
     attention_impl: str = "xla"
+    context_parallel: str = "none"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -153,6 +155,7 @@ class DiTBlock(nn.Module):
             num_heads=self.num_heads,
             qk_norm=self.qk_norm,
             attention_impl=self.attention_impl,
+            context_parallel=self.context_parallel,
             dtype=dt,
         )
 
@@ -201,6 +204,9 @@ class VideoDiT(nn.Module):
     cross_attn_norm: bool = True
     rope_split: tuple[int, int, int] | None = None  # head-dim (E_t, E_h, E_w); None = Wan's
     attention_impl: str = "xla"  # 'xla' | 'cudnn' | 'splash' | 'auto'
+    # Self-attention over the mesh's `context` axis: 'none' | 'ulysses' | 'ring'
+    # (sora_jax/parallel/context.py); without a mesh or context size 1, plain attention.
+    context_parallel: str = "none"
     dtype: Any = jnp.float32  # compute dtype; params are always float32
     cond_channels: int = 0  # trailing input channels whose patch-embed rows start at zero
     scan_layers: bool = False  # stack blocks with nn.scan (params get a leading 'layers' axis)
@@ -286,6 +292,7 @@ class VideoDiT(nn.Module):
             qk_norm=self.qk_norm,
             cross_attn_norm=self.cross_attn_norm,
             attention_impl=self.attention_impl,
+            context_parallel=self.context_parallel,
             dtype=dt,
         )
         if self.scan_layers:
@@ -346,6 +353,7 @@ def model_fields(model_cfg) -> dict[str, Any]:
         "mlp": ("gelu", "swiglu"),
         "remat": REMAT_POLICIES,
         "attention_impl": IMPLS,
+        "context_parallel": CONTEXT_PARALLEL,
         "pos_embed": ("none", "sincos"),
     }
     for key, allowed in choices.items():

@@ -228,6 +228,9 @@ class Attention(nn.Module):
     qk_norm: bool = True
     zero_out: bool = False  # zero-init the output projection (identity residual at init)
     attention_impl: str = "xla"
+    # Video self-attention over the `context` mesh axis: 'none' | 'ulysses' | 'ring'. Cross-
+    # attention then splits only its queries ('queries'): the short text stays whole.
+    context_parallel: str = "none"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -247,7 +250,12 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_kv"))
         k = nn.with_logical_constraint(k, ("act_batch", kv_len, "act_heads", "act_kv"))
         v = nn.with_logical_constraint(v, ("act_batch", kv_len, "act_heads", "act_kv"))
-        o = attention_lib.dot_product_attention(q, k, v, mask, impl=self.attention_impl)
+        cp = self.context_parallel
+        if context is not None and cp != "none":
+            cp = "queries"
+        o = attention_lib.dot_product_attention(
+            q, k, v, mask, impl=self.attention_impl, context_parallel=cp
+        )
         # Named so the 'save_attention_out' / 'offload' remat policies can keep it.
         o = checkpoint_name(o, "attention_out")
         out_names = ("heads", "kv", "embed")
