@@ -74,6 +74,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     # Attention implementation: 'xla' | 'cudnn' | 'splash' | 'auto'.
     c.model.attention_impl = "xla"
+    # Context parallelism over mesh axis `context`: 'none' | 'ulysses' | 'ring'
+    # (docs/parallelism.md).
+    c.model.context_parallel = "none"
+    # Extra input channels for given frames: 0 (given frames enter through t = 0 only) or
+    # latent channels + 1 (given latents and their mask concatenated to x_t).
+    c.model.cond_channels = 0
 
     # Video tokenizer: pixels with s2d x s2d space-to-depth -> 3 s2d² latent channels.
     c.tokenizer = ml_collections.ConfigDict()
@@ -123,7 +129,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Rectified flow (sora_jax/diffusion/flow.py).
     c.diffusion = ml_collections.ConfigDict()
-    # Training-time distribution: 'uniform' | 'logit_normal'.
+    # Training-time distribution: 'uniform' | 'logit_normal' | 'mode' | 'cosmap'.
     c.diffusion.time_sampling = "logit_normal"
     c.diffusion.logit_mean = 0.0
     c.diffusion.logit_std = 1.0
@@ -134,6 +140,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.shift_base_tokens = 256
     # Probability of training a sample with the null conditioning (for CFG).
     c.diffusion.caption_dropout = 0.1
+    # Probability of dropping the given frames of a conditioning task (their own CFG).
+    c.diffusion.cond_dropout = 0.0
+    # Loss weighting over time: 'none' | 'logit_normal' | 'mode' | 'cosmap' (docs/diffusion.md).
+    c.diffusion.loss_weighting = "none"
+    # Heavy-tail scale of the 'mode' time sampling / weighting (SD3: 1.29).
+    c.diffusion.mode_scale = 1.29
+    # Conditioning tasks drawn per sample, by weight: t2v, i2v, last_frame, continuation
+    # (images are the T'=1 buckets). Given latent frames get t = 0 and no loss.
+    c.diffusion.tasks = ml_collections.ConfigDict({"t2v": 1.0})
+    # Largest number of given latent frames for 'continuation'; -1 = up to T' - 1.
+    c.diffusion.continuation_frames = -1
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-3
@@ -169,6 +186,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Checkpoints kept (older ones are deleted).
     c.checkpoint_max_to_keep = 3
+
+    # The training loop's behaviour (sora_jax/training/loop.py).
+    c.training = ml_collections.ConfigDict()
+    # Start a new run from another run's checkpoint ('' = from scratch); --init_from sets it.
+    c.training.init_from = ""
+    # Which tree of that checkpoint: 'params' or 'ema/decay_0p99'.
+    c.training.init_from_source = "params"
+    # Glob patterns of leaves that may be missing or reshaped there (kept fresh).
+    c.training.init_from_allow = ()
+    # Non-finite updates in a row before rolling back to the last checkpoint; 0 = never.
+    c.training.max_consecutive_skips = 5
+    # A step slower than this x the median step (and than the minimum) ends the run with
+    # a stack dump in logs/ instead of hanging.
+    c.training.watchdog_factor = 20.0
+    c.training.watchdog_min_timeout_s = 600.0
+    # Also keep every checkpoint whose step is a multiple of this; 0 = only the latest ones.
+    c.training.checkpoint_keep_period = 0
+    # Profiler trace of steps [start, end) into WORKDIR/profile; () = none.
+    c.training.profile_steps = ()
 
     # Sampling defaults for `sora_jax.sample` and the evaluators.
     c.sample = ml_collections.ConfigDict()

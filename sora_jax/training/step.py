@@ -4,6 +4,11 @@ Randomness is `fold_in(fold_in(key(seed), step), purpose)` (DESIGN.md §3): the 
 depends only on the seed and the step, so a resumed run draws the same noise, times and
 caption dropout as an uninterrupted one. A step whose loss or gradients are not finite
 leaves the state unchanged except for the step counter, and reports `train/skipped = 1`.
+
+Conditioning tasks (`diffusion.tasks`, sora_jax/diffusion/conditioning.py) are drawn inside
+the loss from the batch's own latents; `model.cond_channels` (0 = given frames enter through
+per-frame t = 0 only, C + 1 = also as input channels) is checked against the tasks and the
+latent channels when the step is built, before anything is compiled.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     apply_fn = make_apply_fn(model)
     patch = tuple(config.model.patch_size)
+    cond_channels = int(config.model.get("cond_channels", 0) or 0)
+    # VideoDiT's velocity has the latent channels C; check tasks and channels before jit.
+    flow.check_config(config.diffusion, config.model, getattr(model, "out_channels", None))
     decays = tuple(config.optimizer.ema_decays)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -49,7 +57,9 @@ def make_train_step(
         key = step_key(config.seed, state.step)
 
         def loss(params):
-            return flow.loss_fn(apply_fn, params, batch, key, config.diffusion, alpha)
+            return flow.loss_fn(
+                apply_fn, params, batch, key, config.diffusion, alpha, cond_channels=cond_channels
+            )
 
         (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
@@ -76,6 +86,7 @@ def make_train_step(
             "train/skipped": (~finite).astype(jnp.int32),
             "train/per_sample_loss": aux["per_sample_loss"],
             "train/t": aux["t"],
+            "train/task": aux["task"],
         }
         return new_state, metrics
 

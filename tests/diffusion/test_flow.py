@@ -1,13 +1,30 @@
-"""Rectified flow: shift, interpolation, loss masking of dropout, and the samplers against
-the closed-form velocity field of Gaussian data."""
+"""Rectified flow: interpolation, shift, training-time distributions against their analytic
+quantiles and densities, loss weighting, caption dropout and the loss."""
+
+import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from scipy import special
 
-from sora_jax.diffusion import flow, sampler
+from sora_jax.config import ConfigError
+from sora_jax.diffusion import flow
+
+
+def diffusion_config(**overrides):
+    fields = dict(
+        time_sampling="uniform",
+        logit_mean=0.0,
+        logit_std=1.0,
+        mode_scale=1.29,
+        caption_dropout=0.0,
+        shift=1.0,
+        shift_base_tokens=256,
+    )
+    return ml_collections.ConfigDict({**fields, **overrides})
 
 
 def test_shift_properties():
@@ -18,6 +35,22 @@ def test_shift_properties():
         assert bool(jnp.all(jnp.diff(s) > 0))
     np.testing.assert_allclose(flow.shift_time(t, 1.0), t, atol=1e-7)
     assert bool(jnp.all(flow.shift_time(t[1:-1], 3.0) > t[1:-1]))  # alpha > 1 moves to noise
+
+
+@pytest.mark.parametrize(
+    "latent, alpha",
+    [
+        ((1, 32, 32, 16), 1.0),  # 256 tokens, one frame: the base
+        ((1, 64, 64, 16), 2.0),  # 4x the tokens per frame: sqrt(4)
+        ((4, 32, 32, 16), 2.0),  # 4 latent frames: sqrt(4)
+        ((9, 64, 64, 16), 6.0),  # both: 2 x 3
+        ((1, 16, 16, 16), 1.0),  # fewer tokens than the base: clipped at 1
+    ],
+)
+def test_shift_alpha_from_tokens_and_frames(latent, alpha):
+    config = diffusion_config(shift=-1.0)
+    assert flow.shift_alpha(config, latent, (1, 2, 2)) == pytest.approx(alpha)
+    assert flow.shift_alpha(diffusion_config(shift=3.0), latent, (1, 2, 2)) == 3.0
 
 
 def test_interpolation_endpoints_and_velocity():
@@ -36,6 +69,57 @@ def test_interpolation_endpoints_and_velocity():
     np.testing.assert_allclose(xt[0, 1], eps[0, 1])
 
 
+# Analytic quantile functions Q(p), written independently of the code under test.
+def mode_quantile(p, s):
+    u = 1.0 - p  # f_mode is decreasing in u: P(t <= f(1 - p)) = p
+    return 1.0 - u - s * (np.cos(0.5 * np.pi * u) ** 2 - 1.0 + u)
+
+
+QUANTILES = {
+    "uniform": (dict(), lambda p: p),
+    "logit_normal": (
+        dict(logit_mean=0.5, logit_std=0.7),
+        lambda p: special.expit(0.5 + 0.7 * special.ndtri(p)),
+    ),
+    "mode": (dict(mode_scale=1.29), lambda p: mode_quantile(p, 1.29)),
+    "mode_negative": (dict(mode_scale=-0.5), lambda p: mode_quantile(p, -0.5)),
+    "cosmap": (dict(), lambda p: 1.0 - 1.0 / (np.tan(0.5 * np.pi * p) + 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(QUANTILES))
+def test_time_sampling_matches_analytic_quantiles(name):
+    fields, quantile = QUANTILES[name]
+    config = diffusion_config(time_sampling=name.removesuffix("_negative"), **fields)
+    t = np.asarray(flow.sample_time(jax.random.key(0), (100_000,), config))
+    assert t.min() >= 0.0 and t.max() <= 1.0
+    p = np.linspace(0.02, 0.98, 49)
+    # Quantile standard error sqrt(p(1-p)/N)/density <= ~0.004 here; 0.01 is > 2.5 sigma.
+    np.testing.assert_allclose(np.quantile(t, p), quantile(p), atol=0.01)
+
+
+@pytest.mark.parametrize("name", list(QUANTILES))
+def test_time_density_is_the_derivative_of_the_cdf(name):
+    # density(Q(p)) Q'(p) = 1 for the analytic quantile Q: the weights are true densities.
+    fields, quantile = QUANTILES[name]
+    config = diffusion_config(**fields)
+    p, h = np.linspace(0.02, 0.98, 97), 1e-5
+    dq = (quantile(p + h) - quantile(p - h)) / (2 * h)
+    dens = np.asarray(
+        flow.time_density(jnp.asarray(quantile(p)), name.removesuffix("_negative"), config)
+    )
+    np.testing.assert_allclose(dens * dq, 1.0, rtol=2e-3)
+
+
+def test_mode_scale_outside_monotone_range_is_an_error():
+    with pytest.raises(ValueError, match="diffusion.mode_scale"):
+        flow.sample_time(
+            jax.random.key(0), (4,), diffusion_config(time_sampling="mode", mode_scale=2)
+        )
+    with pytest.raises(ConfigError, match="diffusion.loss_weighting"):
+        flow.check_config(diffusion_config(loss_weighting="snr"), ml_collections.ConfigDict())
+
+
 def test_caption_dropout_uses_null_conditioning():
     text = jnp.ones((1000, 4, 8))
     mask = jnp.ones((1000, 4), bool)
@@ -48,76 +132,45 @@ def test_caption_dropout_uses_null_conditioning():
     np.testing.assert_array_equal(t2[~dropped], text[~dropped])
 
 
-def gaussian_velocity(mu, sigma):
-    """Exact v(x, t) = E[eps - x_0 | x_t = x] for x_0 ~ N(mu, sigma^2) per element."""
-
-    def apply(params, x, t, text, mask):
-        del params, text, mask
-        t = t.reshape(t.shape + (1,) * (x.ndim - 1))
-        a = 1.0 - t
-        var = a**2 * sigma**2 + t**2
-        x0_hat = mu + a * sigma**2 / var * (x - a * mu)
-        eps_hat = t / var * (x - a * mu)
-        return eps_hat - x0_hat
-
-    return apply
-
-
-@pytest.mark.parametrize("method", ["euler", "heun"])
-def test_sampler_reproduces_gaussian(method):
-    mu, sigma = 1.5, 0.5
-    noise = jax.random.normal(jax.random.key(0), (4096, 1, 1, 1, 4))
-    text, mask = jnp.zeros((4096, 1, 1)), jnp.ones((4096, 1), bool)
-
-    # The exact flow maps noise z to mu + sigma z (monotone transport of N(0,1) to N(mu, s^2)).
-    exact = mu + sigma * noise
-
-    def error(steps):
-        x = sampler.sample(
-            gaussian_velocity(mu, sigma), None, noise, text, mask, num_steps=steps, method=method
-        )
-        return float(jnp.mean(jnp.abs(x - exact)))
-
-    x = sampler.sample(gaussian_velocity(mu, sigma), None, noise, text, mask, num_steps=64)
-    assert abs(float(x.mean()) - mu) < 0.02 and abs(float(x.std()) - sigma) < 0.02
-    assert error(64) < (0.015 if method == "euler" else 1e-4)
-    # Halving the step: Euler's error about halves (order 1), Heun's about quarters (order 2).
-    ratio = error(16) / error(32)
-    assert (1.7 < ratio < 2.3) if method == "euler" else ratio > 3.3, ratio
-
-
-def test_cfg_scale_one_is_conditional_and_batched_equals_separate():
-    def apply(params, x, t, text, mask):
-        return x * text.mean(axis=(1, 2))[:, None, None, None, None] + t[:, None, None, None, None]
-
-    x = jax.random.normal(jax.random.key(0), (3, 2, 2, 2, 1))
-    text = jax.random.normal(jax.random.key(1), (3, 4, 2))
-    mask = jnp.ones((3, 4), bool)
-    t = jnp.float32(0.4)
-    cond = apply(None, x, jnp.full(3, t), text, mask)
-    np.testing.assert_allclose(sampler.guided_velocity(apply, None, x, t, text, mask, 1.0), cond)
-    null = apply(None, x, jnp.full(3, t), *flow.null_conditioning(text, mask))
-    expected = null + 4.0 * (cond - null)
-    np.testing.assert_allclose(
-        sampler.guided_velocity(apply, None, x, t, text, mask, 4.0), expected, rtol=1e-5
-    )
-
-
-def test_loss_matches_manual_computation():
-    config = ml_collections.ConfigDict(
-        dict(time_sampling="uniform", logit_mean=0.0, logit_std=1.0, caption_dropout=0.0)
-    )
-    batch = {
-        "latents": jax.random.normal(jax.random.key(0), (4, 2, 2, 2, 3)),
-        "text": jnp.ones((4, 3, 5)),
-        "text_mask": jnp.ones((4, 3), bool),
+def loss_batch(b=4):
+    return {
+        "latents": jax.random.normal(jax.random.key(0), (b, 2, 2, 2, 3)),
+        "text": jnp.ones((b, 3, 5)),
+        "text_mask": jnp.ones((b, 3), bool),
     }
+
+
+@pytest.mark.parametrize("weighting", ["none", "cosmap", "logit_normal"])
+def test_loss_matches_manual_computation(weighting):
+    config = diffusion_config(loss_weighting=weighting, logit_mean=0.3)
+    batch = loss_batch()
     apply = lambda p, x, t, text, m: p * x
     key = jax.random.key(7)
-    loss, aux = flow.loss_fn(apply, 0.5, batch, key, config)
-    t = jax.random.uniform(jax.random.fold_in(key, flow.PURPOSE_TIME), (4,))
+    loss, aux = flow.loss_fn(apply, 0.5, batch, key, config, alpha=2.0)
+    u = jax.random.uniform(jax.random.fold_in(key, flow.PURPOSE_TIME), (4,))
+    t = 2.0 * u / (1.0 + u)
     eps = jax.random.normal(jax.random.fold_in(key, flow.PURPOSE_NOISE), (4, 2, 2, 2, 3))
     xt = flow.interpolate(batch["latents"], eps, t)
-    manual = jnp.mean((0.5 * xt - (eps - batch["latents"])) ** 2)
-    np.testing.assert_allclose(loss, manual, rtol=1e-6)
-    np.testing.assert_allclose(aux["t"], t)
+    per_sample = jnp.mean((0.5 * xt - (eps - batch["latents"])) ** 2, axis=(1, 2, 3, 4))
+    w = {
+        "none": jnp.ones(4),
+        "cosmap": 2.0 / (math.pi * (1.0 - 2.0 * u + 2.0 * u**2)),
+        "logit_normal": jnp.exp(-0.5 * (special.logit(u) - 0.3) ** 2)
+        / (math.sqrt(2 * math.pi) * u * (1.0 - u)),
+    }[weighting]
+    np.testing.assert_allclose(loss, jnp.mean(w * per_sample), rtol=1e-5)
+    np.testing.assert_allclose(aux["per_sample_loss"], per_sample, rtol=1e-5)
+    np.testing.assert_allclose(aux["t"], t, rtol=1e-6)
+    np.testing.assert_array_equal(aux["task"], 0)  # t2v
+
+
+def test_weighting_by_a_density_equals_sampling_from_it():
+    # E_{u~U}[pi(u) f(u)] = E_{u~pi}[f(u)] (SD3 §3.1): both Monte Carlo means agree.
+    config = diffusion_config(
+        time_sampling="logit_normal", loss_weighting="logit_normal", logit_mean=-0.4, logit_std=0.8
+    )
+    f = lambda t: jnp.sin(3.0 * t) + t**2
+    u = jax.random.uniform(jax.random.key(0), (400_000,))
+    weighted = jnp.mean(flow.loss_weight(u, config) * f(u))
+    t = flow.sample_time(jax.random.key(1), (400_000,), config)
+    assert float(weighted) == pytest.approx(float(jnp.mean(f(t))), rel=5e-3)

@@ -90,3 +90,49 @@ def test_step_randomness_depends_on_seed_and_step_only():
     c = step_lib.step_key(3, jnp.int32(8))
     assert jnp.array_equal(jax.random.key_data(a), jax.random.key_data(b))
     assert not jnp.array_equal(jax.random.key_data(a), jax.random.key_data(c))
+
+
+@pytest.mark.parametrize("cond_channels", [0, 13])
+def test_conditioning_tasks_through_the_step(devices, cond_channels):
+    # Given frames by per-frame t = 0 alone (0), or also as C + 1 = 13 input channels.
+    config = config_lib.load_config(f"{DEMO}:tiny")
+    with config.unlocked():
+        config.diffusion.tasks = {"t2v": 1.0, "i2v": 1.0, "continuation": 1.0}
+        config.diffusion.cond_dropout = 0.1
+        config.model.cond_channels = cond_channels
+    mesh = mesh_lib.create_mesh(config.mesh, devices[:1])
+    rules = mesh_lib.logical_rules(config.mesh)
+    model = loop.model_for(config, MANIFEST)
+    tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
+    x, t, text, mask = loop.example_inputs(config, MANIFEST)
+    x = jnp.zeros(x.shape[:-1] + (12 + cond_channels,))  # the model reads C + cond channels
+    init_fn = state_lib.make_init_fn(model, tx, (x, t, text, mask), (0.99,))
+    state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
+    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
+    step = jax.jit(step_lib.make_train_step(model, tx, config, schedule))
+    new = state
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        # lr(0) = 0 (warmup), step 1 moves the zero-initialized head (adaLN-Zero), and the
+        # conditioning channels (non-zero on given frames only, whose outputs the loss
+        # ignores) reach the loss once attention gates open: from step 3.
+        for seed in range(4):
+            new, metrics = step(new, batch(seed=seed))
+    tasks = np.asarray(metrics["train/task"])
+    assert tasks.shape == (8,) and set(tasks.tolist()) <= {0, 1, 3}
+    assert np.isfinite(float(metrics["train/loss"])) and int(metrics["train/skipped"]) == 0
+    if cond_channels:  # the conditioning rows of the patch embedding start at 0, then learn
+        kernel = lambda s: np.asarray(s.params["patch_embedding"]["kernel"])  # [P·C_in, D]
+        rows = np.arange(kernel(state).shape[0]) % (12 + cond_channels) >= 12
+        assert np.all(kernel(state)[rows] == 0.0) and np.any(kernel(new)[rows] != 0.0)
+
+
+def test_conditioning_config_errors_before_compiling():
+    config = config_lib.load_config(f"{DEMO}:tiny")
+    with config.unlocked():
+        config.diffusion.tasks = {"t2v": 1.0, "i2v": 0.5}
+        config.model.cond_channels = 5
+    model = loop.model_for(config, MANIFEST)
+    tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
+    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
+    with pytest.raises(config_lib.ConfigError, match=r"model.cond_channels=5 .* = 13"):
+        step_lib.make_train_step(model, tx, config, schedule)
