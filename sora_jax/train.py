@@ -29,6 +29,12 @@ MODE = flags.DEFINE_enum(
     "train: train or resume; plan: compile every bucket and print memory and FLOPs; "
     "data_benchmark: time the input pipeline alone.",
 )
+INIT_FROM = flags.DEFINE_string(
+    "init_from",
+    None,
+    "Start a new run from another run's parameters (a workdir, checkpoints/ or one "
+    "checkpoints/<step>); overrides training.init_from. Ignored when resuming.",
+)
 PLAN_MEMORY_GB = flags.DEFINE_float(
     "plan_memory_gb", None, "--mode=plan: memory per device in GiB (default: by device kind)."
 )
@@ -55,7 +61,7 @@ def main(argv):
     config_lib.write_run_files(entry.WORKDIR.value, config, sys.argv)
     from sora_jax.training import loop
 
-    summary = loop.train(config, entry.WORKDIR.value)
+    summary = loop.train(config, entry.WORKDIR.value, init_from=INIT_FROM.value or "")
     print(json.dumps(summary, indent=2))
 
 

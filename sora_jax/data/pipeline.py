@@ -237,6 +237,21 @@ class Pipeline:
     def bucket_at(self, step: int) -> mixture.BucketSpec:
         return self.buckets[self.locate(step)[0]]
 
+    def batch_at(self, step: int) -> dict[str, Any]:
+        """This process's host batch of global `step`, without moving the iterator."""
+        return self._reader(step)
+
+    def first_step_of_each_bucket(self, search: int = 100_000) -> dict[str, int]:
+        """`{bucket key: the first step that draws it}` over the first `search` steps."""
+        found: dict[str, int] = {}
+        wanted = {b.key for b in self.buckets if b.weight > 0}
+        for step in range(search):
+            key = self.bucket_at(step).key
+            found.setdefault(key, step)
+            if len(found) == len(wanted):
+                break
+        return found
+
     def report(self) -> str:
         """What the run will read: per bucket records, weight, batch, tokens, epoch length."""
         return mixture.report(

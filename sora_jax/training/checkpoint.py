@@ -8,6 +8,7 @@ so a checkpoint written on one device layout restores onto any other (USER_PAINS
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
@@ -32,18 +33,28 @@ def manager(
         enable_async_checkpointing=async_save,
         create=True,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data", "config"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict[str, Any]) -> bool:
-    """Starts a (possibly asynchronous) save of `state` and `data_state` at `step`."""
-    return mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-        ),
-        force=True,
-    )
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state,
+    data_state: dict[str, Any],
+    config: dict[str, Any] | None = None,
+) -> bool:
+    """Starts a (possibly asynchronous) save of `state`, `data_state` and the resolved
+    `config` (a JSON dict) at `step`."""
+    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    if config is not None:
+        items["config"] = ocp.args.JsonSave(config)
+    return mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def saved_config(directory: str | os.PathLike, step: int) -> dict[str, Any] | None:
+    """The resolved config saved with checkpoint `step`, or None (older checkpoints)."""
+    path = pathlib.Path(directory) / str(step) / "config" / "metadata"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _step(mngr: ocp.CheckpointManager, step: int | None) -> int:
@@ -141,7 +152,7 @@ def saved_shapes(directory: pathlib.Path, step: int, prefix: str) -> dict[str, t
     meta = ocp.StandardCheckpointer().metadata(directory / str(step) / "state")
     tree = getattr(meta, "item_metadata", meta)
     tree = getattr(tree, "tree", tree)
-    for key in prefix.split("/"):
+    for key in prefix.split("/") if prefix else ():
         if key not in tree:
             raise KeyError(f"checkpoint {directory}/{step} has no {prefix!r} (it has {list(tree)})")
         tree = tree[key]
@@ -152,10 +163,15 @@ def _flat_shapes(tree) -> dict[str, tuple]:
     import jax
 
     leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
-    return {
-        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-        for path, leaf in leaves
-    }
+    return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _key_name(k) -> str:
+    """A path entry as plain text: dict key, dataclass field or sequence index."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
 
 
 def load_report(saved: dict[str, tuple], wanted: dict[str, tuple]) -> dict[str, list]:
@@ -212,12 +228,12 @@ def load_for_init(
         )
     keep = {k for k in wanted if k in saved and k not in reshaped}
     flat = jax.tree_util.tree_leaves_with_path(abstract_params)
-    name = lambda p: "/".join(str(getattr(k, "key", k)) for k in p)  # noqa: E731
+    name = lambda p: "/".join(_key_name(k) for k in p)  # noqa: E731
     target = {}
     for p, leaf in flat:
         if name(p) in keep:
             node = target
-            keys = [str(getattr(k, "key", k)) for k in p]
+            keys = [_key_name(k) for k in p]
             for k in keys[:-1]:
                 node = node.setdefault(k, {})
             node[keys[-1]] = leaf

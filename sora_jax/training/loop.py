@@ -1,8 +1,16 @@
-"""The training loop, top to bottom: config → mesh → data → state → restore → compile → steps.
+"""The training loop, top to bottom: config → mesh → data → state → restore → compile →
+steps (metrics, eval hooks, checkpoints).
 
 Re-running the same command in the same workdir resumes from the latest committed
-checkpoint, with the data pipeline at the same position: the continuation draws exactly
-the batches and random numbers an uninterrupted run would have.
+checkpoint that reads back, with the data pipeline at the same position: the continuation
+draws exactly the batches and random numbers an uninterrupted run would have. A resume
+whose config changes the state's structure is refused, naming the differing fields.
+`training.init_from` (or `--init_from`) starts a new run from another run's parameters.
+
+Failures (sora_jax/training/resilience.py): a non-finite update is skipped and counted;
+`training.max_consecutive_skips` in a row roll the parameters back to the last good
+checkpoint while the data moves on past the bad window; SIGTERM saves and exits cleanly;
+a step that stalls far beyond the median ends the process with a stack dump.
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import linen as nn
 from tqdm import tqdm
 
@@ -26,6 +33,7 @@ from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.models import build_model
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import checkpoint as ckpt_lib
+from sora_jax.training import hooks, perf, resilience
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import optimizer as optimizer_lib
 from sora_jax.training import plan as plan_lib
@@ -33,6 +41,10 @@ from sora_jax.training import state as state_lib
 from sora_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
+
+FIELDS = ("latents", "text", "text_mask")
+# Timestep bins of the per-bin training loss (`train/loss_t/<lo>-<hi>`).
+TIME_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def model_for(config: ml_collections.ConfigDict, manifest: dict[str, Any]) -> nn.Module:
@@ -70,12 +82,34 @@ def setup_state(config, manifest, mesh, rules):
     return model, tx, init_fn, abstract, shardings
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.training` over its defaults (configs written before a field existed work)."""
+    out = ml_collections.ConfigDict(
+        dict(
+            init_from="",
+            init_from_source="params",
+            init_from_allow=(),
+            max_consecutive_skips=5,
+            watchdog_factor=20.0,
+            watchdog_min_timeout_s=600.0,
+            checkpoint_keep_period=0,
+            profile_steps=(),
+        )
+    )
+    out.update(dict(config.get("training", {})))
+    return out
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, init_from: str = ""
+) -> dict[str, Any]:
     """Trains (or resumes) a run in `workdir`; returns a summary of the run."""
     workdir = pathlib.Path(workdir)
 
     # --- Config -------------------------------------------------------------------------
     config_lib.validate(config)
+    opts = options(config)
+    init_from = init_from or opts.init_from
 
     # --- Mesh ---------------------------------------------------------------------------
     mesh = mesh_lib.create_mesh(config.mesh)
@@ -94,91 +128,146 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     # --- State --------------------------------------------------------------------------
     model, tx, init_fn, abstract, shardings = setup_state(config, manifest, mesh, rules)
-    mngr = ckpt_lib.manager(workdir / "checkpoints", max_to_keep=config.checkpoint_max_to_keep)
+    mngr = ckpt_lib.manager(
+        workdir / "checkpoints",
+        max_to_keep=config.checkpoint_max_to_keep,
+        keep_period=opts.checkpoint_keep_period or None,
+    )
+    config_json = config.to_dict()
 
-    # --- Restore ------------------------------------------------------------------------
-    if mngr.latest_step() is not None:
+    # --- Restore (or initialize) --------------------------------------------------------
+    restored = None
+    if mngr.all_steps():
         with jax.set_mesh(mesh):
-            state, data_state, start = ckpt_lib.restore(mngr, abstract)
+            restored = hooks.restore_for_resume(mngr, abstract, config_json)
+        if restored is None:
+            raise RuntimeError(
+                f"no checkpoint in {mngr.directory} restores (all failed, see the warnings): "
+                "move the directory away to start afresh, or fix the files"
+            )
+    if restored is not None:
+        state, data_state, start = restored
         pipeline.set_state(data_state)
         metrics_lib.truncate_after(workdir, start)
         print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
     else:
         state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
         start = 0
+        if init_from:
+            state = hooks.init_from(state, abstract, init_from, opts, mesh)
     n_params = state_lib.param_count(state.params)
     print(f"model: {n_params:,} parameters", flush=True)
 
     # --- Compile ------------------------------------------------------------------------
     schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
-    train_step = step_lib.make_train_step(model, tx, config, schedule)
-    batch_sharding = mesh_lib.batch_sharding(mesh)
     jitted = jax.jit(
-        train_step,
-        in_shardings=(shardings, batch_sharding),
+        step_lib.make_train_step(model, tx, config, schedule),
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
     # One executable per bucket, compiled now (or loaded from the persistent cache): a
     # batch that does not fit its bucket's executable fails loudly instead of recompiling.
-    steps = plan_lib.pipeline_step_shapes(pipeline)
-    compiled, plans = plan_lib.compile_steps(jitted, abstract, manifest, steps, config, mesh, rules)
-    expected = {s.key: plan_lib.abstract_batch(manifest, s, mesh) for s in steps}
+    shapes = plan_lib.pipeline_step_shapes(pipeline)
+    compiled, plans = plan_lib.compile_steps(
+        jitted, abstract, manifest, shapes, config, mesh, rules
+    )
+    expected = {s.key: plan_lib.abstract_batch(manifest, s, mesh) for s in shapes}
+    plan_of = {p.bucket: p for p in plans}
     log.info("compiled %d bucket(s) in %.1f s", len(plans), sum(p.compile_s for p in plans))
+    evaluator = hooks.Evaluator(config, workdir, pipeline, model, mesh, manifest)
 
     # --- Loop ---------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir)
-    fields = ("latents", "text", "text_mask")
-    last_loss = float("nan")
-    window: list[dict] = []
-    wait_ms = 0.0
+    skips = resilience.SkipTracker(opts.max_consecutive_skips)
+    peak = perf.peak_flops(mesh.devices.flat[0])
+    window: list[tuple[str, dict]] = []  # (bucket, on-device metrics) since the last log
+    wait_s = ckpt_block_s = 0.0
     t_log = time.perf_counter()
-    steps_since_log = 0
+    last_loss, preempted, rollbacks = float("nan"), False, 0
     progress = tqdm(
-        total=config.total_steps,
-        initial=start,
-        desc="train",
-        unit="step",
+        total=config.total_steps, initial=start, desc="train", unit="step",
         disable=jax.process_index() != 0,
-    )
+    )  # fmt: skip
+    watchdog = resilience.Watchdog(
+        factor=opts.watchdog_factor,
+        min_timeout_s=opts.watchdog_min_timeout_s,
+        log_dir=workdir / "logs",
+    ).start()
+    profile = tuple(opts.profile_steps)
     step = start
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with (
+        jax.set_mesh(mesh),
+        nn.logical_axis_rules(rules),
+        resilience.Preemption(sync_every_steps=check_every or 1) as preemption,
+    ):
         for step in range(start, config.total_steps):
             if step == start or (check_every > 0 and step % check_every == 0):
                 # Every process derives the same bucket and batch for this step, or all stop
                 # here with a named error instead of hanging in a mismatched collective.
                 pipeline_lib.check_schedule_agreement(pipeline, step)
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(str(workdir / "profile"))
+
+            # Step.
             t0 = time.perf_counter()
             host = next(pipeline)
-            batch = pipeline_lib.to_global_batch(host, mesh, fields=fields)
-            wait_ms += 1e3 * (time.perf_counter() - t0)
-            inputs = {k: batch[k] for k in fields}
+            batch = pipeline_lib.to_global_batch(host, mesh, fields=FIELDS)
+            wait_s += time.perf_counter() - t0
+            inputs = {k: batch[k] for k in FIELDS}
             plan_lib.check_batch(inputs, expected[host["bucket"]], host["bucket"])
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = compiled[host["bucket"]](state, inputs)
-            window.append(metrics)
-            steps_since_log += 1
+            window.append((host["bucket"], metrics))
             done = step + 1
+            if profile and done == profile[-1]:
+                jax.block_until_ready(metrics)
+                jax.profiler.stop_trace()
+
+            # Metrics (and the rollback after too many non-finite updates in a row).
             if done % config.log_every_steps == 0 or done == config.total_steps:
-                fetched = jax.device_get(window)
+                fetched = [(b, jax.device_get(m)) for b, m in window]
                 dt = time.perf_counter() - t_log
-                scalars = {
-                    k: float(np.mean([m[k] for m in fetched]))
-                    for k in fetched[-1]
-                    if np.ndim(fetched[-1][k]) == 0
-                }
-                scalars["train/skipped"] = float(sum(m["train/skipped"] for m in fetched))
-                scalars["perf/steps_per_s"] = steps_since_log / dt
-                scalars["perf/samples_per_s"] = steps_since_log * config.data.global_batch_size / dt
-                scalars["data/wait_ms"] = wait_ms / steps_since_log
+                scalars = hooks.window_scalars(fetched, TIME_BINS)
+                flops = sum(plan_of[b].model_tflops_per_step * 1e12 for b, _ in fetched)
+                samples = sum(plan_of[b].global_batch for b, _ in fetched)
+                tokens = sum(plan_of[b].global_batch * plan_of[b].tokens for b, _ in fetched)
+                scalars["perf/steps_per_s"] = len(fetched) / dt
+                scalars["perf/samples_per_s"] = samples / dt
+                scalars["perf/tokens_per_s"] = tokens / dt
+                if peak:
+                    scalars["perf/mfu"] = flops / (dt * mesh.devices.size * peak)
+                scalars["data/wait_ms"] = 1e3 * wait_s / len(fetched)
+                scalars["perf/checkpoint_block_s"] = ckpt_block_s
+                if any(skips.record(int(m["train/skipped"])) for _, m in fetched):
+                    with jax.set_mesh(mesh):
+                        state = hooks.rollback(mngr, abstract, state, done, skips)
+                    rollbacks += 1
+                    scalars["train/rollbacks"] = rollbacks
                 writer.write(done, scalars)
                 last_loss = scalars["train/loss"]
                 progress.set_postfix(loss=f"{last_loss:.4f}")
-                window, wait_ms, steps_since_log, t_log = [], 0.0, 0, time.perf_counter()
+                window, wait_s, ckpt_block_s, t_log = [], 0.0, 0.0, time.perf_counter()
             progress.update(1)
-            if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
-                ckpt_lib.save(mngr, done, state, pipeline.get_state())
+            watchdog.beat(step)
+
+            # Eval hooks.
+            if config.eval_every_steps > 0 and done % config.eval_every_steps == 0:
+                writer.write(done, evaluator(state, done))
+                t_log = time.perf_counter()  # evaluation time is not training throughput
+
+            # Checkpoint (and stop cleanly when preempted).
+            preempted = preemption.should_stop(done)
+            if done % config.checkpoint_every_steps == 0 or done == config.total_steps or preempted:
+                t0 = time.perf_counter()
+                ckpt_lib.save(mngr, done, state, pipeline.get_state(), config_json)
+                ckpt_block_s += time.perf_counter() - t0
+            if preempted:
+                print(f"preempted: saved step {done} in {mngr.directory}; exiting", flush=True)
+                break
+    watchdog.close()
     progress.close()
+    pipeline.close()
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
@@ -188,4 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         "final_loss": last_loss,
         "parameters": n_params,
         "checkpoint": str(workdir / "checkpoints"),
+        "preempted": preempted,
+        "skipped_updates": skips.total,
+        "rollbacks": rollbacks,
     }

@@ -1,0 +1,243 @@
+"""The training loop's helpers, kept out of loop.py so the loop reads top to bottom:
+resume checks, `init_from`, rollback, metric aggregation, and the eval hook."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sora_jax.diffusion import flow, validation
+from sora_jax.training import checkpoint as ckpt_lib
+from sora_jax.training import state as state_lib
+from sora_jax.training import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+# --- Resume and initialization ---------------------------------------------------------
+
+
+def _config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, name + ".")
+        elif a != b and not (isinstance(a, list | tuple) and list(a) == list(b or [])):
+            out.append(f"{name}: checkpoint {a!r} -> now {b!r}")
+    return out
+
+
+def check_resume_structure(directory, step: int, abstract_state, config_json: dict) -> None:
+    """Refuses to resume into a state of another structure (leaf names or shapes), naming
+    the differing leaves and the config fields that changed since the checkpoint."""
+    saved = ckpt_lib.saved_shapes(pathlib.Path(directory), step, "")
+    if not saved:
+        raise OSError(f"{directory}/{step}/state has no readable array metadata")
+    wanted = ckpt_lib._flat_shapes(abstract_state)
+    report = ckpt_lib.load_report(saved, wanted)
+    if not any(report.values()):
+        return
+    leaves = [f"{k} {n}" for k in ("missing", "unexpected", "reshaped") for n in report[k]]
+    old = ckpt_lib.saved_config(directory, step)
+    fields = _config_diff(old, config_json) if old is not None else ["(no config saved)"]
+    raise StructureError(
+        f"cannot resume from {directory}/{step}: the config changes the train state's "
+        f"structure.\n  config fields that differ:\n    " + "\n    ".join(fields or ["none"])
+        + "\n  state leaves that differ (first 10):\n    " + "\n    ".join(leaves[:10])
+        + "\nuse a new --workdir, or start it from this run with --init_from="
+        f"{pathlib.Path(directory).parent}"
+    )  # fmt: skip
+
+
+class StructureError(ValueError):
+    """The checkpoint holds a train state of another structure than the config builds."""
+
+
+def restore_for_resume(mngr, abstract_state, config_json: dict):
+    """`(state, data_state, step)` of the newest committed checkpoint that reads back.
+
+    Newest first: a step whose files cannot be read is skipped with a warning; a step that
+    reads but holds another state structure stops the run (StructureError), since an
+    older step would not fit either. None when no checkpoint restores.
+    """
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            check_resume_structure(mngr.directory, step, abstract_state, config_json)
+            return ckpt_lib.restore(mngr, abstract_state, step)
+        except StructureError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an unreadable checkpoint is skipped, loudly
+            # Moved aside, not deleted (nothing is lost), so the run can save this step anew.
+            aside = pathlib.Path(mngr.directory) / f"{step}.unreadable"
+            if jax.process_index() == 0:
+                (pathlib.Path(mngr.directory) / str(step)).rename(aside)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+            mngr.reload()
+            log.warning(
+                "checkpoint %s/%d could not be restored (%s: %s); moved it to %s and trying "
+                "the previous one",
+                mngr.directory,
+                step,
+                type(e).__name__,
+                (str(e).splitlines() or [""])[0][:200],
+                aside.name,
+            )
+    return None
+
+
+def init_from(state, abstract_state, path: str, opts, mesh):
+    """The fresh `state` with parameters (and EMA copies) loaded from another run."""
+    params, report = ckpt_lib.load_for_init(
+        path,
+        abstract_state.params,
+        state.params,
+        source=opts.init_from_source,
+        allow=tuple(opts.init_from_allow),
+    )
+    print(
+        f"init_from {report['checkpoint']} ({report['source']}): {report['loaded']} leaves "
+        f"loaded; kept fresh: missing {report['missing']}, reshaped {report['reshaped']}; "
+        f"ignored: {report['unexpected']}",
+        flush=True,
+    )
+    ema = {k: params for k in state.ema}  # EMA starts at the loaded weights, as at init
+    return state.replace(params=params, ema=ema)
+
+
+def rollback(mngr, abstract_state, state, done: int, skips) -> Any:
+    """Parameters and optimizer state of the last checkpoint before the run of skipped
+    updates; the step counter (and the data, which moved on) stay at `done`."""
+    first_bad = done - skips.consecutive + 1
+    restored = ckpt_lib.restore_latest_valid(mngr, abstract_state, before=first_bad)
+    if restored is None:
+        raise RuntimeError(
+            f"{skips.consecutive} consecutive non-finite updates up to step {done} and no "
+            f"checkpoint before step {first_bad} to roll back to: lower optimizer.lr, check "
+            "the data of these steps, or raise training.max_consecutive_skips"
+        )
+    good, _, good_step = restored
+    log.warning(
+        "%d consecutive non-finite updates up to step %d: rolled the parameters back to "
+        "checkpoint %d; the data continues after step %d",
+        skips.consecutive,
+        done,
+        good_step,
+        done,
+    )
+    print(f"rollback: steps {first_bad}-{done} skipped; parameters of step {good_step}")
+    skips.consecutive = 0
+    step = jax.device_put(jnp.asarray(done, state.step.dtype), state.step.sharding)
+    return good.replace(step=step)
+
+
+# --- Metrics ---------------------------------------------------------------------------
+
+
+def window_scalars(fetched: list[tuple[str, dict]], bins) -> dict[str, float]:
+    """Means over the steps since the last log: every scalar metric, the loss per bucket
+    (`train/loss/<bucket>`) and per timestep bin (`train/loss_t/<lo>-<hi>`), skips summed."""
+    metrics = [m for _, m in fetched]
+    out = {
+        k: float(np.mean([m[k] for m in metrics]))
+        for k in metrics[-1]
+        if np.ndim(metrics[-1][k]) == 0
+    }
+    out["train/skipped"] = float(sum(m["train/skipped"] for m in metrics))
+    for bucket in sorted({b for b, _ in fetched}):
+        out[f"train/loss/{bucket}"] = float(
+            np.mean([m["train/loss"] for b, m in fetched if b == bucket])
+        )
+    if "train/per_sample_loss" in metrics[-1] and "train/t" in metrics[-1]:
+        losses = np.concatenate([np.ravel(m["train/per_sample_loss"]) for m in metrics])
+        # t is [B], or [B, T'] with per-frame times: a sample's mean time names its bin.
+        times = np.concatenate(
+            [np.asarray(m["train/t"]).reshape(len(m["train/t"]), -1).mean(-1) for m in metrics]
+        )
+        for lo, hi in zip(bins[:-1], bins[1:], strict=True):
+            sel = (times >= lo) & (times < hi) if hi < bins[-1] else (times >= lo)
+            if sel.any():
+                out[f"train/loss_t/{lo:.2f}-{hi:.2f}"] = float(losses[sel].mean())
+    return out
+
+
+# --- Eval hook -------------------------------------------------------------------------
+
+
+class Evaluator:
+    """Every `eval_every_steps`: the fixed-noise validation loss per bucket and timestep
+    (sora_jax.diffusion.validation) on one fixed batch per bucket, and a fixed-seed sample
+    grid with the EMA weights through the code of `sora_jax.sample`, written to
+    `samples/<step>/`. The batches are the first batch the schedule draws from each bucket
+    (training data: the number tracks fit, not generalization)."""
+
+    def __init__(self, config, workdir, pipeline, model, mesh, manifest):
+        self.config, self.workdir, self.mesh, self.manifest = config, workdir, mesh, manifest
+        self.pipeline = pipeline
+        self.apply_fn = step_lib.make_apply_fn(model)
+        self._fns: dict[str, Any] = {}
+
+    def _batch(self, key: str):
+        from sora_jax.data import pipeline as pipeline_lib
+
+        step = self.pipeline.first_step_of_each_bucket()[key]
+        host = self.pipeline.batch_at(step)
+        fields = ("latents", "text", "text_mask")
+        batch = pipeline_lib.to_global_batch(host, self.mesh, fields=fields)
+        return {k: batch[k] for k in fields}
+
+    def _params(self, state):
+        decay = self.config.sample.get("ema_decay", 0.0)
+        if decay:
+            return state.ema[state_lib.ema_key(decay)], f"ema {decay:g}"
+        return state.params, "raw"
+
+    def validation(self, state) -> dict[str, float]:
+        params, _ = self._params(state)
+        out = {}
+        cond = int(self.config.model.get("cond_channels", 0) or 0)
+        for b in self.pipeline.buckets:
+            if b.weight <= 0:
+                continue
+            batch = self._batch(b.key)
+            if b.key not in self._fns:
+                alpha = flow.shift_alpha(
+                    self.config.diffusion, b.shape, tuple(self.config.model.patch_size)
+                )
+
+                def fn(params, batch, alpha=alpha):
+                    key = jax.random.key(self.config.seed + 1)
+                    return validation.validation_loss(
+                        self.apply_fn, params, batch, key, self.config.diffusion, alpha,
+                        cond_channels=cond,
+                    )  # fmt: skip
+
+                self._fns[b.key] = jax.jit(fn)
+            for name, value in jax.device_get(self._fns[b.key](params, batch)).items():
+                out[f"eval/val_{name}/{b.key}"] = float(value)
+        return out
+
+    def samples(self, state, step: int) -> None:
+        from sora_jax.evaluation import generate
+
+        params, weights = self._params(state)
+        gen = generate.Generator(self.config, self.manifest, params, step, weights)
+        options = generate.SampleOptions.from_config(self.config.sample)
+        generate.sample_to_dir(
+            self.config, self.workdir, list(self.config.sample.prompts), options, generator=gen
+        )
+
+    def __call__(self, state, step: int) -> dict[str, float]:
+        out = self.validation(state)
+        if self.config.sample.get("prompts"):
+            self.samples(state, step)
+        return out

@@ -1,0 +1,205 @@
+"""The training loop: exact resume after SIGKILL, SIGTERM saves and exits, non-finite
+batches are skipped and k in a row roll back, corrupt checkpoints are skipped, elastic
+restore onto other device counts, and resumes that change the state's structure refused."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import linen as nn
+
+from sora_jax import config as config_lib
+from sora_jax.data import pipeline as pipeline_lib
+from sora_jax.data import tokenization
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.training import checkpoint as ckpt_lib
+from sora_jax.training import loop, plan
+from sora_jax.training import optimizer as optimizer_lib
+from sora_jax.training import state as state_lib
+from sora_jax.training import step as step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "experiments" / "demo.py")
+
+
+def tiny(**overrides):
+    config = config_lib.load_config(f"{DEMO}:tiny")
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 4
+    config.total_steps = 12
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for k in path:
+            node = node[k]
+        node[last] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    work = tmp_path_factory.mktemp("tokenized")
+    tokenization.run(tiny(), work)
+    return work / "data"
+
+
+def _workdir(tmp_path, dataset, name="run"):
+    work = tmp_path / name
+    work.mkdir()
+    shutil.copytree(dataset, work / "data")
+    return work
+
+
+def _metrics(work):
+    return [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_cli(work, *extra, **popen):
+    cmd = [sys.executable, "-m", "sora_jax.train", "--config=experiments/demo.py:tiny"]
+    cmd += [
+        f"--workdir={work}",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=4",
+        *extra,
+    ]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+
+
+def _saved_state(work, step):
+    path = work / "checkpoints" / str(step) / "state"
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def test_nan_batches_are_skipped_and_a_run_of_them_rolls_back(dataset, tmp_path, monkeypatch):
+    work = _workdir(tmp_path, dataset)
+    real = pipeline_lib.to_global_batch
+
+    def poisoned(host, mesh, **kw):
+        if host["step"] in (6, 7, 8):  # steps 7, 8, 9 in metrics (counted after the step)
+            host = dict(host, latents=np.full_like(host["latents"], np.nan))
+        return real(host, mesh, **kw)
+
+    monkeypatch.setattr(pipeline_lib, "to_global_batch", poisoned)
+    config = tiny(**{"training.max_consecutive_skips": 3})
+    summary = loop.train(config, work)
+    assert summary["skipped_updates"] == 3 and summary["rollbacks"] == 1
+    m = {x["step"]: x for x in _metrics(work)}
+    assert [m[s]["train/skipped"] for s in range(6, 11)] == [0, 1, 1, 1, 0]
+    assert m[9]["train/rollbacks"] == 1
+    assert summary["final_step"] == 12 and np.isfinite(summary["final_loss"])
+    # The loss keeps falling from the rolled-back weights (those of checkpoint 4).
+    assert m[12]["train/loss"] < m[1]["train/loss"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
+    straight, resumed = _workdir(tmp_path, dataset, "a"), _workdir(tmp_path, dataset, "b")
+    # Batch 64 makes steps slow enough to kill the run part-way (both runs use it).
+    steps = ["--config.total_steps=60", "--config.data.global_batch_size=64"]
+    assert _train_cli(straight, *steps).wait(timeout=900) == 0
+    proc = _train_cli(resumed, *steps, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (resumed / "checkpoints" / "4").is_dir():  # committed: renamed into place
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "checkpoints" / "60").exists()  # really killed part-way
+    assert _train_cli(resumed, *steps).wait(timeout=900) == 0
+    a, b = _saved_state(straight, 60), _saved_state(resumed, 60)
+    jax.tree.map(np.testing.assert_array_equal, a, b)  # params, optimizer state, EMA, step
+    train_keys = lambda m: {k: v for k, v in m.items() if k.startswith("train/")}  # noqa: E731
+    assert [train_keys(m) for m in _metrics(straight)] == [train_keys(m) for m in _metrics(resumed)]
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(dataset, tmp_path):
+    work = _workdir(tmp_path, dataset)
+    proc = _train_cli(
+        work,
+        "--config.total_steps=100000",
+        "--config.checkpoint_every_steps=100000",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 600
+    while not ((work / "metrics.jsonl").is_file() and len(_metrics(work)) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "preempted: saved step" in out
+    saved = int(out.split("preempted: saved step ")[1].split()[0])
+    assert (work / "checkpoints" / str(saved)).is_dir() and saved < 100000
+    assert ckpt_lib.saved_config(work / "checkpoints", saved)["total_steps"] == 100000
+
+
+def test_corrupt_latest_checkpoint_is_skipped(dataset, tmp_path, caplog):
+    work = _workdir(tmp_path, dataset)
+    loop.train(tiny(total_steps=8), work)
+    for f in (work / "checkpoints" / "8" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\0" * 7)  # truncated garbage in every file of the newest step
+    summary = loop.train(tiny(total_steps=8), work)  # resumes from 4 and redoes 5..8
+    assert "could not be restored" in caplog.text and "/8" in caplog.text
+    assert summary["final_step"] == 8
+    assert [m["step"] for m in _metrics(work)] == list(range(1, 9))
+
+
+def test_resume_with_another_model_width_is_refused(dataset, tmp_path):
+    work = _workdir(tmp_path, dataset)
+    loop.train(tiny(total_steps=4), work)
+    with pytest.raises(ValueError, match=r"model\.dim: checkpoint 64 -> now 32"):
+        loop.train(tiny(total_steps=8, **{"model.dim": 32, "model.mlp_dim": 128}), work)
+
+
+def test_checkpoint_from_8_devices_continues_on_4_2_and_1(dataset, tmp_path, devices):
+    """Elastic restore: the restore target is built from the current mesh."""
+    work = _workdir(tmp_path, dataset)
+    config = tiny(total_steps=4, **{"mesh.ici_fsdp": 8, "mesh.ici_data": 1})
+    config.data.global_batch_size = 8
+    mesh = mesh_lib.create_mesh(config.mesh, devices)
+    rules = mesh_lib.logical_rules(config.mesh)
+    _, _, init_fn, _, _ = loop.setup_state(config, plan.dataset_geometry(config), mesh, rules)
+    mngr = ckpt_lib.manager(work / "checkpoints", async_save=False)
+    with jax.set_mesh(mesh):  # a state sharded over 8 devices, saved as step 4
+        ckpt_lib.save(mngr, 4, state_lib.create_sharded_state(init_fn, mesh, rules, 0), {})
+    mngr.close()
+    pipe = pipeline_lib.from_config(config, work, data_parallel=8)
+    host = pipe.batch_at(4)  # the batch the run would take next
+    losses = []
+    for n in (8, 4, 2, 1):
+        c = tiny(total_steps=4, **{"mesh.ici_fsdp": n, "mesh.ici_data": 1})
+        c.data.global_batch_size = 8
+        mesh = mesh_lib.create_mesh(c.mesh, devices[:n])
+        rules = mesh_lib.logical_rules(c.mesh)
+        geometry = plan.dataset_geometry(c)
+        model, tx, _, abstract, shardings = loop.setup_state(c, geometry, mesh, rules)
+        mngr = ckpt_lib.manager(work / "checkpoints", async_save=False)
+        with jax.set_mesh(mesh):
+            state, _, step = ckpt_lib.restore(mngr, abstract)
+        mngr.close()
+        assert step == 4
+        leaf = jax.tree.leaves(state.params)[0]
+        assert len(leaf.sharding.device_set) == n
+        train_step = step_lib.make_train_step(
+            model, tx, c, optimizer_lib.learning_rate(c.optimizer, c.total_steps)
+        )
+        batch = pipeline_lib.to_global_batch(host, mesh, fields=loop.FIELDS)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            fn = jax.jit(train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)))
+            _, metrics = fn(state, {k: batch[k] for k in loop.FIELDS})
+        losses.append(float(metrics["train/loss"]))
+    np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
