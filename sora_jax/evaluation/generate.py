@@ -152,8 +152,11 @@ class Generator:
         noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
         fn_key = (shape, padded, options.num_steps, options.cfg_scale, options.sampler, alpha)
+        sharding = mesh_lib.batch_sharding(self.mesh)
+        # Placed explicitly: inside a mesh context (the trainer's eval hook) jnp results
+        # are committed replicated arrays, which jit would not reshard implicitly.
+        noise = jax.device_put(noise, sharding)
         if fn_key not in self._compiled:
-            sharding = mesh_lib.batch_sharding(self.mesh)
 
             def run(params, noise, text, mask):
                 return sampler.sample(
@@ -166,6 +169,7 @@ class Generator:
                     cfg_scale=options.cfg_scale,
                     alpha=alpha,
                     method=options.sampler,
+                    cond_channels=int(self.config.model.get("cond_channels", 0) or 0),
                 )
 
             self._compiled[fn_key] = jax.jit(

@@ -100,6 +100,19 @@ def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return out
 
 
+def _host_log(workdir: pathlib.Path) -> logging.Handler:
+    """Every process logs to WORKDIR/logs/host_<process index>.log (warnings and up; INFO
+    too with --verbosity=0)."""
+    path = workdir / "logs" / f"host_{jax.process_index()}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    return handler
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, init_from: str = ""
 ) -> dict[str, Any]:
@@ -109,6 +122,7 @@ def train(
     # --- Config -------------------------------------------------------------------------
     config_lib.validate(config)
     opts = options(config)
+    host_log = _host_log(workdir)
     init_from = init_from or opts.init_from
 
     # --- Mesh ---------------------------------------------------------------------------
@@ -245,6 +259,7 @@ def train(
                     rollbacks += 1
                     scalars["train/rollbacks"] = rollbacks
                 writer.write(done, scalars)
+                mngr.check_for_errors()  # a failed background save surfaces here, not never
                 last_loss = scalars["train/loss"]
                 progress.set_postfix(loss=f"{last_loss:.4f}")
                 window, wait_s, ckpt_block_s, t_log = [], 0.0, 0.0, time.perf_counter()
@@ -271,6 +286,8 @@ def train(
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
+    logging.getLogger().removeHandler(host_log)
+    host_log.close()
     return {
         "workdir": str(workdir),
         "final_step": int(jax.device_get(state.step)),

@@ -203,3 +203,16 @@ def test_checkpoint_from_8_devices_continues_on_4_2_and_1(dataset, tmp_path, dev
             _, metrics = fn(state, {k: batch[k] for k in loop.FIELDS})
         losses.append(float(metrics["train/loss"]))
     np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
+
+
+def test_eval_hook_writes_validation_loss_and_samples(dataset, tmp_path):
+    work = _workdir(tmp_path, dataset)
+    config = tiny(total_steps=4, eval_every_steps=4)
+    config.sample.prompts = config.sample.prompts[:2]
+    config.sample.num_steps = 2
+    loop.train(config, work)
+    (row,) = [m for m in _metrics(work) if "eval/val_loss/5x16x16" in m]
+    assert row["step"] == 4 and np.isfinite(row["eval/val_loss/5x16x16"])
+    assert "eval/val_loss_t=0.5/5x16x16" in row
+    assert len(list((work / "samples" / "4").glob("*.mp4"))) == 2
+    assert (work / "logs" / "host_0.log").is_file()
