@@ -168,6 +168,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.weight_decay = 0.0
     # Global-norm gradient clipping; 0 disables.
     c.optimizer.grad_clip = 1.0
+    # Micro-batches per step (gradients summed): the same update in less activation memory.
+    c.optimizer.grad_accum_steps = 1
     # EMA decays of the parameters (each kept in the checkpoint).
     c.optimizer.ema_decays = (0.99,)
 

@@ -265,8 +265,13 @@ def loss_fn(
     alpha: float = 1.0,
     *,
     cond_channels: int = 0,
+    row_offset: int | jax.Array = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Rectified-flow loss of one batch `latents [B, T', H', W', C]`, `text`, `text_mask`.
+
+    Sample `b`'s random draws (time, noise, caption dropout, task) come from
+    `fold_in(key, row_offset + b)`: a micro-batch at `row_offset` draws exactly what its
+    rows draw in the whole batch.
 
     Returns the scalar mean_b w_b l_b and `aux`: unweighted per-sample losses l `[B]`, times
     t `[B]` (after the shift; the generated frames' time) and task ids `[B]` (indices into
@@ -276,23 +281,31 @@ def loss_fn(
     """
     x_0 = batch["latents"].astype(jnp.float32)
     b, frames = x_0.shape[:2]
-    u = sample_time(jax.random.fold_in(key, PURPOSE_TIME), (b,), config)
+    # One key per sample, from its row in the global batch: the draws of a row do not
+    # depend on how the batch is split (micro-batches, devices, processes).
+    rows = row_offset + jnp.arange(b)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)  # [B] keys
+
+    def per_row(purpose, draw):
+        return jax.vmap(lambda k: draw(jax.random.fold_in(k, purpose)))(row_keys)
+
+    u = per_row(PURPOSE_TIME, lambda k: sample_time(k, (), config))  # [B]
     t = shift_time(u, alpha)
-    eps = jax.random.normal(jax.random.fold_in(key, PURPOSE_NOISE), x_0.shape, x_0.dtype)
-    text, text_mask = drop_captions(
-        jax.random.fold_in(key, PURPOSE_DROPOUT),
-        batch["text"],
-        batch["text_mask"],
-        config.caption_dropout,
-    )
-    tasks, given = conditioning.draw(
-        jax.random.fold_in(key, PURPOSE_TASK),
-        jax.random.fold_in(key, PURPOSE_CONTINUATION),
-        jax.random.fold_in(key, PURPOSE_COND_DROPOUT),
-        b,
-        frames,
-        config,
-    )
+    eps = per_row(PURPOSE_NOISE, lambda k: jax.random.normal(k, x_0.shape[1:], x_0.dtype))
+    keep = per_row(PURPOSE_DROPOUT, jax.random.uniform) >= config.caption_dropout  # [B]
+    text = jnp.where(keep[:, None, None], batch["text"], 0.0)
+    text_mask = jnp.logical_and(batch["text_mask"], keep[:, None])
+    tasks, given = jax.vmap(
+        lambda k: conditioning.draw(
+            jax.random.fold_in(k, PURPOSE_TASK),
+            jax.random.fold_in(k, PURPOSE_CONTINUATION),
+            jax.random.fold_in(k, PURPOSE_COND_DROPOUT),
+            1,
+            frames,
+            config,
+        )
+    )(row_keys)
+    tasks, given = tasks[:, 0], given[:, 0]  # [B], [B, T']
     if not conditioning.conditioning_enabled(config):
         given = None  # t2v only: the model gets t [B], as before conditioning tasks existed
     per_sample = per_sample_loss(

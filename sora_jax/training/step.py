@@ -50,18 +50,28 @@ def make_train_step(
     # VideoDiT's velocity has the latent channels C; check tasks and channels before jit.
     flow.check_config(config.diffusion, config.model, getattr(model, "out_channels", None))
     decays = tuple(config.optimizer.ema_decays)
+    # Micro-batches per step: gradients are summed over them, so a step of batch B costs
+    # the activation memory of B / accum samples and computes the same update.
+    accum = int(config.optimizer.get("grad_accum_steps", 1) or 1)
+    if accum < 1:
+        raise ValueError(f"optimizer.grad_accum_steps={accum} must be >= 1")
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         # The shift depends on the bucket's shape, which is static within one compilation.
         alpha = flow.shift_alpha(config.diffusion, batch["latents"].shape[1:], patch)
         key = step_key(config.seed, state.step)
 
-        def loss(params):
+        def loss(params, micro, row_offset):
             return flow.loss_fn(
-                apply_fn, params, batch, key, config.diffusion, alpha, cond_channels=cond_channels
-            )
+                apply_fn, params, micro, key, config.diffusion, alpha,
+                cond_channels=cond_channels, row_offset=row_offset,
+            )  # fmt: skip
 
-        (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        if accum == 1:
+            (loss_value, aux), grads = grad_fn(state.params, batch, 0)
+        else:
+            (loss_value, aux), grads = _accumulate(grad_fn, state.params, batch, accum)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -91,3 +101,36 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _accumulate(grad_fn, params, batch: dict, accum: int):
+    """`grad_fn` over `accum` equal micro-batches of `batch`, in a scan: the mean loss, the
+    mean gradient, and the per-sample aux concatenated back in batch order.
+
+    The loss is a mean over samples with per-row random draws (flow.loss_fn's
+    `row_offset`), so the result equals the whole-batch gradient up to float summation order.
+    """
+    b = batch["latents"].shape[0]
+    if b % accum:
+        raise ValueError(
+            f"global batch {b} is not divisible by optimizer.grad_accum_steps={accum}; "
+            "make the batch (data.global_batch_size or the bucket's) a multiple of it"
+        )
+    m = b // accum
+    # [B, ...] -> [accum, B / accum, ...]: micro-batch j holds rows j m ... (j + 1) m - 1.
+    micro = jax.tree.map(lambda x: x.reshape(accum, m, *x.shape[1:]), batch)
+
+    def body(carry, xs):
+        loss_sum, grad_sum = carry
+        part, j = xs
+        (loss_j, aux_j), grads_j = grad_fn(params, part, j * m)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads_j)
+        return (loss_sum + loss_j, grad_sum), aux_j
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), aux = jax.lax.scan(
+        body, (jnp.zeros((), jnp.float32), zeros), (micro, jnp.arange(accum))
+    )
+    grads = jax.tree.map(lambda g: g / accum, grad_sum)
+    aux = jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), aux)  # [accum, m, ...] -> [B, ...]
+    return (loss_sum / accum, aux), grads

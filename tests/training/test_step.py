@@ -58,16 +58,46 @@ def run(config, devices, batches):
     return jax.device_get(state), losses
 
 
-@pytest.mark.parametrize("mesh_sizes", [dict(ici_data=-1), dict(ici_data=2, ici_fsdp=-1)])
-def test_sharded_step_matches_single_device(devices, mesh_sizes):
+@pytest.fixture(scope="module")
+def single(devices):
+    """Two steps of the tiny config on one device: the reference of the sharded runs."""
     config = config_lib.load_config(f"{DEMO}:tiny")
-    reference, ref_losses = run(config, devices[:1], [batch(seed=0), batch(seed=1)])
+    return run(config, devices[:1], [batch(seed=0), batch(seed=1)])
+
+
+@pytest.mark.parametrize(
+    "mesh_sizes, context_parallel",
+    [
+        (dict(ici_data=-1), "none"),  # pure data
+        (dict(ici_data=1, ici_fsdp=-1), "none"),  # FSDP
+        (dict(ici_data=-1, ici_tensor=2), "none"),  # tensor
+        (dict(ici_data=-1, ici_context=2), "ulysses"),
+        (dict(ici_data=-1, ici_context=4), "ring"),
+        (dict(ici_data=2, ici_fsdp=2, ici_context=2), "ring"),  # mixed
+    ],
+)
+def test_sharded_step_matches_single_device(devices, single, mesh_sizes, context_parallel):
+    """Loss, and parameters after two updates (so gradients too), against one device."""
+    config = config_lib.load_config(f"{DEMO}:tiny")
+    reference, ref_losses = single
     config.mesh.update(mesh_sizes)
+    config.model.context_parallel = context_parallel
     sharded, losses = run(config, devices, [batch(seed=0), batch(seed=1)])
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(reference.params)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert int(sharded.step) == 2
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_gradient_accumulation_equals_the_whole_batch(devices, single, accum):
+    config = config_lib.load_config(f"{DEMO}:tiny")
+    whole, whole_losses = single
+    config.optimizer.grad_accum_steps = accum
+    split, losses = run(config, devices[:1], [batch(seed=0), batch(seed=1)])
+    np.testing.assert_allclose(losses, whole_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(split.params), jax.tree.leaves(whole.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_non_finite_batch_is_skipped(devices):
