@@ -256,6 +256,11 @@ def per_sample_loss(
     return jnp.sum(err * keep, axis=1) / jnp.maximum(jnp.sum(keep, axis=1), 1.0)  # [B]
 
 
+def row_keys(key: jax.Array, batch: int, row_offset: int | jax.Array = 0) -> jax.Array:
+    """`[B]` keys `fold_in(key, row_offset + b)`: sample b's random stream in the loss."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(row_offset + jnp.arange(batch))
+
+
 def loss_fn(
     apply_fn: Callable,
     params,
@@ -283,11 +288,10 @@ def loss_fn(
     b, frames = x_0.shape[:2]
     # One key per sample, from its row in the global batch: the draws of a row do not
     # depend on how the batch is split (micro-batches, devices, processes).
-    rows = row_offset + jnp.arange(b)
-    row_keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(rows)  # [B] keys
+    keys = row_keys(key, b, row_offset)  # [B] keys
 
     def per_row(purpose, draw):
-        return jax.vmap(lambda k: draw(jax.random.fold_in(k, purpose)))(row_keys)
+        return jax.vmap(lambda k: draw(jax.random.fold_in(k, purpose)))(keys)
 
     u = per_row(PURPOSE_TIME, lambda k: sample_time(k, (), config))  # [B]
     t = shift_time(u, alpha)
@@ -304,7 +308,7 @@ def loss_fn(
             frames,
             config,
         )
-    )(row_keys)
+    )(keys)
     tasks, given = tasks[:, 0], given[:, 0]  # [B], [B, T']
     if not conditioning.conditioning_enabled(config):
         given = None  # t2v only: the model gets t [B], as before conditioning tasks existed

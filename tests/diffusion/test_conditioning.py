@@ -133,12 +133,15 @@ def test_loss_ignores_given_frames(cond_channels):
     tasks = np.asarray(aux["task"])
     assert set(tasks.tolist()) == {conditioning.I2V, conditioning.CONTINUATION}
     t = aux["t"]
-    eps = jax.random.normal(jax.random.fold_in(key, flow.PURPOSE_NOISE), (64, 3, 2, 2, c))
+    rows = flow.row_keys(key, 64)  # sample b draws from fold_in(key, b)
+    eps = jax.vmap(
+        lambda r: jax.random.normal(jax.random.fold_in(r, flow.PURPOSE_NOISE), (3, 2, 2, c))
+    )(rows)
     x_0 = batch["latents"]
     err = np.asarray(jnp.mean((0.5 * flow.interpolate(x_0, eps, t) - (eps - x_0)) ** 2, (2, 3, 4)))
-    k = np.asarray(jax.random.randint(
-        jax.random.fold_in(key, flow.PURPOSE_CONTINUATION), (64,), 1, 3
-    ))  # fmt: skip
+    k = np.asarray(jax.vmap(
+        lambda r: jax.random.randint(jax.random.fold_in(r, flow.PURPOSE_CONTINUATION), (1,), 1, 3)
+    )(rows))[:, 0]  # fmt: skip
     n_given = np.where(tasks == conditioning.I2V, 1, k)
     manual = [err[b, n_given[b] :].mean() for b in range(64)]
     np.testing.assert_allclose(aux["per_sample_loss"], manual, rtol=1e-5)

@@ -147,9 +147,12 @@ def test_loss_matches_manual_computation(weighting):
     apply = lambda p, x, t, text, m: p * x
     key = jax.random.key(7)
     loss, aux = flow.loss_fn(apply, 0.5, batch, key, config, alpha=2.0)
-    u = jax.random.uniform(jax.random.fold_in(key, flow.PURPOSE_TIME), (4,))
+    rows = flow.row_keys(key, 4)  # sample b draws from fold_in(key, b)
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, flow.PURPOSE_TIME)))(rows)
     t = 2.0 * u / (1.0 + u)
-    eps = jax.random.normal(jax.random.fold_in(key, flow.PURPOSE_NOISE), (4, 2, 2, 2, 3))
+    eps = jax.vmap(
+        lambda k: jax.random.normal(jax.random.fold_in(k, flow.PURPOSE_NOISE), (2, 2, 2, 3))
+    )(rows)
     xt = flow.interpolate(batch["latents"], eps, t)
     per_sample = jnp.mean((0.5 * xt - (eps - batch["latents"])) ** 2, axis=(1, 2, 3, 4))
     w = {
