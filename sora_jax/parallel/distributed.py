@@ -4,7 +4,7 @@ One process per host (or per GPU group) runs the same command. Three ways to say
 there are:
 
 - explicit: `--coordinator_address=HOST:PORT --num_processes=P --process_id=I` on every
-  process (what `launch/local_multiprocess.sh` passes);
+  process (what `launch/multiprocess.sh` passes);
 - auto-detected by JAX on Cloud TPU pods and under SLURM (`srun`): pass
   `--distributed=auto`, or nothing at all when the environment shows several SLURM tasks;
 - single process (the default): nothing is initialized.

@@ -1,5 +1,5 @@
 """Multi-process training: 2 processes x 4 CPU devices (gloo collectives, started by
-launch/local_multiprocess.sh) against the same run in one process with 8 devices; and a
+launch/multiprocess.sh) against the same run in one process with 8 devices; and a
 lost process makes the other exit non-zero instead of hanging."""
 
 import json
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
+LAUNCH = ROOT / "launch" / "multiprocess.sh"
 CONFIG = [
     "--config=experiments/demo.py:tiny",
     "--config.log_every_steps=1",
