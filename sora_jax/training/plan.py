@@ -77,7 +77,7 @@ def dataset_geometry(config: ml_collections.ConfigDict) -> dict[str, Any]:
     a shard manifest, so a plan needs no tokenized data."""
     tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
     text = config.text_encoder
-    if "dim" in text and "max_length" in text and text.name == "hash_words":
+    if text.get("dim") and text.get("max_length"):  # no need to open the encoder's weights
         text_entry = {"dim": int(text.dim), "max_length": int(text.max_length)}
     else:
         entry = text_lib.build_text_encoder(text).manifest_entry()
