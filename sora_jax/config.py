@@ -216,6 +216,11 @@ def validate(config: ConfigDict) -> None:
     from sora_jax.data import buckets as buckets_lib
     from sora_jax.models import tokenizer as tokenizer_lib
 
+    if "model" in config and config.model.get("name") == "causal_vae":
+        from sora_jax.training import vae as vae_training
+
+        vae_training.validate_config(config)  # a VAE run has its own sections
+        return
     errors = []
     missing = [f for f in REQUIRED_FIELDS if f not in config]
     if missing:

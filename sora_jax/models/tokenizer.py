@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sora_jax.models import vae_artifact
+
 
 class Tokenizer(Protocol):
     id: str
@@ -89,7 +91,11 @@ class PixelTokenizer:
         }
 
 
-TOKENIZERS = {"pixels": lambda cfg: PixelTokenizer(cfg.get("space_to_depth", 1))}
+TOKENIZERS = {
+    "pixels": lambda cfg: PixelTokenizer(cfg.get("space_to_depth", 1)),
+    # A causal 3D VAE artifact at `tokenizer.path` (sora_jax.models.vae_artifact.export_tokenizer).
+    "vae": vae_artifact.VAETokenizer.from_config,
+}
 
 
 def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:

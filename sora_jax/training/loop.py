@@ -113,10 +113,22 @@ def _host_log(workdir: pathlib.Path) -> logging.Handler:
     return handler
 
 
+def _train_vae(config, workdir, **unused):
+    from sora_jax.training import vae as vae_training  # trains on pixels, not on shards
+
+    return vae_training.train_vae(config, workdir)
+
+
+# Trainers other than the DiT loop below, by `model.name` (STYLE.md 4).
+TRAINERS = {"causal_vae": _train_vae}
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, init_from: str = ""
 ) -> dict[str, Any]:
     """Trains (or resumes) a run in `workdir`; returns a summary of the run."""
+    if config.model.name in TRAINERS:
+        return TRAINERS[config.model.name](config, workdir, init_from=init_from)
     workdir = pathlib.Path(workdir)
 
     # --- Config -------------------------------------------------------------------------

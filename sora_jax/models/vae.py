@@ -1,0 +1,543 @@
+r"""Causal 3D convolutional VAE: the learned video tokenizer (DESIGN.md §1, issue 5).
+
+Pixels `x [B, T, H, W, 3]` in [-1, 1] <-> latents `z [B, T', H', W', C]`, with
+`T' = 1 + (T - 1) / r`, `H' = H / s`, `W' = W / s`; `r = 2^(temporal downsamples)` and
+`s = 2^(levels - 1)`, 4 and 8 with the defaults (Wan 2.1's VAE).
+
+Causality. Every 3-frame kernel is fed the two previous frames' inputs; before frame 0 they
+are zeros (zero causal padding, as Wan 2.1's CausalConv3d: replicating frame 0 would make
+the padding depend on the content). Temporal resampling keeps frame 0 alone: downsampling
+maps frames (0 | 1 2 | 3 4 | ...) to (0 | 1 | 2 | ...), output j >= 1 being a stride-2
+conv over frames 2j-2 .. 2j; upsampling maps frame 0 to one frame and frame i >= 1 to
+frames 2i-1, 2i. So a clip of 1 + 4k frames has 1 + k latent frames, latent frame 0 sees
+pixel frame 0 only (an image is a 1-frame clip, same weights), latent frame j sees pixel
+frames <= 4j, and decoded frame 4j sees latent frames <= j.
+
+Distribution. The encoder gives `mean, logvar` per latent element; training decodes
+`z = mean + exp(logvar / 2) eps`, the tokenizer encodes `mean`. Per element,
+`kl = (mean² + exp(logvar) - 1 - logvar) / 2` (KL to N(0, 1)).
+
+Normalization. `encode` returns `(mean - mu_c) / sigma_c` with per-channel `mu, sigma`
+measured on data (`measure_norm`) and stored with the weights; `decode` undoes it.
+
+Chunked decoding. Each causal layer keeps its last input frames in the `cache` collection;
+`decode(..., chunk_frames=n)` runs n latent frames at a time carrying that cache, so memory
+is bounded by the chunk. It is the whole decode up to round-off: 1e-14 in float64; in
+float32 XLA blocks convolutions of other shapes differently (~1e-5; tests hold 1e-4).
+`tile=n` further splits the decoder after its mid block (whose attention is global over
+H', W') into n x n latent tiles with `decoder_halo` latent pixels of context: exact by
+receptive field, to the same round-off.
+
+Wan 2.1 correspondence. `PRESETS['wan2_1']` is Wan 2.1's architecture (Wan2.1 `vae.py`:
+dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False,
+True, True], attn_scales=[]). Names follow diffusers' `AutoencoderKLWan`, so importing its
+weights is a renaming: `encoder.down_blocks.3.conv1.weight` -> `encoder/down_blocks_3/
+conv1/kernel` with torch `[O, I, *K]` transposed to `[*K, I, O]`; norms' `gamma` ->
+`scale` (squeezed to `[C]`); `resample.1` -> `conv`; attention `to_qkv`/`proj` 1x1 convs
+-> dense `[I, O]`; `latents_mean`/`latents_std` -> `norm.json`. Deliberate divergence: the
+RMS norm is `x · rsqrt(mean(x²) + 1e-6)`, Wan's `x / max(|x|, 1e-12) · sqrt(C)` differs
+only for near-zero activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+KERNEL_INIT = nn.initializers.lecun_normal()
+ZEROS = nn.initializers.zeros_init()
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Architecture. Level i has `base_dim * dim_mult[i]` channels; between levels i and
+    i + 1 space halves, and time too when `temporal_downsample[i]`."""
+
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    mid_attention: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "dim_mult", tuple(int(m) for m in self.dim_mult))
+        object.__setattr__(
+            self, "temporal_downsample", tuple(bool(t) for t in self.temporal_downsample)
+        )
+        if len(self.temporal_downsample) != len(self.dim_mult) - 1:
+            raise ValueError(
+                f"VAE temporal_downsample={self.temporal_downsample} needs one flag per level "
+                f"transition, len(dim_mult) - 1 = {len(self.dim_mult) - 1}"
+            )
+        if min(self.base_dim, self.z_dim, *self.dim_mult) < 1 or self.num_res_blocks < 0:
+            raise ValueError(f"VAE config {self}: dims must be >= 1, num_res_blocks >= 0")
+
+    @property
+    def spatial(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"VAE config fields {unknown} are unknown; known: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS = {
+    # Tests: 8x spatial, 4x temporal like Wan 2.1, 0.2 M parameters.
+    "tiny": VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
+    # Wan 2.1's VAE (Wan2.1 repository, wan/modules/vae.py `_video_vae`).
+    "wan2_1": VAEConfig(),
+}
+
+
+class LatentNorm(NamedTuple):
+    """Per-channel statistics of the encoder means: `z = (mean - self.mean) / self.std`."""
+
+    mean: jax.Array  # [C]
+    std: jax.Array  # [C]
+
+    @classmethod
+    def identity(cls, channels: int) -> LatentNorm:
+        return cls(jnp.zeros((channels,), jnp.float32), jnp.ones((channels,), jnp.float32))
+
+
+# --- Layers -----------------------------------------------------------------------------
+
+
+def _conv(mod: nn.Module, x, features, kernel_size, strides=None, padding=None):
+    """N-d convolution (N = len(kernel_size), channel-last) with `mod`'s params `kernel
+    [*K, C_in, C_out]` and `bias [C_out]`; `padding` per spatial axis, default none."""
+    nd = len(kernel_size)
+    names = (None,) * nd + ("conv_in", "conv_out")
+    init = nn.with_logical_partitioning(KERNEL_INIT, names)
+    kernel = mod.param("kernel", init, (*kernel_size, x.shape[-1], features), jnp.float32)
+    zeros = nn.with_logical_partitioning(ZEROS, ("conv_out",))
+    bias = mod.param("bias", zeros, (features,), jnp.float32)
+    kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)  # float32 params, x's compute
+    strides, padding = tuple(strides or (1,) * nd), tuple(padding or ((0, 0),) * nd)
+    if nd == 2:
+        return _conv2d(x, kernel, strides, padding) + bias
+    if jax.default_backend() != "cpu":
+        y = jax.lax.conv_general_dilated(
+            x, kernel, strides, padding, dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+        )
+        return y + bias
+    # XLA:CPU runs a 3D convolution 5-8x slower (forward + backward, measured at this VAE's
+    # shapes) than the sum over the kernel's frames of 2D ones; T is never padded here.
+    b, t, kt, st = x.shape[0], x.shape[1], kernel_size[0], strides[0]
+    t_out = (t - kt) // st + 1
+    y = 0.0
+    for dt in range(kt):
+        frames = x[:, dt : dt + st * (t_out - 1) + 1 : st]  # [B, T_out, H, W, C_in]
+        frames = frames.reshape(b * t_out, *x.shape[2:])  # frames apart: fold T into B
+        y = y + _conv2d(frames, kernel[dt], strides[1:], padding[1:])
+    return y.reshape(b, t_out, *y.shape[1:]) + bias
+
+
+def _conv2d(x, kernel, strides, padding):
+    """`[N, H, W, C_in] * [kh, kw, C_in, C_out] -> [N, H', W', C_out]`."""
+    dims = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dims)
+
+
+def _with_past(mod: nn.Module, x, n: int):
+    """`concat(past, x)` along T, `past` being the n input frames before x: the layer's cache
+    when decoding in chunks (mutable `cache`), else zeros (zero causal padding)."""
+    b, _, h, w, c = x.shape
+    if not mod.is_mutable_collection("cache"):
+        return jnp.concatenate([jnp.zeros((b, n, h, w, c), x.dtype), x], axis=1)
+    past = mod.variable("cache", "past", jnp.zeros, (b, n, h, w, c), x.dtype)
+    ext = jnp.concatenate([past.value, x], axis=1)  # [B, n + T, H, W, C]
+    past.value = ext[:, -n:]  # the next chunk's past
+    return ext
+
+
+def _first_chunk(mod: nn.Module) -> bool:
+    """Whether x starts at frame 0: a whole clip, or the first chunk (no cache yet)."""
+    return not mod.has_variable("cache", "past")
+
+
+class CausalConv3d(nn.Module):
+    """`[B, T, H, W, C_in] -> [B, T, H, W, features]`; 'same' in space, causal in time."""
+
+    features: int
+    kernel_size: tuple[int, int, int] = (3, 3, 3)
+
+    @nn.compact
+    def __call__(self, x):
+        kt, kh, kw = self.kernel_size
+        if kt > 1:
+            x = _with_past(self, x, kt - 1)  # [B, kt - 1 + T, H, W, C_in]
+        pad = [(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)]
+        return _conv(self, x, self.features, self.kernel_size, padding=pad)
+
+
+class Conv(nn.Module):
+    """A plain convolution with explicit strides and padding (resampling layers)."""
+
+    features: int
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    padding: tuple[tuple[int, int], ...] | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        return _conv(self, x, self.features, self.kernel_size, self.strides, self.padding)
+
+
+class RMSNorm(nn.Module):
+    """`y = x · rsqrt(mean_C(x²) + eps) · scale` per position (local, so tiles are exact)."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",))
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in >= float32
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (y * self.param("scale", ones, x.shape[-1:], jnp.float32)).astype(x.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """`x + conv2(silu(norm2(conv1(silu(norm1(x))))))`, 1x1x1 shortcut when C changes."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        h = CausalConv3d(self.features, name="conv1")(nn.silu(RMSNorm(name="norm1")(x)))
+        h = CausalConv3d(self.features, name="conv2")(nn.silu(RMSNorm(name="norm2")(h)))
+        if x.shape[-1] != self.features:
+            x = CausalConv3d(self.features, (1, 1, 1), name="conv_shortcut")(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H·W positions of each frame (so causal in T);
+    the output projection starts at zero (Wan 2.1)."""
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, h, w, c = x.shape
+        y = RMSNorm(name="norm")(x).reshape(b * t, h * w, c)  # frames apart: fold T into B
+        dense = functools.partial(
+            nn.Dense,
+            bias_init=nn.with_logical_partitioning(ZEROS, ("conv_out",)),
+        )
+        init = nn.with_logical_partitioning(KERNEL_INIT, ("conv_in", "conv_out"))
+        qkv = dense(3 * c, kernel_init=init, name="to_qkv")(y)  # [B·T, L, 3C]
+        q, k, v = jnp.split(qkv[:, :, None, :], 3, axis=-1)  # each [B·T, L, N=1, C]
+        y = jax.nn.dot_product_attention(q, k, v)[:, :, 0]  # [B·T, L, C]
+        zero = nn.with_logical_partitioning(ZEROS, ("conv_in", "conv_out"))
+        y = dense(c, kernel_init=zero, name="proj")(y)
+        return x + y.reshape(b, t, h, w, c)
+
+
+class Resample(nn.Module):
+    """Halve (`down2d`, `down3d`) or double (`up2d`, `up3d`) H and W, and T for `*3d`
+    keeping frame 0 alone. Downsampling keeps C, upsampling halves it (Wan 2.1)."""
+
+    mode: str
+
+    @nn.compact
+    def __call__(self, x):
+        if self.mode == "up3d":
+            x = self._time_up(x)
+        b, t, h, w, c = x.shape
+        y = x.reshape(b * t, h, w, c)  # the spatial part is per frame: fold T into B
+        if self.mode.startswith("up"):
+            y = jnp.repeat(jnp.repeat(y, 2, axis=1), 2, axis=2)  # nearest 2x
+            y = Conv(c // 2, (3, 3), padding=((1, 1), (1, 1)), name="conv")(y)
+        else:  # Wan's ZeroPad2d((0, 1, 0, 1)) and a valid stride-2 conv
+            y = Conv(c, (3, 3), (2, 2), ((0, 1), (0, 1)), name="conv")(y)
+        x = y.reshape(b, t, *y.shape[1:])  # [B, T, H', W', C']
+        if self.mode == "down3d":
+            x = self._time_down(x)
+        return x
+
+    def _time_up(self, x):
+        """`[B, T, H, W, C] -> [B, 2T - 1, ...]` (or 2T on chunks after the first): frame 0
+        passes; a causal 3-frame conv to 2C channels makes frames 2i-1, 2i from frame i."""
+        first = _first_chunk(self)
+        x0, rest = (x[:, :1], x[:, 1:]) if first else (x[:, :0], x)
+        ext = _with_past(self, rest, 2)  # Wan: the past of frame 1 is zeros, not frame 0
+        if rest.shape[1] == 0:
+            return x0
+        b, t, h, w, c = rest.shape
+        y = Conv(2 * c, (3, 1, 1), name="time_conv")(ext)  # [B, t, H, W, 2C]
+        y = y.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5)  # [B, t, 2, H, W, C]
+        return jnp.concatenate([x0, y.reshape(b, 2 * t, h, w, c)], axis=1)
+
+    def _time_down(self, x):
+        """`[B, 1 + 2m, ...] -> [B, 1 + m, ...]` (chunks after the first: 2m -> m): frame 0
+        passes; output j >= 1 is a stride-2 conv over frames 2j-2, 2j-1, 2j."""
+        first = _first_chunk(self)
+        b, t, h, w, c = x.shape
+        if (t - first) % 2:
+            raise ValueError(f"temporal downsampling got {t} frames; it needs 1 + 2m")
+        x0, rest = (x[:, :1], x[:, 1:]) if first else (x[:, :0], x)
+        if self.is_mutable_collection("cache"):
+            past = self.variable("cache", "past", jnp.zeros, (b, 1, h, w, c), x.dtype)
+            ext = jnp.concatenate([x0 if first else past.value, rest], axis=1)
+            past.value = ext[:, -1:]
+        else:
+            ext = x
+        if rest.shape[1] == 0:
+            return x0
+        y = Conv(c, (3, 1, 1), (2, 1, 1), name="time_conv")(ext)  # [B, m, H, W, C]
+        return jnp.concatenate([x0, y], axis=1)
+
+
+class MidBlock(nn.Module):
+    attention: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        x = ResidualBlock(c, name="resnets_0")(x)
+        if self.attention:
+            x = AttentionBlock(name="attentions_0")(x)
+        return ResidualBlock(c, name="resnets_1")(x)
+
+
+class Encoder(nn.Module):
+    """`[B, T, H, W, 3] -> [B, T', H', W', 2 z_dim]` (mean and logvar before quant_conv)."""
+
+    config: VAEConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dims = [cfg.base_dim * m for m in cfg.dim_mult]
+        x = CausalConv3d(dims[0], name="conv_in")(x)
+        k = 0  # diffusers numbers residual blocks and resamplers in one list
+        for i, dim in enumerate(dims):
+            for _ in range(cfg.num_res_blocks):
+                x = ResidualBlock(dim, name=f"down_blocks_{k}")(x)
+                k += 1
+            if i < len(dims) - 1:
+                mode = "down3d" if cfg.temporal_downsample[i] else "down2d"
+                x = Resample(mode, name=f"down_blocks_{k}")(x)
+                k += 1
+        x = MidBlock(cfg.mid_attention, name="mid_block")(x)
+        return CausalConv3d(2 * cfg.z_dim, name="conv_out")(nn.silu(RMSNorm(name="norm_out")(x)))
+
+
+class UpBlock(nn.Module):
+    features: int
+    num_res_blocks: int
+    upsample: str | None
+
+    @nn.compact
+    def __call__(self, x):
+        for j in range(self.num_res_blocks + 1):
+            x = ResidualBlock(self.features, name=f"resnets_{j}")(x)
+        if self.upsample:
+            x = Resample(self.upsample, name="upsamplers_0")(x)
+        return x
+
+
+class Decoder(nn.Module):
+    """`[B, T', H', W', z_dim] -> [B, T, H, W, 3]` as `up(stem(z))`; `stem` (conv_in, mid
+    block) is global over H', W', `up` is local and so can run on spatial tiles."""
+
+    config: VAEConfig
+
+    def setup(self):
+        cfg = self.config
+        dims = [cfg.base_dim * m for m in reversed(cfg.dim_mult)]
+        ups = list(reversed(cfg.temporal_downsample))
+        self.conv_in = CausalConv3d(dims[0])
+        self.mid_block = MidBlock(cfg.mid_attention)
+        self.up_blocks = [
+            UpBlock(
+                dim, cfg.num_res_blocks, ("up3d" if ups[i] else "up2d") if i < len(ups) else None
+            )
+            for i, dim in enumerate(dims)
+        ]
+        self.norm_out = RMSNorm()
+        self.conv_out = CausalConv3d(3)
+
+    def stem(self, z):
+        return self.mid_block(self.conv_in(z))
+
+    def up(self, h):
+        for block in self.up_blocks:
+            h = block(h)
+        return self.conv_out(nn.silu(self.norm_out(h)))
+
+    def __call__(self, z):
+        return self.up(self.stem(z))
+
+
+class CausalVAE(nn.Module):
+    """`__call__(x, key) -> (x_hat, mean, logvar)`: decodes a sample (the mean if key is
+    None). Methods `encode`, `decode`, `decode_stem`, `decode_up` for `apply(method=...)`."""
+
+    config: VAEConfig
+
+    def setup(self):
+        z = self.config.z_dim
+        self.encoder = Encoder(self.config)
+        self.quant_conv = CausalConv3d(2 * z, (1, 1, 1))
+        self.post_quant_conv = CausalConv3d(z, (1, 1, 1))
+        self.decoder = Decoder(self.config)
+
+    def encode(self, x):
+        """x `[B, T, H, W, 3]` -> mean, logvar `[B, T', H', W', C]` (logvar in [-30, 20])."""
+        mean, logvar = jnp.split(self.quant_conv(self.encoder(x)), 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)  # exp(logvar) stays finite (LDM's clamp)
+
+    def decode_stem(self, z):
+        return self.decoder.stem(self.post_quant_conv(z))
+
+    def decode_up(self, h):
+        return self.decoder.up(h)
+
+    def decode(self, z):
+        return self.decode_up(self.decode_stem(z))
+
+    def __call__(self, x, key=None):
+        mean, logvar = self.encode(x)
+        z = mean
+        if key is not None:
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+        return self.decode(z), mean, logvar
+
+
+# --- Pure functions of the parameters ---------------------------------------------------
+
+
+def example_input(config: VAEConfig, batch: int = 1):
+    """Zeros `[B, 1 + r, s, s, 3]`: the smallest clip that builds every temporal layer."""
+    s = config.spatial
+    return jnp.zeros((batch, 1 + config.temporal, s, s, 3), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def init_params(config: VAEConfig, rng: jax.Array, boxed: bool = False):
+    """Parameters with the modules' initializers' distributions, drawn in one random op.
+
+    XLA:CPU compiles every random draw of `model.init` apart (~0.3 s each, up to 40 s for the
+    tiny preset on 2 cores), so this draws one standard normal vector and slices it over the
+    kernels: `kernel ~ N(0, 1 / fan_in)` (lecun, as `KERNEL_INIT`) except zero-initialized
+    ones (`proj`), `bias = 0`, `scale = 1`. `boxed` keeps the logical axis names (the leaves
+    of `jax.eval_shape(model.init)`), for `state.abstract_state`.
+    """
+    abstract = jax.eval_shape(CausalVAE(config).init, jax.random.key(0), example_input(config))
+    is_box = lambda v: isinstance(v, nn.LogicallyPartitioned)  # noqa: E731
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract["params"], is_leaf=is_box)
+    kernels = [
+        (i, leaf)
+        for i, (path, leaf) in enumerate(paths)
+        if path[-1].key == "kernel" and path[-2].key != "proj"
+    ]
+    noise = jax.random.normal(rng, (sum(nn.meta.unbox(v).size for _, v in kernels),), jnp.float32)
+    values = [
+        (jnp.ones if path[-1].key == "scale" else jnp.zeros)(v.shape, jnp.float32)
+        for path, v in ((p, nn.meta.unbox(leaf)) for p, leaf in paths)
+    ]
+    offset = 0
+    for i, leaf in kernels:
+        shape = nn.meta.unbox(leaf).shape
+        size, fan_in = math.prod(shape), math.prod(shape[:-1])
+        values[i] = noise[offset : offset + size].reshape(shape) / math.sqrt(fan_in)
+        offset += size
+    boxes = [leaf.replace_boxed(v) if is_box(leaf) else v for (_, leaf), v in zip(paths, values)]
+    params = jax.tree_util.tree_unflatten(treedef, boxes)
+    return params if boxed else nn.meta.unbox(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode_moments(config: VAEConfig, params, video):
+    """video `[B, T, H, W, 3]` -> (mean, logvar) `[B, T', H', W', C]`, unnormalized."""
+    return CausalVAE(config).apply({"params": params}, video, method="encode")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode(config: VAEConfig, params, norm: LatentNorm, video):
+    """video `[B, T, H, W, 3]` in [-1, 1] -> normalized latents `(mean - mu) / sigma`."""
+    mean, _ = CausalVAE(config).apply({"params": params}, video, method="encode")
+    return (mean - norm.mean) / norm.std
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_whole(config, params, norm, latents):
+    z = latents * norm.std + norm.mean
+    video = CausalVAE(config).apply({"params": params}, z, method="decode")
+    return jnp.clip(video, -1.0, 1.0)  # Wan 2.1 clamps decoded pixels too
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_cached(config, method, params, cache, x):
+    """One chunk through `method` with the causal cache of the chunks before: (y, cache)."""
+    variables = {"params": params, **({"cache": cache} if cache else {})}
+    y, state = CausalVAE(config).apply(variables, x, method=method, mutable=["cache"])
+    return y, state.get("cache", {})
+
+
+def decoder_halo(config: VAEConfig) -> int:
+    """Latent pixels of context each side of a tile that make `decode_up` exact: its spatial
+    receptive radius, each 3x3 conv adding 1 pixel of its own level (2^i per latent pixel)."""
+    levels = len(config.dim_mult)
+    radius = 0.0
+    for i in range(levels):
+        radius += 2 * (config.num_res_blocks + 1) / 2**i  # two 3x3 convs per residual block
+        if i < levels - 1:
+            radius += 1 / 2 ** (i + 1)  # the upsampler's conv, after the 2x repeat
+    return math.ceil(radius + 1 / 2 ** (levels - 1))  # + conv_out
+
+
+def decode(
+    config: VAEConfig, params, norm: LatentNorm, latents, *, chunk_frames=0, tile=0, halo=-1
+):
+    """Normalized latents `[B, T', H', W', C]` -> video `[B, T, H, W, 3]` in [-1, 1].
+
+    `chunk_frames > 0` decodes that many latent frames at a time with the causal cache;
+    `tile > 0` decodes `tile x tile` latent tiles with `halo` latent pixels of context
+    (-1 = `decoder_halo`, exact; less trades seams for speed) after the mid block. Both
+    give the whole decode to float32 round-off (the tests hold them to 1e-4).
+    """
+    if chunk_frames <= 0 and tile <= 0:
+        return _decode_whole(config, params, norm, latents)
+    z = latents * norm.std + norm.mean
+    b, t, h, w, _ = z.shape
+    chunk = chunk_frames if chunk_frames > 0 else t
+    size, s = (tile if tile > 0 else max(h, w)), config.spatial
+    halo = decoder_halo(config) if halo < 0 else halo
+    tiles = [(i, j) for i in range(0, h, size) for j in range(0, w, size)]
+    stem_cache, caches, out = {}, {}, []
+    for lo in range(0, t, chunk):
+        feat, stem_cache = _apply_cached(
+            config, "decode_stem", params, stem_cache, z[:, lo : lo + chunk]
+        )
+        rows = []
+        for i, j in tiles:
+            i0, j0 = max(i - halo, 0), max(j - halo, 0)
+            crop = feat[:, :, i0 : min(i + size + halo, h), j0 : min(j + size + halo, w)]
+            y, caches[i, j] = _apply_cached(config, "decode_up", params, caches.get((i, j)), crop)
+            di, dj = (i - i0) * s, (j - j0) * s  # the tile's own pixels inside the crop
+            y = y[:, :, di : di + size * s, dj : dj + size * s]
+            if j == 0:
+                rows.append([])
+            rows[-1].append(y)
+        out.append(jnp.concatenate([jnp.concatenate(r, axis=3) for r in rows], axis=2))
+    return jnp.clip(jnp.concatenate(out, axis=1), -1.0, 1.0)

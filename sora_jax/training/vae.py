@@ -1,0 +1,355 @@
+r"""Training the causal VAE tokenizer on pixel clips, then exporting it as an artifact.
+
+The step minimizes, on clips `x [B, T, H, W, 3]` in [-1, 1],
+
+    loss  = recon + kl_weight · kl
+    recon = mean |x - x_hat|   (loss.recon = 'l1')   or   mean (x - x_hat)²   ('l2')
+    kl    = mean over latent elements of (mean² + exp(logvar) - 1 - logvar) / 2
+    psnr  = 10 log10(2² / mse)   (pixels in [-1, 1] span 2: the PSNR of [0, 1] pixels)
+
+where `x_hat` decodes `z = mean + exp(logvar / 2) eps`, `eps` drawn from
+`fold_in(key(seed), step)` (DESIGN.md §3), so a resumed run draws the same noise.
+
+`train_vae(config, workdir)` reads like training/loop.py: mesh -> data -> state -> restore
+-> compile -> loop (metrics, eval, checkpoints) -> export. Data are synthetic clips
+(sora_jax.data.synthetic) rendered on the fly: global row `p = step · B + i` is training
+clip `perm_e[p mod N]`, `perm_e` a permutation drawn from `(data.source.seed, epoch e)`,
+so batches depend on the step alone and a checkpoint needs no iterator state. Held-out
+clips are indices `N .. N + data.eval_clips - 1` of the same seed, never trained on. The
+end writes WORKDIR/tokenizer/ (export_tokenizer) with latent statistics measured on
+`export.norm_clips` training clips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import linen as nn
+from tqdm import tqdm
+
+from sora_jax import config as config_lib
+from sora_jax.data import pipeline as pipeline_lib
+from sora_jax.data import synthetic
+from sora_jax.models import vae as vae_lib
+from sora_jax.models import vae_artifact
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.training import checkpoint as ckpt_lib
+from sora_jax.training import metrics as metrics_lib
+from sora_jax.training import optimizer as optimizer_lib
+from sora_jax.training import state as state_lib
+from sora_jax.training.step import step_key
+
+
+def vae_config(model: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
+    """`model.preset` (a key of vae.PRESETS, or None for the defaults) with the fields of
+    `model` that are not None on top."""
+    if model.get("preset") and model.preset not in vae_lib.PRESETS:
+        raise ValueError(
+            f"model.preset={model.preset!r} is unknown; known: {list(vae_lib.PRESETS)}"
+        )
+    base = vae_lib.PRESETS[model.preset].to_dict() if model.get("preset") else {}
+    fields = vae_lib.VAEConfig().to_dict()
+    overrides = {k: model[k] for k in fields if k in model and model[k] is not None}
+    return vae_lib.VAEConfig.from_dict({**base, **overrides})
+
+
+def validate_config(config: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
+    """Checks a VAE training config before anything compiles; returns its VAEConfig.
+
+    Raises config.ConfigError naming every field at fault."""
+    try:
+        cfg = vae_config(config.model)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"model: {e}") from e
+    d, errors = config.data, []
+    if d.frames < 1 or (d.frames - 1) % cfg.temporal:
+        errors.append(f"data.frames={d.frames} is not 1 + {cfg.temporal}k (temporal compression)")
+    for field in ("height", "width"):
+        if d[field] % cfg.spatial:
+            errors.append(f"data.{field}={d[field]} is not a multiple of the spatial {cfg.spatial}")
+    if config.loss.recon not in ("l1", "l2"):
+        errors.append(f"loss.recon={config.loss.recon!r} must be 'l1' or 'l2'")
+    if d.source.name != "synthetic":
+        errors.append(f"data.source.name={d.source.name!r}: only 'synthetic' is supported")
+    shape = mesh_lib.mesh_shape(config.mesh)
+    shards = shape["data"] * shape["fsdp"] * jax.process_count()
+    if d.global_batch_size % shards:
+        errors.append(
+            f"data.global_batch_size={d.global_batch_size} is not divisible by the batch shards "
+            f"data x fsdp x processes = {shards}"
+        )
+    if errors:
+        raise config_lib.ConfigError("invalid VAE config:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+# --- Data -------------------------------------------------------------------------------
+
+
+def clip_indices(seed: int, num_clips: int, rows: range) -> list[int]:
+    """Training clip of each global row: `perm_e[p mod N]` with `e = p // N`."""
+    perms: dict[int, np.ndarray] = {}
+    out = []
+    for p in rows:
+        e = p // num_clips
+        if e not in perms:
+            perms[e] = np.random.default_rng([seed, e]).permutation(num_clips)
+        out.append(int(perms[e][p % num_clips]))
+    return out
+
+
+def render(data: ml_collections.ConfigDict, indices) -> np.ndarray:
+    """Synthetic clips `[B, T, H, W, 3]` float32 in [-1, 1]."""
+    return np.stack(
+        [
+            synthetic.synthetic_clip(i, data.source.seed, data.frames, data.height, data.width)[
+                "video"
+            ]
+            for i in indices
+        ]
+    )
+
+
+def host_batch(config: ml_collections.ConfigDict, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of step `step`'s global batch (processes in order)."""
+    per_host = config.data.global_batch_size // jax.process_count()
+    lo = step * config.data.global_batch_size + jax.process_index() * per_host
+    idx = clip_indices(
+        config.data.source.seed, config.data.source.num_clips, range(lo, lo + per_host)
+    )
+    return {"video": render(config.data, idx)}
+
+
+# --- State and step ---------------------------------------------------------------------
+
+
+def make_init_fn(cfg: vae_lib.VAEConfig, tx: optax.GradientTransformation, ema_decays):
+    """`init(rng) -> TrainState` with boxed (logically named) parameters."""
+
+    def init(rng):
+        params = vae_lib.init_params(cfg, rng, boxed=True)
+        return state_lib.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),  # boxed too: moments take the parameters' shardings
+            ema={state_lib.ema_key(d): params for d in ema_decays},
+        )
+
+    return init
+
+
+def make_vae_train_step(
+    model: vae_lib.CausalVAE,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+):
+    """`train_step(state, batch) -> (state, metrics)` for `batch = {'video': [B,T,H,W,3]}`.
+
+    Like step.make_train_step: a step with a non-finite loss or gradient keeps the state
+    (except the step counter) and reports `train/skipped = 1`.
+    """
+    decays = tuple(config.optimizer.ema_decays)
+    kl_weight, recon_kind = float(config.loss.kl_weight), config.loss.recon
+
+    def train_step(state, batch):
+        video = batch["video"]
+        key = step_key(config.seed, state.step)
+
+        def loss_fn(params):
+            x_hat, mean, logvar = model.apply({"params": params}, video, key)
+            err = x_hat - video
+            mse = jnp.mean(jnp.square(err))
+            recon = jnp.mean(jnp.abs(err)) if recon_kind == "l1" else mse
+            kl = 0.5 * jnp.mean(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+            return recon + kl_weight * kl, (recon, kl, mse)
+
+        (loss, (recon, kl, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        ema = {}
+        for d in decays:
+            old = state.ema[state_lib.ema_key(d)]
+            new = jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, old, params)
+            ema[state_lib.ema_key(d)] = keep(new, old)
+        metrics = {
+            "train/loss": loss,
+            "train/recon": recon,
+            "train/kl": kl,
+            "train/psnr": 10.0 * jnp.log10(4.0 / mse),
+            "train/grad_norm": grad_norm,
+            "train/lr": schedule(state.step),
+            "train/skipped": (~finite).astype(jnp.int32),
+        }
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        return new_state, metrics
+
+    return train_step
+
+
+# --- Evaluation -------------------------------------------------------------------------
+
+
+def psnr(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-clip PSNR `[B]` in dB of clips `[B, T, H, W, 3]` in [-1, 1] (peak-to-peak 2)."""
+    mse = np.mean(np.square(np.asarray(x, np.float64) - y), axis=(1, 2, 3, 4))
+    return 10.0 * np.log10(4.0 / np.maximum(mse, 1e-12))
+
+
+def reconstruct(cfg: vae_lib.VAEConfig, params, video) -> jax.Array:
+    """Encode (means) and decode, clipped to [-1, 1]: what the tokenizer round trip gives."""
+    norm = vae_lib.LatentNorm.identity(cfg.z_dim)  # normalization cancels in a round trip
+    return vae_lib.decode(cfg, params, norm, vae_lib.encode(cfg, params, norm, video))
+
+
+def held_out(config: ml_collections.ConfigDict, batch: int = 16):
+    """Batches of the held-out clips (indices N .. N + eval_clips - 1)."""
+    n = config.data.source.num_clips
+    for lo in range(n, n + config.data.eval_clips, batch):
+        yield render(config.data, range(lo, min(lo + batch, n + config.data.eval_clips)))
+
+
+def evaluate(config, cfg: vae_lib.VAEConfig, params) -> dict[str, float]:
+    """Mean per-clip PSNR of the held-out round trip."""
+    scores = [psnr(x, np.asarray(reconstruct(cfg, params, x))) for x in held_out(config)]
+    return {"eval/psnr": float(np.mean(np.concatenate(scores)))}
+
+
+def export_params(config, state):
+    """The parameters to export: the EMA of `export.ema_decay`, or the raw ones when 0."""
+    decay = config.export.ema_decay
+    if not decay:
+        return state.params
+    key = state_lib.ema_key(decay)
+    if key not in state.ema:
+        raise ValueError(
+            f"export.ema_decay={decay} is not in optimizer.ema_decays="
+            f"{tuple(config.optimizer.ema_decays)}; add it there or set export.ema_decay=0"
+        )
+    return state.ema[key]
+
+
+# --- The driver -------------------------------------------------------------------------
+
+
+def train_vae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Trains (or resumes) the VAE in `workdir`, exports WORKDIR/tokenizer; a summary."""
+    workdir = pathlib.Path(workdir)
+
+    # --- Config -------------------------------------------------------------------------
+    cfg = validate_config(config)
+
+    # --- Mesh ---------------------------------------------------------------------------
+    mesh = mesh_lib.create_mesh(config.mesh)
+    rules = mesh_lib.logical_rules(config.mesh)
+
+    # --- State --------------------------------------------------------------------------
+    model = vae_lib.CausalVAE(cfg)
+    tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
+    init_fn = make_init_fn(cfg, tx, tuple(config.optimizer.ema_decays))
+    abstract, shardings = state_lib.abstract_state(init_fn, mesh, rules)
+    mngr = ckpt_lib.manager(workdir / "checkpoints", max_to_keep=config.checkpoint_max_to_keep)
+
+    # --- Restore ------------------------------------------------------------------------
+    if mngr.latest_step() is not None:
+        with jax.set_mesh(mesh):
+            state, _, start = ckpt_lib.restore(mngr, abstract)
+        metrics_lib.truncate_after(workdir, start)
+        print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
+    else:
+        state, start = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed), 0
+    n_params = state_lib.param_count(state.params)
+    print(f"VAE: {n_params:,} parameters, compression {cfg.temporal}x{cfg.spatial}x{cfg.spatial}")
+
+    # --- Compile ------------------------------------------------------------------------
+    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
+    jitted = jax.jit(
+        make_vae_train_step(model, tx, config, schedule),
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+    # --- Loop ---------------------------------------------------------------------------
+    writer = metrics_lib.MetricsWriter(workdir)
+    window, t_log, wait_ms, last = [], time.perf_counter(), 0.0, {}
+    progress = tqdm(total=config.total_steps, initial=start, desc="train vae", unit="step")
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        for step in range(start, config.total_steps):
+            t0 = time.perf_counter()
+            batch = pipeline_lib.to_global_batch(host_batch(config, step), mesh, fields=("video",))
+            wait_ms += 1e3 * (time.perf_counter() - t0)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = jitted(state, batch)
+            window.append(metrics)
+            done = step + 1
+            progress.update(1)
+            if done % config.log_every_steps == 0 or done == config.total_steps:
+                fetched = jax.device_get(window)
+                dt = time.perf_counter() - t_log
+                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
+                last["train/skipped"] = float(sum(m["train/skipped"] for m in fetched))
+                last["perf/steps_per_s"] = len(window) / dt
+                last["perf/clips_per_s"] = len(window) * config.data.global_batch_size / dt
+                last["data/wait_ms"] = wait_ms / len(window)
+                every = config.eval_every_steps
+                if every and done % every == 0 and done < config.total_steps:  # end: below
+                    last.update(evaluate(config, cfg, export_params(config, state)))
+                writer.write(done, last)
+                progress.set_postfix(loss=f"{last['train/loss']:.4f}")
+                window, t_log, wait_ms = [], time.perf_counter(), 0.0
+            if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
+                ckpt_lib.save(mngr, done, state, {"step": done})
+    progress.close()
+    mngr.wait_until_finished()
+    mngr.close()
+
+    # --- Export -------------------------------------------------------------------------
+    params = jax.device_get(export_params(config, state))
+    scores = evaluate(config, cfg, params)
+    if start < config.total_steps:  # a run resumed after its end has this line already
+        writer.write(config.total_steps, scores)
+    writer.close()
+    norm_idx = range(config.export.norm_clips)
+    norm = vae_artifact.measure_norm(
+        cfg,
+        params,
+        (render(config.data, norm_idx[i : i + 16]) for i in range(0, len(norm_idx), 16)),
+    )
+    out = pathlib.Path(config.export.dir or workdir / "tokenizer")
+    info = {
+        "steps": config.total_steps,
+        "data": json.loads(config.data.to_json_best_effort()),
+        "norm_clips": config.export.norm_clips,
+        **scores,
+    }
+    digest = ""
+    if jax.process_index() == 0:
+        digest = vae_artifact.export_tokenizer(
+            out, params, cfg, norm, name=config.export.name, info=info
+        )
+    return {
+        "workdir": str(workdir),
+        "final_step": int(jax.device_get(state.step)),
+        "final_loss": last.get("train/loss", float("nan")),
+        "parameters": n_params,
+        "tokenizer": str(out),
+        "hash": digest,
+        **scores,
+    }
