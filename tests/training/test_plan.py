@@ -75,3 +75,15 @@ def test_a_batch_that_does_not_fit_its_bucket_is_refused():
     bad = dict(good, latents=np.zeros((8, 5, 8, 8, 16), np.float16))
     with pytest.raises(ValueError, match=r"bucket '5x16x16'.*latents.*re-tokenize"):
         plan.check_batch(bad, expected, "5x16x16")
+
+
+def test_wan_experiment_validates_and_has_the_published_shapes():
+    """experiments/wan.py at 480p: 32,760 tokens per sample, the 1.3B preset, no weights
+    needed to plan (VAE geometry from its preset, text width from the config)."""
+    config = config_lib.load_config(str(pathlib.Path(DEMO).with_name("wan.py")))
+    config_lib.validate(config)
+    geometry = plan.dataset_geometry(config)
+    assert geometry["buckets"]["81x480x832"]["shape"] == [21, 60, 104, 16]
+    assert geometry["text_encoder"] == {"dim": 4096, "max_length": 512}
+    (step,) = plan.config_step_shapes(config, geometry, data_parallel=8)
+    assert plan.flops_lib.tokens_per_sample(config.model, step.shape) == 32760
