@@ -231,6 +231,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Evaluators run by `sora_jax.evaluate`.
     c.evaluate = ml_collections.ConfigDict()
+    # 'prompt_adherence' (pixels vs prompt) | 'val_loss' (fixed-noise validation loss).
     c.evaluate.type = "prompt_adherence"
     # Videos sampled for the score; prompts drawn from the synthetic caption space.
     c.evaluate.num_videos = 8 if arg.tiny else 96

@@ -67,3 +67,10 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert result["n"] == report["scores"]["n"] == 8
     assert 0.0 <= report["scores"]["both"] <= 1.0
     assert report["protocol"]["num_steps"] == 8
+
+    # The validation-loss evaluator: the trainer eval hook's numbers, from the entry point.
+    out = run("evaluate", work, "--config.evaluate.type=val_loss")
+    report = json.loads((work / "eval" / "40.json").read_text())
+    assert report["type"] == "val_loss"
+    assert np.isfinite(report["scores"]["val_loss/5x16x16"])
+    assert "val_loss_t=0.5/5x16x16" in report["scores"]

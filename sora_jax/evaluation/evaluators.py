@@ -4,6 +4,10 @@
 space (fixed seed), measures each video's dominant colour and motion direction from the
 pixels (sora_jax.evaluation.adherence, no learned weights) and reports the fraction that
 match the prompt, next to chance (1/6 colour, 1/4 direction, 1/24 both).
+
+`val_loss`: the fixed-noise, fixed-time validation loss (sora_jax.diffusion.validation) of
+the checkpoint on one fixed batch per bucket (the first batch the schedule draws from it),
+overall and per time; the same numbers the trainer's eval hook logs as `eval/val_*`.
 """
 
 from __future__ import annotations
@@ -41,7 +45,33 @@ def prompt_adherence(
     return {"scores": result, "timings": timings}
 
 
-EVALUATORS = {"prompt_adherence": prompt_adherence}
+def val_loss(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    generator: generate.Generator,
+    options: generate.SampleOptions,
+) -> dict[str, Any]:
+    del options  # no sampling: the loss of the checkpoint's weights at fixed times
+    import jax
+
+    from sora_jax.data import pipeline as pipeline_lib
+    from sora_jax.diffusion import validation
+    from sora_jax.training import hooks
+
+    mesh = generator.mesh
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+    pipe = pipeline_lib.from_config(config, workdir, data_parallel=data_parallel)
+    try:
+        hook = hooks.Evaluator(config, workdir, pipe, generator.model, mesh, generator.manifest)
+        with jax.set_mesh(mesh):
+            scores = hook.validation_of(generator.params)
+    finally:
+        pipe.close()
+    scores = {k.removeprefix("eval/"): v for k, v in scores.items()}
+    return {"scores": scores, "times": list(validation.DEFAULT_TIMES)}
+
+
+EVALUATORS = {"prompt_adherence": prompt_adherence, "val_loss": val_loss}
 
 
 def evaluate(

@@ -202,7 +202,10 @@ class Evaluator:
         return state.params, "raw"
 
     def validation(self, state) -> dict[str, float]:
-        params, _ = self._params(state)
+        return self.validation_of(self._params(state)[0])
+
+    def validation_of(self, params) -> dict[str, float]:
+        """`eval/val_<loss name>/<bucket>` of `params` on each bucket's fixed batch."""
         out = {}
         cond = int(self.config.model.get("cond_channels", 0) or 0)
         for b in self.pipeline.buckets:
