@@ -25,7 +25,6 @@ from sora_jax import config as config_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import checkpoint as ckpt_lib
 from sora_jax.training import loop, plan
-from sora_jax.training import optimizer as optimizer_lib
 from sora_jax.training import state as state_lib
 from sora_jax.training import step as step_lib
 
@@ -42,13 +41,7 @@ def main(argv):
     geometry = plan.dataset_geometry(config)
     model, tx, init_fn, abstract, shardings = loop.setup_state(config, geometry, mesh, rules)
     state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
-    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
-    jitted = jax.jit(
-        step_lib.make_train_step(model, tx, config, schedule),
-        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)
     shape = plan.config_step_shapes(config, geometry, mesh.shape["data"] * mesh.shape["fsdp"])[0]
     compiled, _ = plan.compile_steps(jitted, abstract, geometry, [shape], config, mesh, rules)
     spec = plan.abstract_batch(geometry, shape, mesh)

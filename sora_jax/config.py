@@ -322,7 +322,7 @@ def _context_parallel_errors(model, shape, bucket_tokens: dict[str, int]) -> lis
 # Run files: config.json, command.txt, env.json
 # ---------------------------------------------------------------------------------------
 
-_PACKAGES = (
+PACKAGES = (
     "jax",
     "jaxlib",
     "flax",
@@ -341,7 +341,7 @@ def environment() -> dict[str, Any]:
     import jax
 
     versions = {}
-    for name in _PACKAGES:
+    for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

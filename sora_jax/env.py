@@ -47,17 +47,8 @@ CHECK_CLUSTER = flags.DEFINE_bool(
 JSON = flags.DEFINE_bool("json", False, "Print the report as JSON.")
 
 DISTRIBUTION = "sora_jax"
-# The packages whose versions matter most, shown first.
-PACKAGES = (
-    "jax",
-    "jaxlib",
-    "flax",
-    "optax",
-    "orbax-checkpoint",
-    "grain",
-    "array-record",
-    "ml-collections",
-)
+# The packages whose versions matter most, shown first (the same list env.json records).
+PACKAGES = config_lib.PACKAGES
 # Environment variables that change what JAX, XLA or the cluster does.
 ENV_PREFIXES = ("JAX_", "XLA_", "TPU_", "LIBTPU", "MEGASCALE_", "SLURM_", "CUDA_", "NCCL_")
 ENV_NAMES = (

@@ -185,13 +185,7 @@ def train(
     print(f"model: {n_params:,} parameters", flush=True)
 
     # --- Compile ------------------------------------------------------------------------
-    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
-    jitted = jax.jit(
-        step_lib.make_train_step(model, tx, config, schedule),
-        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)
     # One executable per bucket, compiled now (or loaded from the persistent cache): a
     # batch that does not fit its bucket's executable fails loudly instead of recompiling.
     shapes = plan_lib.pipeline_step_shapes(pipeline)

@@ -271,7 +271,6 @@ def plan(
     """Compiles the train step for every bucket without data or allocation; prints the
     table and raises PlanError when a bucket exceeds `memory_gb` (default: by device kind)."""
     from sora_jax.training import loop
-    from sora_jax.training import optimizer as optimizer_lib
     from sora_jax.training import step as step_lib
 
     config_lib.validate(config)
@@ -279,13 +278,7 @@ def plan(
     rules = mesh_lib.logical_rules(config.mesh)
     manifest = dataset_geometry(config)
     model, tx, _, abstract, shardings = loop.setup_state(config, manifest, mesh, rules)
-    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
-    jitted = jax.jit(
-        step_lib.make_train_step(model, tx, config, schedule),
-        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     steps = config_step_shapes(config, manifest, data_parallel)
     _, plans = compile_steps(jitted, abstract, manifest, steps, config, mesh, rules)

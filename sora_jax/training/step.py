@@ -38,6 +38,30 @@ def make_apply_fn(model: nn.Module) -> Callable:
     return apply
 
 
+def apply_update(
+    state: TrainState, grads, loss_value: jax.Array, tx: optax.GradientTransformation, decays
+) -> tuple[TrainState, jax.Array, jax.Array]:
+    """The optimizer and EMA update of one step, skipped (state kept, step counted) when the
+    loss or the gradient norm is not finite. Returns `(state, finite, grad_norm)`."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    def keep(new, old):
+        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    params = keep(params, state.params)
+    opt_state = keep(opt_state, state.opt_state)
+    ema = {}
+    for d in decays:
+        old = state.ema[ema_key(d)]
+        new = jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, old, params)
+        ema[ema_key(d)] = keep(new, old)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+    return new_state, finite, grad_norm
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -72,22 +96,8 @@ def make_train_step(
             (loss_value, aux), grads = grad_fn(state.params, batch, 0)
         else:
             (loss_value, aux), grads = _accumulate(grad_fn, state.params, batch, accum)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        params = keep(params, state.params)
-        opt_state = keep(opt_state, state.opt_state)
-        ema = {}
-        for d in decays:
-            old = state.ema[ema_key(d)]
-            new = jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, old, params)
-            ema[ema_key(d)] = keep(new, old)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        new_state, finite, grad_norm = apply_update(state, grads, loss_value, tx, decays)
+        params = new_state.params
         metrics = {
             "train/loss": loss_value,
             "train/grad_norm": grad_norm,
@@ -134,3 +144,18 @@ def _accumulate(grad_fn, params, batch: dict, accum: int):
     grads = jax.tree.map(lambda g: g / accum, grad_sum)
     aux = jax.tree.map(lambda a: a.reshape(b, *a.shape[2:]), aux)  # [accum, m, ...] -> [B, ...]
     return (loss_sum / accum, aux), grads
+
+
+def jit_train_step(model: nn.Module, tx, config: ml_collections.ConfigDict, mesh, shardings):
+    """`make_train_step` jitted as the trainer runs it: state in and out in `shardings`
+    (donated), the batch over ('data', 'fsdp'), metrics replicated."""
+    from sora_jax.parallel import mesh as mesh_lib
+    from sora_jax.training import optimizer as optimizer_lib
+
+    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
+    return jax.jit(
+        make_train_step(model, tx, config, schedule),
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )

@@ -46,7 +46,7 @@ from sora_jax.training import checkpoint as ckpt_lib
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import optimizer as optimizer_lib
 from sora_jax.training import state as state_lib
-from sora_jax.training.step import step_key
+from sora_jax.training.step import apply_update, step_key
 
 
 def vae_config(model: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
@@ -174,20 +174,7 @@ def make_vae_train_step(
             return recon + kl_weight * kl, (recon, kl, mse)
 
         (loss, (recon, kl, mse)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        ema = {}
-        for d in decays:
-            old = state.ema[state_lib.ema_key(d)]
-            new = jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, old, params)
-            ema[state_lib.ema_key(d)] = keep(new, old)
+        new_state, finite, grad_norm = apply_update(state, grads, loss, tx, decays)
         metrics = {
             "train/loss": loss,
             "train/recon": recon,
@@ -197,7 +184,6 @@ def make_vae_train_step(
             "train/lr": schedule(state.step),
             "train/skipped": (~finite).astype(jnp.int32),
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
         return new_state, metrics
 
     return train_step

@@ -9,7 +9,6 @@ import pytest
 from sora_jax import config as config_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import loop, plan
-from sora_jax.training import optimizer as optimizer_lib
 from sora_jax.training import step as step_lib
 
 BATCH, TOKENS = 16, 80  # global batch; 5 x 4 x 4 video tokens of the demo bucket
@@ -23,13 +22,7 @@ def compiled_hlo(devices, **mesh) -> tuple[str, dict]:
     rules = mesh_lib.logical_rules(config.mesh)
     geometry = plan.dataset_geometry(config)
     model, tx, _, abstract, shardings = loop.setup_state(config, geometry, m, rules)
-    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
-    jitted = jax.jit(
-        step_lib.make_train_step(model, tx, config, schedule),
-        in_shardings=(shardings, mesh_lib.batch_sharding(m)),
-        out_shardings=(shardings, mesh_lib.replicated(m)),
-        donate_argnums=(0,),
-    )
+    jitted = step_lib.jit_train_step(model, tx, config, m, shardings)
     steps = plan.config_step_shapes(config, geometry, m.shape["data"] * m.shape["fsdp"])
     compiled, _ = plan.compile_steps(jitted, abstract, geometry, steps, config, m, rules)
     return next(iter(compiled.values())).as_text(), abstract.params
