@@ -114,8 +114,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             )
         }
     )
-    # Records per ArrayRecord shard file.
-    c.data.records_per_shard = 256 if arg.tiny else 1024
+    # How `sora_jax.tokenize` cuts inputs into clips and shards (docs/tokenize.md).
+    c.data.tokenize = ml_collections.ConfigDict()
+    # Inputs per work unit; each unit writes one shard per bucket it has clips for.
+    c.data.tokenize.inputs_per_shard = 256 if arg.tiny else 1024
+    # Target frame rate (one frame every round(source fps / fps)); 0 = every frame.
+    c.data.tokenize.fps = 0.0
+    # Fit of a frame to its bucket: 'crop' (resize to cover, centre crop), 'pad' (resize to
+    # fit, pad with black) or 'stretch'.
+    c.data.tokenize.fit = "crop"
+    # Frames (at the target rate) between clip starts in one video; 0 = one clip per video.
+    c.data.tokenize.clip_stride = 0
+    # At most this many clips per video; 0 = as many as fit.
+    c.data.tokenize.max_clips_per_video = 0
+    # Largest enlargement a fit may apply (1 = never upsample; smaller inputs are rejected).
+    c.data.tokenize.max_upscale = 1.0
+    # Inputs with a side outside [min_side, max_side] pixels are rejected.
+    c.data.tokenize.min_side = 8
+    c.data.tokenize.max_side = 8192
+    # Seed of the keep_prob draws (data.buckets.<b>.keep_prob).
+    c.data.tokenize.seed = 0
+    # The job fails (after writing everything) when more inputs than this are rejected.
+    c.data.tokenize.max_reject_fraction = 0.05
     # Samples per step over all devices and processes.
     c.data.global_batch_size = 16 if arg.tiny else 32
     # Host batches prefetched in a background thread.
@@ -189,6 +209,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mesh.dcn_tensor = 1
     # Logical -> mesh axis rules; () = sora_jax.parallel.mesh.DEFAULT_RULES.
     c.mesh.logical_axis_rules = ()
+
+    # LoRA fine-tuning (sora_jax/models/lora.py, docs/finetuning.md): train low-rank factors
+    # of the targeted kernels of a frozen base given by --init_from.
+    c.lora = ml_collections.ConfigDict()
+    # Rank r of the factors; 0 = off (every parameter trains).
+    c.lora.rank = 0
+    # Scale alpha / r of the update W + (alpha / r) A B; 0 = alpha equals r (scale 1).
+    c.lora.alpha = 0.0
+    # Regex over kernel paths ('/'-joined, whole path; scan_layers: 'blocks/...').
+    c.lora.targets = r"blocks.*/(self_attn|cross_attn)/(query|key|value|out)/kernel"
 
     # Checkpoints kept (older ones are deleted).
     c.checkpoint_max_to_keep = 3

@@ -96,8 +96,9 @@ class ShardWriter:
             self.tmp_path.unlink(missing_ok=True)
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(path.name + _TMP_SUFFIX)
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    """Writes `text` to a temporary name beside `path`, then renames it over `path`."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{_TMP_SUFFIX}")  # per process: no races
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -107,7 +108,7 @@ def write_manifest(dataset_dir: str | os.PathLike, manifest: dict[str, Any]) -> 
     path = pathlib.Path(dataset_dir) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {**manifest, "schema_version": SCHEMA_VERSION}
-    _atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
     return path
 
 

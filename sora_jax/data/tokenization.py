@@ -1,18 +1,37 @@
-"""The tokenization job: raw clips -> tokenized, bucketed ArrayRecord shards + manifest.
+"""The tokenization job: raw inputs -> tokenized, bucketed ArrayRecord shards + manifest.
 
-For each bucket, the source's clips are cut into shards of `data.records_per_shard`
-records; shard k holds the bucket's clips k*n ... (k+1)*n - 1 in source order. A shard is
-written to a temporary name and renamed when complete, so a killed job re-run skips the
-finished shards and writes the rest: no duplicates, no holes. With `process_count > 1`
-each process writes the shards `k = process_index (mod process_count)`; process 0 writes
-the manifest once all shards exist.
+Work is cut into units of `data.tokenize.inputs_per_shard` consecutive inputs of the source
+(sora_jax.data.sources). Unit `u` turns its inputs into clips, encodes them in batches
+(VAE latents and text embeddings) and writes, for every bucket it has clips for, the shard
+`<bucket>/<bucket>-<u:05d>.array_record` (records in input order); then it writes its
+marker `_units/<u:05d>.json` (clip counts per bucket and its rejects). Shards appear under
+their final names only when whole (shards.ShardWriter), and a unit counts as done only once
+its marker exists, so:
+
+- a killed job re-run skips the units with markers and redoes the others from scratch
+  (deleting any of their shards an earlier run renamed): no duplicates, no holes;
+- with `P` processes, process `p` takes the units `u = p (mod P)`: the files do not depend
+  on `P`, so any number of processes (or one) writes the same dataset;
+- whichever process finds every marker present writes `rejects.jsonl` (every unit's
+  rejects, in input order) and the manifest, both atomically and deterministically.
+
+`_units/job.json` records what the shards depend on (source, buckets, clip options, unit
+size, tokenizer and text encoder); a re-run with a different config into the same
+directory is refused instead of mixing two datasets. Bad inputs never stop the job: each
+becomes a line of `rejects.jsonl` (sora_jax.data.video_files.REASONS); the job fails
+(`RejectLimitError`, after writing everything) only when the rejected fraction of the
+inputs exceeds `data.tokenize.max_reject_fraction`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 import pathlib
 import time
+from collections import Counter
 from typing import Any
 
 import jax
@@ -22,8 +41,16 @@ from tqdm import tqdm
 
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import shards, sources
+from sora_jax.data.video_files import Reject
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
+
+UNITS = "_units"
+JOB = "job.json"
+
+
+class RejectLimitError(RuntimeError):
+    """More inputs were rejected than `data.tokenize.max_reject_fraction` allows."""
 
 
 def dataset_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
@@ -45,25 +72,190 @@ def expected_manifest_fields(config: ml_collections.ConfigDict) -> dict[str, Any
     }
 
 
-def _encode(clips, tokenizer, text_encoder) -> list[dict[str, Any]]:
-    video = np.stack([c.video for c in clips])  # [B, T, H, W, 3]
-    latents = np.asarray(tokenizer.encode(video), np.float32)  # [B, T', H', W', C]
-    text, mask = text_encoder.encode([c.caption for c in clips])
-    records = []
-    for i, c in enumerate(clips):
-        records.append(
-            {
+def tokenize_option(config: ml_collections.ConfigDict, name: str, default):
+    section = config.data.get("tokenize", None) or {}
+    return section.get(name, default) if hasattr(section, "get") else default
+
+
+class Encoder:
+    """Clips -> records: the tokenizer on batches sharded over the local devices (padded to
+    one fixed batch, so each bucket compiles once), the text encoder on the captions."""
+
+    def __init__(self, tokenizer, text_encoder, batch_size: int):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.devices = jax.local_devices()
+        n = len(self.devices)
+        self.batch = max(n, -(-int(batch_size) // n) * n)
+        self.sharded = not isinstance(tokenizer, tokenizer_lib.PixelTokenizer)
+        if self.sharded:
+            mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
+            self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+
+    def latents(self, video: np.ndarray) -> np.ndarray:
+        if not self.sharded:
+            return np.asarray(self.tokenizer.encode(video), np.float32)
+        n = len(video)
+        pad = np.zeros((self.batch - n, *video.shape[1:]), video.dtype)
+        x = jax.device_put(np.concatenate([video, pad]), self.sharding)
+        return np.asarray(self.tokenizer.encode(x), np.float32)[:n]
+
+    def records(self, clips: list[sources.Clip], timers: dict[str, float]) -> list[dict]:
+        t0 = time.perf_counter()
+        latents = self.latents(np.stack([c.video for c in clips]))  # [B, T', H', W', C]
+        text, mask = self.text_encoder.encode([c.caption for c in clips])
+        timers["encode_s"] = timers.get("encode_s", 0.0) + time.perf_counter() - t0
+        out = []
+        for i, c in enumerate(clips):
+            record = {
                 "latents": latents[i].astype(np.float16),
                 "first_frame_latents": latents[i, :1].astype(np.float16),
                 "text": text[i],
                 "text_mask": mask[i],
                 "caption": c.caption,
                 "source_id": c.source_id,
-                "fps": c.fps,
+                "fps": float(c.fps),
                 "num_frames": int(c.video.shape[0]),
             }
-        )
-    return records
+            if c.extra:
+                record["extra"] = json.dumps(c.extra, sort_keys=True, default=str)
+            out.append(record)
+        return out
+
+
+def _reject_line(source, index: int, err: Exception) -> dict[str, Any]:
+    if isinstance(err, Reject):
+        reason, detail = err.reason, err.detail
+    else:  # anything unforeseen is still one input's problem, never the job's
+        reason, detail = "decode_error", f"{type(err).__name__}: {err}"
+    return {"input": index, "id": source.input_id(index), "reason": reason, "detail": detail}
+
+
+def _unit_marker(out: pathlib.Path, unit: int) -> pathlib.Path:
+    return out / UNITS / f"{unit:05d}.json"
+
+
+def run_unit(
+    out: pathlib.Path,
+    unit: int,
+    inputs: range,
+    source,
+    bucket_list: list[buckets_lib.Bucket],
+    encoder: Encoder,
+    timers: dict[str, float],
+    progress=None,
+    totals: Counter | None = None,
+) -> dict[str, Any]:
+    """Tokenizes one unit and writes its shards and marker; returns the marker."""
+    for b in bucket_list:  # leftovers of an earlier, killed attempt at this unit
+        shards.shard_path(out, b.name, unit).unlink(missing_ok=True)
+    counts: Counter = Counter()
+    totals = Counter() if totals is None else totals  # the progress bar's running counts
+    rejects = []
+    pending: dict[str, list[sources.Clip]] = {b.name: [] for b in bucket_list}
+    with contextlib.ExitStack() as stack:
+        writers: dict[str, shards.ShardWriter] = {}
+
+        def flush(bucket: str) -> None:
+            clips, pending[bucket] = pending[bucket], []
+            if not clips:
+                return
+            if bucket not in writers:
+                writers[bucket] = stack.enter_context(shards.ShardWriter(out, bucket, unit))
+            for record in encoder.records(clips, timers):
+                t0 = time.perf_counter()
+                writers[bucket].write(record)
+                timers["write_s"] = timers.get("write_s", 0.0) + time.perf_counter() - t0
+            counts[bucket] += len(clips)
+            totals["clips"] += len(clips)
+
+        for i in inputs:
+            try:
+                clips = source.clips(i, timers)
+            except Exception as e:  # noqa: BLE001 - every input failure is a reject
+                rejects.append(_reject_line(source, i, e))
+                totals["rejects"] += 1
+                clips = []
+            for c in clips:
+                pending[c.bucket].append(c)
+                if len(pending[c.bucket]) >= encoder.batch:
+                    flush(c.bucket)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(clips=totals["clips"], rejects=totals["rejects"])
+        for b in bucket_list:
+            flush(b.name)
+    marker = {
+        "unit": unit,
+        "inputs": [inputs.start, inputs.stop],
+        "counts": {b.name: counts[b.name] for b in bucket_list if counts[b.name]},
+        "rejects": rejects,
+    }
+    path = _unit_marker(out, unit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shards.atomic_write_text(path, json.dumps(marker, sort_keys=True) + "\n")
+    return marker
+
+
+def _job_record(config, source, options, per_unit, tokenizer, text_encoder) -> dict[str, Any]:
+    job = {
+        "source": config.data.source.to_dict(),
+        "num_inputs": len(source),
+        "buckets": {b.name: list(b.shape) for b in buckets_lib.buckets_from_config(config.data)},
+        "keep_prob": {b.name: b.keep_prob for b in buckets_lib.buckets_from_config(config.data)},
+        "clip_options": dataclasses.asdict(options),
+        "inputs_per_shard": per_unit,
+        "tokenizer": tokenizer.hash,
+        "text_encoder": text_encoder.hash,
+    }
+    return json.loads(json.dumps(job, sort_keys=True, default=str))  # as read back from disk
+
+
+def _check_job(out: pathlib.Path, job: dict[str, Any]) -> None:
+    path = out / UNITS / JOB
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diffs = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
+        if diffs:
+            raise ValueError(
+                f"{out} holds shards tokenized with a different config (differs in {diffs}; "
+                f"see {path}): set data.dataset_dir to a new directory, or delete {out} to "
+                "start over"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shards.atomic_write_text(path, json.dumps(job, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _assemble(out, bucket_list, markers, tokenizer, text_encoder, job) -> dict[str, Any]:
+    """The manifest (and rejects.jsonl) from every unit's marker."""
+    rejects = [r for m in markers for r in m["rejects"]]
+    shards.atomic_write_text(
+        out / shards.REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
+    )
+    manifest = {
+        "tokenizer": tokenizer.manifest_entry(),
+        "tokenizer_config": job["tokenizer_config"],
+        "text_encoder": text_encoder.manifest_entry(),
+        "source": {"name": job["source"]["name"], "num_inputs": job["num_inputs"]},
+        "clip_options": job["clip_options"],
+        "buckets": {},
+        "rejects": len(rejects),
+        "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+    }
+    for b in bucket_list:
+        files = [
+            str(shards.shard_path(out, b.name, m["unit"]).relative_to(out))
+            for m in markers
+            if m["counts"].get(b.name)
+        ]
+        manifest["buckets"][b.name] = {
+            "shape": list(tokenizer.latent_shape(b.frames, b.height, b.width)),
+            "pixel_shape": [b.frames, b.height, b.width, 3],
+            "count": sum(m["counts"].get(b.name, 0) for m in markers),
+            "files": files,
+        }
+    shards.write_manifest(out, manifest)
+    return manifest
 
 
 def run(
@@ -73,71 +265,109 @@ def run(
     process_index: int | None = None,
     process_count: int | None = None,
     batch_size: int = 64,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenizes `config.data.source` into shards; returns the manifest."""
+    """Tokenizes `config.data.source` into shards (this process's units); returns a summary:
+    the manifest when the dataset is complete, and `stats` (this run's counts and times)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process index {process_index} is not in [0, {process_count})")
     out = dataset_dir(config, workdir)
     out.mkdir(parents=True, exist_ok=True)
     bucket_list = buckets_lib.buckets_from_config(config.data)
     tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
     text_encoder = text_lib.build_text_encoder(config.text_encoder)
-    source = sources.build_source(config.data.source, bucket_list)
-    per_shard = int(config.data.records_per_shard)
+    options = sources.ClipOptions.from_config(config.data)
+    source = sources.build_source(config.data.source, bucket_list, options)
+    per_unit = int(tokenize_option(config, "inputs_per_shard", 1024))
+    limit = float(tokenize_option(config, "max_reject_fraction", 0.05))
+    if per_unit < 1:
+        raise ValueError(f"data.tokenize.inputs_per_shard={per_unit} must be >= 1")
+    job = _job_record(config, source, options, per_unit, tokenizer, text_encoder)
+    _check_job(out, job)
+    job["tokenizer_config"] = config.tokenizer.to_dict()
 
-    # The work: every (bucket, shard) pair; this process takes every process_count-th.
-    work = []
-    for b in bucket_list:
-        idx = source.indices(b.name)
-        for k in range(0, (len(idx) + per_shard - 1) // per_shard):
-            work.append((b, k, idx[k * per_shard : (k + 1) * per_shard]))
-    mine = [w for i, w in enumerate(work) if i % process_count == process_index]
-    todo = [w for w in mine if not shards.shard_path(out, w[0].name, w[1]).exists()]
+    num_units = -(-len(source) // per_unit)
+    mine = [u for u in range(num_units) if u % process_count == process_index]
+    todo = [u for u in mine if not _unit_marker(out, u).exists()]
+    units = {u: range(u * per_unit, min((u + 1) * per_unit, len(source))) for u in todo}
+    encoder = Encoder(tokenizer, text_encoder, batch_size)
+    timers: dict[str, float] = {}
     start = time.perf_counter()
     progress = tqdm(
-        total=sum(len(w[2]) for w in todo),
-        desc=f"tokenize {out}",
-        unit="clip",
-        disable=jax.process_index() != 0 and process_count > 1,
+        total=sum(len(r) for r in units.values()),
+        desc=f"tokenize {out.name} [{process_index}/{process_count}]",
+        unit="input",
+        disable=not show_progress,
     )
-    for bucket, k, indices in todo:
-        with shards.ShardWriter(out, bucket.name, k) as writer:
-            for lo in range(0, len(indices), batch_size):
-                clips = [source.clip(i) for i in indices[lo : lo + batch_size]]
-                for record in _encode(clips, tokenizer, text_encoder):
-                    writer.write(record)
-                progress.update(len(clips))
+    written: Counter = Counter()
+    rejected = 0
+    totals: Counter = Counter()
+    for u, inputs in units.items():
+        marker = run_unit(out, u, inputs, source, bucket_list, encoder, timers, progress, totals)
+        written.update(marker["counts"])
+        rejected += len(marker["rejects"])
     progress.close()
     elapsed = time.perf_counter() - start
 
-    manifest = {
-        "tokenizer": tokenizer.manifest_entry(),
-        "text_encoder": text_encoder.manifest_entry(),
-        "source": {"name": config.data.source.name, "num_clips": len(source)},
-        "buckets": {},
-        "rejects": 0,
-    }
-    for b in bucket_list:
-        files = shards.completed_shards(out, b.name)
-        count = len(source.indices(b.name))
-        manifest["buckets"][b.name] = {
-            "shape": list(tokenizer.latent_shape(b.frames, b.height, b.width)),
-            "pixel_shape": [b.frames, b.height, b.width, 3],
-            "count": count,
-            "files": [str(f.relative_to(out)) for f in files],
-        }
-    expected_files = sum(
-        (len(source.indices(b.name)) + per_shard - 1) // per_shard for b in bucket_list
+    markers = []
+    for u in range(num_units):
+        path = _unit_marker(out, u)
+        if path.is_file():
+            markers.append(json.loads(path.read_text()))
+    complete = len(markers) == num_units
+    manifest = (
+        _assemble(out, bucket_list, markers, tokenizer, text_encoder, job) if complete else {}
     )
-    complete = sum(len(v["files"]) for v in manifest["buckets"].values()) == expected_files
-    if process_index == 0 and complete:
-        shards.write_manifest(out, manifest)
-        (out / "rejects.jsonl").touch()
-    done = sum(len(w[2]) for w in todo)
-    manifest["stats"] = {
-        "clips_written": done,
-        "seconds": elapsed,
-        "clips_per_s": done / elapsed if elapsed > 0 else None,
-        "complete": complete,
+    inputs_done = sum(len(r) for r in units.values())
+    summary = {
+        **manifest,
+        "stats": {
+            "complete": complete,
+            "units_done": len(markers),
+            "units": num_units,
+            "inputs": inputs_done,
+            "clips_written": sum(written.values()),
+            "clips_per_bucket": dict(written),
+            "rejected": rejected,
+            "seconds": elapsed,
+            "inputs_per_s": inputs_done / elapsed if elapsed > 0 else None,
+            "clips_per_s": sum(written.values()) / elapsed if elapsed > 0 else None,
+            "time_split_s": {k: round(v, 3) for k, v in sorted(timers.items())},
+        },
     }
-    return manifest
+    # The limit over the whole dataset once complete, else over this process's work.
+    total_rejects = manifest["rejects"] if complete else rejected
+    total_inputs = len(source) if complete else inputs_done
+    if total_inputs and total_rejects / total_inputs > limit:
+        raise RejectLimitError(
+            f"{total_rejects} of {total_inputs} inputs were rejected "
+            f"({total_rejects / total_inputs:.1%} > data.tokenize.max_reject_fraction="
+            f"{limit}); the reasons are in {out / shards.REJECTS} (one JSON line per input) "
+            "and each unit's in its marker under "
+            f"{out / UNITS}: fix the inputs or raise the limit"
+        )
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-job summary: clips per bucket, rejects by reason, throughput, time split."""
+    s = summary["stats"]
+    lines = [
+        f"tokenized {s['inputs']} inputs -> {s['clips_written']} clips in {s['seconds']:.1f} s "
+        f"({s['inputs_per_s'] or 0:.2f} inputs/s, {s['clips_per_s'] or 0:.2f} clips/s); "
+        f"units {s['units_done']}/{s['units']}" + ("" if s["complete"] else " (incomplete)"),
+        "time split: "
+        + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in s["time_split_s"].items()),
+    ]
+    if summary.get("buckets"):
+        lines.append("clips per bucket (whole dataset):")
+        for name, b in summary["buckets"].items():
+            lines.append(f"  {name:>20}  {b['count']:>8}  in {len(b['files'])} shard(s)")
+        by_reason = summary.get("rejects_by_reason") or {}
+        lines.append(
+            f"rejected inputs: {summary['rejects']}"
+            + "".join(f"\n  {k:>20}  {v:>8}" for k, v in by_reason.items())
+        )
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+r"""Tokenize (and train on) your own videos: a folder with sidecar captions or a manifest.
+
+    python -m sora_jax.tokenize --config=experiments/videos.py:folder=/data/clips \
+        --workdir=runs/videos
+    python -m sora_jax.tokenize --config=experiments/videos.py:manifest=/data/clips.csv \
+        --workdir=runs/videos --part=0/4            # one of 4 independent processes
+    python -m sora_jax.tokenize --mode=inspect --dataset=runs/videos/data
+
+A manifest is CSV (header `path,caption[,fps,...]`) or JSONL (`{"path": ..., "caption":
+...}`), paths relative to the manifest; a folder holds `name.mp4` next to `name.txt`.
+`images` reads image files instead (1-frame clips for the T = 1 buckets).
+
+Buckets come from `sora_jax.data.buckets.grid`: named resolutions x aspect ratios x frame
+counts, sides rounded to multiples of the tokenizer stride x patch. The default is a
+256px grid (1:1, 16:9, 9:16; 1, 17 and 33 frames) for the Wan-shaped VAE at
+`tokenizer.path` and MiniLM captions; `tiny` is a 32px grid of 1, 5 and 9 frames with the
+pixels tokenizer and hash-word captions, which runs in seconds on a CPU (tests use it).
+Clip options are `data.tokenize` (documented in experiments/demo.py, docs/tokenize.md).
+"""
+
+import pathlib
+
+import ml_collections
+
+from sora_jax import config as config_lib
+from sora_jax.data import buckets as buckets_lib
+from sora_jax.data import sources
+
+demo = config_lib.load_module(str(pathlib.Path(__file__).with_name("demo.py")))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    arg = config_lib.parse_arg(arg, tiny=False, folder="", manifest="", images=False, fps=0.0)
+    c = demo.get_config("tiny" if arg.tiny else "")
+    kind = "images" if arg.images else "videos"
+    c.data.source = sources.source_config(kind, folder=arg.folder, manifest=arg.manifest)
+    aspects = {"1:1": 1.0, "16:9": 16 / 9, "9:16": 9 / 16}
+    if arg.tiny:
+        table = buckets_lib.grid({"32px": 32}, aspects, (1, 5, 9), multiple=8)
+        table.update(buckets_lib.grid({"16px": 16}, {"1:1": 1.0}, (1, 5), multiple=8))
+        c.data.tokenize.inputs_per_shard = 4
+        c.tokenizer.space_to_depth = 1
+    else:
+        table = buckets_lib.grid({"256px": 256}, aspects, (1, 17, 33), multiple=16)
+        c.data.tokenize.inputs_per_shard = 256
+        c.tokenizer = ml_collections.ConfigDict(
+            dict(name="vae", path="", preset="wan2_1", decode_chunk_frames=1, decode_tile=0)
+        )
+        c.text_encoder = ml_collections.ConfigDict(
+            dict(name="minilm", max_length=32, batch_size=64, dtype="float32")
+        )
+    c.data.buckets = ml_collections.ConfigDict(table)
+    c.data.tokenize.fps = arg.fps
+    c.sample.bucket = next(iter(table))
+    return c
