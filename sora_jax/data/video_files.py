@@ -195,3 +195,25 @@ def ceil_div(a: int, b: int) -> int:
 def available_frames(source_frames: int, interval: int) -> int:
     """Output frames a video of `source_frames` yields at one frame every `interval`."""
     return ceil_div(max(source_frames, 0), interval)
+
+
+def fit_frames(
+    frames: np.ndarray,
+    indices: Sequence[int],
+    geometry: FitGeometry,
+    size: tuple[int, int],
+    timers: dict[str, float] | None = None,
+) -> dict[int, np.ndarray]:
+    """`decode` for frames already in memory (uint8 `[T, H, W, 3]`, e.g. from TFDS): the
+    same swscale resize and crop/pad, `{index: frame}` for the indices that exist."""
+    timers = timers if timers is not None else {}
+    t0 = time.perf_counter()
+    rh, rw = geometry.resize
+    out = {}
+    for i in indices:
+        if 0 <= i < len(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
+            rgb = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA")
+            out[int(i)] = _place(rgb.to_ndarray(), geometry, size)
+    timers["resize_s"] = timers.get("resize_s", 0.0) + time.perf_counter() - t0
+    return out

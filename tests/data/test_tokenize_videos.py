@@ -275,3 +275,39 @@ def test_vae_latents_decode_to_the_source_clip_at_the_tokenizers_quality(media, 
         via_shard = (np.asarray(tok.decode(stored[None]))[0] + 1) * 127.5
         via_direct = (np.asarray(tok.decode(direct[None]))[0] + 1) * 127.5
         assert abs(psnr(via_shard, ref) - psnr(via_direct, ref)) < 0.5
+
+
+def test_image_folder_and_a_mixture_with_videos(media, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    shapes = {"square": (40, 40), "wide": (60, 100), "tall": (50, 30), "nocap": (40, 40)}
+    for name, (h, w) in shapes.items():
+        Image.fromarray(fx.pattern(0, h, w)).save(images / f"{name}.png")
+        if name != "nocap":
+            (images / f"{name}.txt").write_text(f"an image {name}\n")
+    config = make_config(media, tmp_path / "data")
+    with config.unlocked():
+        config.data.source = ml_collections.ConfigDict(
+            dict(
+                name="mixture",
+                parts=dict(
+                    a_videos=config.data.source.to_dict(),
+                    b_images=dict(name="images", folder=str(images), manifest=""),
+                ),
+            )
+        )
+    summary = tokenization.run(config, tmp_path, batch_size=4, show_progress=False)
+    recs = [r for rs in all_records(tmp_path / "data").values() for r in rs]
+    got = {
+        pathlib.Path(r["source_id"].split("#")[0]).stem: r["latents"].shape
+        for r in recs
+        if r["source_id"].startswith("b_images:")
+    }
+    # sorted file order: nocap, square, tall, wide; each a 1-frame clip of its aspect's bucket
+    assert got == {"square": (1, 32, 32, 3), "wide": (1, 24, 40, 3), "tall": (1, 40, 24, 3)}
+    assert all(r["fps"] == 0.0 for r in recs if r["source_id"].startswith("b_images:"))
+    lines = [json.loads(x) for x in (tmp_path / "data" / shards.REJECTS).read_text().splitlines()]
+    bad = {r["id"].split(":", 1)[0] for r in lines}
+    assert bad == {"a_videos", "b_images"} and len(lines) == len(fx.BAD) + 1
+    assert any(r["id"].endswith("nocap.png") and r["reason"] == "bad_caption" for r in lines)
+    assert summary["source"]["num_inputs"] == len(fx.GOOD) + len(fx.BAD) + len(shapes)
