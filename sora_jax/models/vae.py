@@ -31,12 +31,17 @@ receptive field, to the same round-off.
 Wan 2.1 correspondence. `PRESETS['wan2_1']` is Wan 2.1's architecture (Wan2.1 `vae.py`:
 dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False,
 True, True], attn_scales=[]). Names follow diffusers' `AutoencoderKLWan`, so importing its
-weights is a renaming: `encoder.down_blocks.3.conv1.weight` -> `encoder/down_blocks_3/
-conv1/kernel` with torch `[O, I, *K]` transposed to `[*K, I, O]`; norms' `gamma` ->
-`scale` (squeezed to `[C]`); `resample.1` -> `conv`; attention `to_qkv`/`proj` 1x1 convs
--> dense `[I, O]`; `latents_mean`/`latents_std` -> `norm.json`. Deliberate divergence: the
-RMS norm is `x · rsqrt(mean(x²) + 1e-6)`, Wan's `x / max(|x|, 1e-12) · sqrt(C)` differs
-only for near-zero activations.
+weights is a renaming (sora_jax.models.wan_vae_import): `encoder.down_blocks.3.conv1.weight`
+-> `encoder/down_blocks_3/conv1/kernel` with torch `[O, I, *K]` transposed to `[*K, I, O]`;
+norms' `gamma` -> `scale` (squeezed to `[C]`); `resample.1` -> `conv`; attention
+`to_qkv`/`proj` 1x1 convs -> dense `[I, O]`; `latents_mean`/`latents_std` -> `norm.json`.
+The RMS norm is `config.norm`: 'rms' `x · rsqrt(mean(x²) + 1e-6)` (the default, which
+existing artifacts keep) or 'l2' `x / max(‖x‖, 1e-12) · sqrt(C)`, Wan's (the wan2_1 preset
+and imports); they differ only for near-zero activations. Everything else is Wan's as is:
+zero causal padding, the resamplers' frame-0 handling, per-frame mid-block attention,
+quant/post_quant convs, logvar clamp and pixel clamp. With 'l2', imported weights
+reproduce diffusers' chunked encode (posterior mean) and frame-by-frame decode to float32
+round-off (tests/models/test_wan_vae_import.py: ~1e-7 and ~1e-6).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from flax import linen as nn
 
 KERNEL_INIT = nn.initializers.lecun_normal()
 ZEROS = nn.initializers.zeros_init()
+NORMS = ("rms", "l2")  # RMSNorm's formulas over C per position (local, so tiles are exact)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,9 @@ class VAEConfig:
     num_res_blocks: int = 2
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     mid_attention: bool = True
+    # RMS norm formula (`NORMS`): 'rms' x·rsqrt(mean(x²) + 1e-6), sora_jax's own; 'l2'
+    # x / max(‖x‖, 1e-12) · sqrt(C), Wan 2.1's exactly (imported weights need it).
+    norm: str = "rms"
 
     def __post_init__(self):
         object.__setattr__(self, "dim_mult", tuple(int(m) for m in self.dim_mult))
@@ -78,6 +87,8 @@ class VAEConfig:
             )
         if min(self.base_dim, self.z_dim, *self.dim_mult) < 1 or self.num_res_blocks < 0:
             raise ValueError(f"VAE config {self}: dims must be >= 1, num_res_blocks >= 0")
+        if self.norm not in NORMS:
+            raise ValueError(f"VAE norm={self.norm!r} is unknown; choose one of {list(NORMS)}")
 
     @property
     def spatial(self) -> int:
@@ -103,8 +114,9 @@ class VAEConfig:
 PRESETS = {
     # Tests: 8x spatial, 4x temporal like Wan 2.1, 0.2 M parameters.
     "tiny": VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2), num_res_blocks=1),
-    # Wan 2.1's VAE (Wan2.1 repository, wan/modules/vae.py `_video_vae`).
-    "wan2_1": VAEConfig(),
+    # Wan 2.1's VAE (Wan2.1 repository, wan/modules/vae.py `_video_vae`), with its norm so
+    # that imported weights (sora_jax.models.wan_vae_import) reproduce it.
+    "wan2_1": VAEConfig(norm="l2"),
 }
 
 
@@ -204,15 +216,21 @@ class Conv(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """`y = x · rsqrt(mean_C(x²) + eps) · scale` per position (local, so tiles are exact)."""
+    """`kind='rms'`: `y = x · rsqrt(mean_C(x²) + 1e-6) · scale`; `kind='l2'`: Wan 2.1's
+    `y = x / max(‖x‖_C, 1e-12) · sqrt(C) · scale` (torch `F.normalize`, in its operation
+    order). Equal up to the epsilons: they differ only for near-zero activations."""
 
-    eps: float = 1e-6
+    kind: str = "rms"
 
     @nn.compact
     def __call__(self, x):
         ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("conv_out",))
         x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # statistics in >= float32
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        if self.kind == "l2":
+            norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+            y = x32 / jnp.maximum(norm, 1e-12) * math.sqrt(x.shape[-1])
+        else:
+            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + 1e-6)
         return (y * self.param("scale", ones, x.shape[-1:], jnp.float32)).astype(x.dtype)
 
 
@@ -220,11 +238,13 @@ class ResidualBlock(nn.Module):
     """`x + conv2(silu(norm2(conv1(silu(norm1(x))))))`, 1x1x1 shortcut when C changes."""
 
     features: int
+    norm: str = "rms"
 
     @nn.compact
     def __call__(self, x):
-        h = CausalConv3d(self.features, name="conv1")(nn.silu(RMSNorm(name="norm1")(x)))
-        h = CausalConv3d(self.features, name="conv2")(nn.silu(RMSNorm(name="norm2")(h)))
+        norm = functools.partial(RMSNorm, self.norm)
+        h = CausalConv3d(self.features, name="conv1")(nn.silu(norm(name="norm1")(x)))
+        h = CausalConv3d(self.features, name="conv2")(nn.silu(norm(name="norm2")(h)))
         if x.shape[-1] != self.features:
             x = CausalConv3d(self.features, (1, 1, 1), name="conv_shortcut")(x)
         return x + h
@@ -234,10 +254,14 @@ class AttentionBlock(nn.Module):
     """Single-head self-attention over the H·W positions of each frame (so causal in T);
     the output projection starts at zero (Wan 2.1)."""
 
+    norm: str = "rms"
+
     @nn.compact
     def __call__(self, x):
         b, t, h, w, c = x.shape
-        y = RMSNorm(name="norm")(x).reshape(b * t, h * w, c)  # frames apart: fold T into B
+        y = RMSNorm(self.norm, name="norm")(x).reshape(
+            b * t, h * w, c
+        )  # frames apart: fold T into B
         dense = functools.partial(
             nn.Dense,
             bias_init=nn.with_logical_partitioning(ZEROS, ("conv_out",)),
@@ -308,14 +332,15 @@ class Resample(nn.Module):
 
 class MidBlock(nn.Module):
     attention: bool = True
+    norm: str = "rms"
 
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        x = ResidualBlock(c, name="resnets_0")(x)
+        x = ResidualBlock(c, self.norm, name="resnets_0")(x)
         if self.attention:
-            x = AttentionBlock(name="attentions_0")(x)
-        return ResidualBlock(c, name="resnets_1")(x)
+            x = AttentionBlock(self.norm, name="attentions_0")(x)
+        return ResidualBlock(c, self.norm, name="resnets_1")(x)
 
 
 class Encoder(nn.Module):
@@ -331,25 +356,27 @@ class Encoder(nn.Module):
         k = 0  # diffusers numbers residual blocks and resamplers in one list
         for i, dim in enumerate(dims):
             for _ in range(cfg.num_res_blocks):
-                x = ResidualBlock(dim, name=f"down_blocks_{k}")(x)
+                x = ResidualBlock(dim, cfg.norm, name=f"down_blocks_{k}")(x)
                 k += 1
             if i < len(dims) - 1:
                 mode = "down3d" if cfg.temporal_downsample[i] else "down2d"
                 x = Resample(mode, name=f"down_blocks_{k}")(x)
                 k += 1
-        x = MidBlock(cfg.mid_attention, name="mid_block")(x)
-        return CausalConv3d(2 * cfg.z_dim, name="conv_out")(nn.silu(RMSNorm(name="norm_out")(x)))
+        x = MidBlock(cfg.mid_attention, cfg.norm, name="mid_block")(x)
+        x = nn.silu(RMSNorm(cfg.norm, name="norm_out")(x))
+        return CausalConv3d(2 * cfg.z_dim, name="conv_out")(x)
 
 
 class UpBlock(nn.Module):
     features: int
     num_res_blocks: int
     upsample: str | None
+    norm: str = "rms"
 
     @nn.compact
     def __call__(self, x):
         for j in range(self.num_res_blocks + 1):
-            x = ResidualBlock(self.features, name=f"resnets_{j}")(x)
+            x = ResidualBlock(self.features, self.norm, name=f"resnets_{j}")(x)
         if self.upsample:
             x = Resample(self.upsample, name="upsamplers_0")(x)
         return x
@@ -366,14 +393,17 @@ class Decoder(nn.Module):
         dims = [cfg.base_dim * m for m in reversed(cfg.dim_mult)]
         ups = list(reversed(cfg.temporal_downsample))
         self.conv_in = CausalConv3d(dims[0])
-        self.mid_block = MidBlock(cfg.mid_attention)
+        self.mid_block = MidBlock(cfg.mid_attention, cfg.norm)
         self.up_blocks = [
             UpBlock(
-                dim, cfg.num_res_blocks, ("up3d" if ups[i] else "up2d") if i < len(ups) else None
+                dim,
+                cfg.num_res_blocks,
+                ("up3d" if ups[i] else "up2d") if i < len(ups) else None,
+                cfg.norm,
             )
             for i, dim in enumerate(dims)
         ]
-        self.norm_out = RMSNorm()
+        self.norm_out = RMSNorm(cfg.norm)
         self.conv_out = CausalConv3d(3)
 
     def stem(self, z):

@@ -3,7 +3,9 @@
 An artifact is a directory `weights.msgpack, config.json, norm.json, hash`: the parameters,
 the architecture (sora_jax.models.vae.VAEConfig), the per-channel latent normalization
 measured on data, and a sha256 over the three files, which travels into shard manifests.
-`tokenize` and `sample` load it by `tokenizer.path`.
+`tokenize` and `sample` load it by `tokenizer.path`. `export_tokenizer` writes one from a
+parameter tree in memory, `export_tokenizer_streamed` one tensor at a time (imports of
+published weights, sora_jax.models.wan_vae_import): the same files, loaded the same way.
 
 Without a path, `tokenizer.preset` gives a tokenizer of the preset's geometry only (latent
 shapes and manifest fields, no weights): enough to validate and `--mode=plan` a config
@@ -15,11 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
 from flax import linen as nn
 
@@ -48,8 +52,22 @@ ARTIFACT_FILES = ("weights.msgpack", "config.json", "norm.json")  # hashed in th
 
 def _digest(blobs: list[bytes]) -> str:
     """sha256 over the files' own sha256s (unambiguous where their bytes meet)."""
-    lines = "".join(f"{n}:{hashlib.sha256(b).hexdigest()}\n" for n, b in zip(ARTIFACT_FILES, blobs))
+    return _digest_of([hashlib.sha256(b).hexdigest() for b in blobs])
+
+
+def _digest_of(file_hashes: list[str]) -> str:
+    lines = "".join(f"{n}:{h}\n" for n, h in zip(ARTIFACT_FILES, file_hashes))
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def _metadata_blobs(config: VAEConfig, norm: LatentNorm, name: str, info) -> list[bytes]:
+    """config.json and norm.json."""
+    meta = {"format": 1, "name": name, "architecture": config.to_dict(), "info": info or {}}
+    norm_dict = {k: np.asarray(v, np.float32).tolist() for k, v in norm._asdict().items()}
+    return [
+        json.dumps(meta, indent=2, sort_keys=True).encode(),
+        json.dumps(norm_dict, indent=2).encode(),
+    ]
 
 
 def export_tokenizer(
@@ -62,16 +80,57 @@ def export_tokenizer(
     weights = flax.serialization.msgpack_serialize(
         jax.tree.map(lambda a: np.asarray(a, np.float32), jax.device_get(nn.meta.unbox(params)))
     )
-    meta = {"format": 1, "name": name, "architecture": config.to_dict(), "info": info or {}}
-    norm_dict = {k: np.asarray(v, np.float32).tolist() for k, v in norm._asdict().items()}
-    blobs = [
-        weights,
-        json.dumps(meta, indent=2, sort_keys=True).encode(),
-        json.dumps(norm_dict, indent=2).encode(),
-    ]
+    blobs = [weights, *_metadata_blobs(config, norm, name, info)]
     for file, blob in zip(ARTIFACT_FILES, blobs):
         (path / file).write_bytes(blob)
     digest = _digest(blobs)
+    (path / "hash").write_text(digest + "\n")  # last: a complete artifact has a hash file
+    return digest
+
+
+def export_tokenizer_streamed(
+    path,
+    structure: Mapping,
+    read: Callable[[tuple[str, ...]], np.ndarray],
+    config: VAEConfig,
+    norm: LatentNorm,
+    *,
+    name: str = "vae",
+    info=None,
+) -> str:
+    """`export_tokenizer` holding one tensor in memory at a time; returns the hash.
+
+    `structure` is the parameter tree (nested dicts; leaves anything, e.g. the
+    `jax.ShapeDtypeStruct`s of `jax.eval_shape`), `read(path)` gives the leaf at the key path
+    as an array, called once per leaf in tree order. weights.msgpack is written as msgpack
+    allows, map header by header and leaf by leaf (each leaf exactly as
+    `flax.serialization.msgpack_serialize` packs it), and hashed as it is written.
+    """
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "hash").unlink(missing_ok=True)  # an interrupted export leaves no valid artifact
+    sha = hashlib.sha256()
+    with open(path / ARTIFACT_FILES[0], "wb") as fh:
+
+        def write(blob: bytes) -> None:
+            fh.write(blob)
+            sha.update(blob)
+
+        def tree(node: Mapping, prefix: tuple[str, ...]) -> None:
+            write(msgpack.Packer().pack_map_header(len(node)))
+            for key, child in node.items():
+                write(msgpack.packb(str(key)))
+                if isinstance(child, Mapping):
+                    tree(child, (*prefix, str(key)))
+                else:
+                    leaf = np.asarray(read((*prefix, str(key))), np.float32)
+                    write(flax.serialization.msgpack_serialize(leaf))
+
+        tree(structure, ())
+    blobs = _metadata_blobs(config, norm, name, info)
+    for file, blob in zip(ARTIFACT_FILES[1:], blobs):
+        (path / file).write_bytes(blob)
+    digest = _digest_of([sha.hexdigest(), *(hashlib.sha256(b).hexdigest() for b in blobs)])
     (path / "hash").write_text(digest + "\n")  # last: a complete artifact has a hash file
     return digest
 
