@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from sora_jax.data.buckets import FitGeometry
 
@@ -128,6 +129,7 @@ def decode(
     timers = timers if timers is not None else {}
     out: dict[int, np.ndarray] = {}
     rh, rw = geometry.resize
+    reformatter = VideoReformatter()  # one swscale context for every frame (3x faster)
     with _open(path) as container:
         if not container.streams.video:
             raise Reject("no_video_stream", f"{path}")
@@ -151,7 +153,9 @@ def decode(
             if index not in wanted:
                 continue
             t0 = time.perf_counter()
-            rgb = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA")
+            rgb = reformatter.reformat(
+                frame, width=rw, height=rh, format="rgb24", interpolation="AREA"
+            )
             out[index] = _place(rgb.to_ndarray(), geometry, size)
             timers["resize_s"] = timers.get("resize_s", 0.0) + time.perf_counter() - t0
     return out, index + 1
@@ -209,11 +213,14 @@ def fit_frames(
     timers = timers if timers is not None else {}
     t0 = time.perf_counter()
     rh, rw = geometry.resize
+    reformatter = VideoReformatter()
     out = {}
     for i in indices:
         if 0 <= i < len(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[i]), format="rgb24")
-            rgb = frame.reformat(width=rw, height=rh, format="rgb24", interpolation="AREA")
+            rgb = reformatter.reformat(
+                frame, width=rw, height=rh, format="rgb24", interpolation="AREA"
+            )
             out[int(i)] = _place(rgb.to_ndarray(), geometry, size)
     timers["resize_s"] = timers.get("resize_s", 0.0) + time.perf_counter() - t0
     return out
