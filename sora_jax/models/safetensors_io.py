@@ -42,23 +42,30 @@ SINGLE_FILE = "model.safetensors"
 NameMap = Mapping[str, tuple[tuple[str, ...], bool]]
 
 
-def checkpoint_files(directory: str | pathlib.Path) -> list[pathlib.Path]:
-    """The safetensors files of a checkpoint directory: the shards of the index, or the one file."""
+def checkpoint_files(
+    directory: str | pathlib.Path,
+    *,
+    single: str = SINGLE_FILE,
+    index: str = INDEX_FILE,
+    hint: str = "save the model with Hugging Face `save_pretrained(dir, safe_serialization=True)`",
+) -> list[pathlib.Path]:
+    """The safetensors files of a checkpoint directory: the shards of the index, or the one
+    file. `single` and `index` name them (diffusers: `diffusion_pytorch_model.safetensors`);
+    `hint` ends the error when neither exists."""
     directory = pathlib.Path(directory)
-    index = directory / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+    index_path = directory / index
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
         files = [directory / name for name in sorted(set(weight_map.values()))]
         absent = [str(f) for f in files if not f.exists()]
         if absent:
-            raise FileNotFoundError(f"{index} lists shards that do not exist: {absent}")
+            raise FileNotFoundError(f"{index_path} lists shards that do not exist: {absent}")
         return files
-    if (directory / SINGLE_FILE).exists():
-        return [directory / SINGLE_FILE]
+    if (directory / single).exists():
+        return [directory / single]
     found = sorted(p.name for p in directory.glob("*")) if directory.is_dir() else "nothing"
     raise FileNotFoundError(
-        f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE} (found: {found}); save the "
-        "model with Hugging Face `save_pretrained(dir, safe_serialization=True)`"
+        f"{directory} holds neither {single} nor {index} (found: {found}); {hint}"
     )
 
 

@@ -65,6 +65,7 @@ from safetensors import safe_open
 
 from sora_jax.models import dit as dit_lib
 from sora_jax.models import rope as rope_lib
+from sora_jax.models import safetensors_io
 from sora_jax.models.safetensors_io import Checkpoint, LoadReport
 
 CONFIG_FILE = "config.json"
@@ -369,21 +370,11 @@ def abstract_params(fields: Mapping[str, Any], shapes: WanShapes) -> dict:
 
 def diffusers_files(directory: str | os.PathLike) -> list[pathlib.Path]:
     """The safetensors files of a diffusers model directory: the index's shards, or the one file."""
-    directory = pathlib.Path(directory)
-    index = directory / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-        absent = [str(f) for f in files if not f.exists()]
-        if absent:
-            raise FileNotFoundError(f"{index} lists shards that do not exist: {absent}")
-        return files
-    if (directory / SINGLE_FILE).exists():
-        return [directory / SINGLE_FILE]
-    found = sorted(p.name for p in directory.glob("*")) if directory.is_dir() else "nothing"
-    raise FileNotFoundError(
-        f"{directory} holds neither {SINGLE_FILE} nor {INDEX_FILE} (found: {found}); give the "
-        "`transformer/` folder of a diffusers Wan 2.1 model (save_pretrained layout)"
+    return safetensors_io.checkpoint_files(
+        directory,
+        single=SINGLE_FILE,
+        index=INDEX_FILE,
+        hint="give the `transformer/` folder of a diffusers Wan 2.1 model (save_pretrained layout)",
     )
 
 

@@ -57,19 +57,12 @@ class WanVAEImportError(ValueError):
 
 def weight_files(src: pathlib.Path) -> list[pathlib.Path]:
     """The safetensors files of a diffusers model directory: the index's shards or one file."""
-    if (src / INDEX).exists():
-        names = sorted(set(json.loads((src / INDEX).read_text())["weight_map"].values()))
-        files = [src / n for n in names]
-        absent = [str(f) for f in files if not f.exists()]
-        if absent:
-            raise FileNotFoundError(f"{src / INDEX} lists shards that do not exist: {absent}")
-        return files
-    if (src / WEIGHTS).exists():
-        return [src / WEIGHTS]
-    found = sorted(p.name for p in src.glob("*")) if src.is_dir() else "nothing"
-    raise FileNotFoundError(
-        f"{src} holds neither {WEIGHTS} nor {INDEX} (found: {found}): point --src at the "
-        "`vae` folder of a diffusers Wan 2.1 repository (e.g. Wan2.1-T2V-1.3B-Diffusers/vae)"
+    return safetensors_io.checkpoint_files(
+        src,
+        single=WEIGHTS,
+        index=INDEX,
+        hint="point --src at the `vae` folder of a diffusers Wan 2.1 repository "
+        "(e.g. Wan2.1-T2V-1.3B-Diffusers/vae)",
     )
 
 
