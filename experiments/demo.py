@@ -261,11 +261,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Evaluators run by `sora_jax.evaluate`.
     c.evaluate = ml_collections.ConfigDict()
-    # 'prompt_adherence' (pixels vs prompt) | 'val_loss' (fixed-noise validation loss).
+    # 'prompt_adherence' (pixels vs prompt) | 'val_loss' (fixed-noise validation loss) |
+    # 'reconstruction' (tokenizer PSNR/SSIM) | 'fvd' (Fréchet video distance); docs/sampling.md.
     c.evaluate.type = "prompt_adherence"
-    # Videos sampled for the score; prompts drawn from the synthetic caption space.
+    # Items evaluated: videos sampled (prompts drawn from the synthetic caption space) or
+    # held-out synthetic clips (reconstruction, fvd).
     c.evaluate.num_videos = 8 if arg.tiny else 96
     c.evaluate.seed = 1
+    # FVD feature network: 'i3d' (needs fvd_weights) | 'random_conv' (weight-free sanity
+    # metric, not comparable to published FVD).
+    c.evaluate.fvd_features = "random_conv"
+    # I3D weights: an .npz with the names of sora_jax.evaluation.i3d.weight_names(); never
+    # downloaded.
+    c.evaluate.fvd_weights = ""
+    # Side in pixels clips are resized to for I3D (224 in the FVD protocol); 0 = as sampled.
+    c.evaluate.fvd_resize = 224
     return c
 
 

@@ -2,21 +2,29 @@ r"""Sample videos from a run's checkpoint.
 
     python -m sora_jax.sample --config=experiments/demo.py --workdir=runs/demo \
         --prompt="a red circle moving up quickly" [--cfg=3 --steps=25 --seed=0]
+    python -m sora_jax.sample ... --prompts=prompts.jsonl --batch_size=4 --gif
+    python -m sora_jax.sample ... --prompt="..." --image=first_frame.png     # image-to-video
+    python -m sora_jax.sample ... --prompt="..." --video=clip.mp4            # continuation
 
-Without --prompt/--prompts, samples `sample.prompts` of the config. Writes
-`<index>_<slug>.mp4` with a JSON sidecar of every sampling parameter, and a contact
-sheet, into --output (default WORKDIR/samples/<step>/).
+Without --prompt/--prompts, samples `sample.prompts` of the config. Every request is
+checked (frame rule of the tokenizer, sizes, trained buckets, files) before the checkpoint
+is restored or anything compiles. Writes `<index>_<slug>.mp4` (and `.gif` with --gif) with
+a JSON sidecar of every parameter needed to reproduce it, and a contact sheet, into
+--output (default WORKDIR/samples/<step>/); prints a time split per batch to stderr and a
+JSON summary to stdout. docs/sampling.md lists every flag and the JSONL prompt format.
 """
 
 import json
-import pathlib
+import sys
 
 from absl import flags
 
 from sora_jax import entry
 
 PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
-PROMPTS = flags.DEFINE_string("prompts", None, "A file with one prompt per line.")
+PROMPTS = flags.DEFINE_string(
+    "prompts", None, "A file with one prompt per line, or JSONL (.jsonl) with per-prompt options."
+)
 STEPS = flags.DEFINE_integer("steps", None, "ODE steps (default: sample.num_steps).")
 CFG = flags.DEFINE_float("cfg", None, "Guidance scale (default: sample.cfg_scale).")
 SAMPLER = flags.DEFINE_enum("sampler", None, ["euler", "heun"], "ODE method.")
@@ -24,6 +32,21 @@ SEED = flags.DEFINE_integer("seed", None, "Noise seed (default: sample.seed).")
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 EMA = flags.DEFINE_float("ema", None, "EMA decay of the weights; 0 = raw parameters.")
 OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
+BUCKET = flags.DEFINE_string("bucket", None, "Bucket of data.buckets (default: sample.bucket).")
+NUM_FRAMES = flags.DEFINE_integer("num_frames", None, "Pixel frames (default: the bucket's).")
+RESOLUTION = flags.DEFINE_string("resolution", None, "HEIGHTxWIDTH in pixels, e.g. 32x32.")
+ASPECT = flags.DEFINE_string("aspect", None, "W:H; picks the trained bucket of that aspect.")
+SHIFT = flags.DEFINE_float("shift", None, "Timestep shift alpha (default: the training shift).")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Videos per batch (sample.batch_size).")
+GIF = flags.DEFINE_bool("gif", False, "Also write each video as a GIF.")
+IMAGE = flags.DEFINE_string("image", None, "Image-to-video: PNG/JPG used as the first frame.")
+VIDEO = flags.DEFINE_string("video", None, "Continuation: a video whose last frames are given.")
+COND_FRAMES = flags.DEFINE_integer(
+    "cond_frames", None, "Latent frames given from --video (default: half of them)."
+)
+ALLOW_UNTRAINED = flags.DEFINE_bool(
+    "allow_untrained_shape", False, "Sample shapes outside the trained buckets."
+)
 
 
 flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
@@ -35,23 +58,50 @@ def main(argv):
     config = entry.loaded_config()
     from sora_jax.evaluation import generate
 
-    prompts = list(PROMPT.value or [])
-    if PROMPTS.value:
-        lines = pathlib.Path(PROMPTS.value).read_text().splitlines()
-        prompts += [line.strip() for line in lines if line.strip()]
-    prompts = prompts or list(config.sample.prompts)
     s = config.sample
-    options = generate.SampleOptions.from_config(
-        s, num_steps=STEPS.value, cfg_scale=CFG.value, sampler=SAMPLER.value, seed=SEED.value
-    )
+    try:
+        options = generate.SampleOptions.from_config(
+            s,
+            num_steps=STEPS.value,
+            cfg_scale=CFG.value,
+            sampler=SAMPLER.value,
+            seed=SEED.value,
+            bucket=BUCKET.value,
+            shift=SHIFT.value,
+            num_frames=NUM_FRAMES.value,
+            cond_frames=COND_FRAMES.value,
+        )
+        options = generate.with_overrides(
+            config, options, {"resolution": RESOLUTION.value, "aspect": ASPECT.value}
+        )
+        files = {"image": IMAGE.value or "", "video": VIDEO.value or ""}
+        requests = [
+            generate.Request(p, options, index=i, **files) for i, p in enumerate(PROMPT.value or [])
+        ]
+        if PROMPTS.value:
+            requests += generate.read_prompts(PROMPTS.value, config, options, len(requests))
+        if not PROMPT.value and not PROMPTS.value:
+            requests = [
+                generate.Request(p, options, index=i, **files) for i, p in enumerate(s.prompts)
+            ]
+        generate.validate_requests(
+            config, entry.WORKDIR.value, requests, allow_untrained_shape=ALLOW_UNTRAINED.value
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     summary = generate.sample_to_dir(
         config,
         entry.WORKDIR.value,
-        prompts,
+        [r.prompt for r in requests],
         options,
+        requests=requests,
         step=STEP.value,
         ema_decay=s.ema_decay if EMA.value is None else EMA.value,
         output=OUTPUT.value,
+        batch_size=BATCH_SIZE.value or 0,
+        gif=GIF.value,
+        allow_untrained_shape=ALLOW_UNTRAINED.value,
     )
     print(json.dumps(summary, indent=2))
 

@@ -236,3 +236,36 @@ def contact_sheet(
             y, x = gap + row * (tile_h + gap), gap + col * (tile_w + gap)
             sheet[y : y + h, x : x + w] = v[t]
     return sheet
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """The first frame of an image file (PNG, JPEG or any format FFmpeg reads) as uint8
+    `[H, W, 3]` RGB."""
+    return read_video(path)[0]
+
+
+def fit_frames(video, height: int, width: int) -> np.ndarray:
+    """uint8 `[T, H, W, 3]` -> uint8 `[T, height, width, 3]`: the largest centred crop of
+    the target aspect ratio, then resized with FFmpeg's area filter (a box average when
+    shrinking). A clip already of the target size is returned unchanged."""
+    video = to_uint8(video)
+    if video.ndim != 4:
+        raise ValueError(f"fit_frames expects a video [T, H, W, 3], got {video.shape}")
+    if height < 1 or width < 1:
+        raise ValueError(f"fit_frames: height={height} and width={width} must be >= 1")
+    _, h, w, _ = video.shape
+    if (h, w) == (height, width):
+        return video
+    # Crop to the target aspect: keep the full side whose ratio is the tighter one.
+    if h * width > w * height:  # too tall
+        ch, cw = max(1, round(w * height / width)), w
+    else:  # too wide (or equal aspect)
+        ch, cw = h, max(1, round(h * width / height))
+    y, x = (h - ch) // 2, (w - cw) // 2
+    video = np.ascontiguousarray(video[:, y : y + ch, x : x + cw])
+    out = []
+    for frame in video:
+        f = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        f = f.reformat(width=width, height=height, format="rgb24", interpolation="AREA")
+        out.append(f.to_ndarray())
+    return np.stack(out)

@@ -27,3 +27,24 @@ def devices():
     devs = jax.devices()
     assert len(devs) == 8, f"expected 8 fake CPU devices, got {len(devs)}: is XLA_FLAGS overridden?"
     return devs
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A trained tiny demo run (4 steps on 32 clips, t2v + i2v + continuation tasks) and
+    its config, shared by the sampling and evaluation tests: `(workdir, config)`."""
+    from sora_jax import config as config_lib
+    from sora_jax.data import tokenization
+    from sora_jax.training import loop
+
+    demo = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "demo.py"
+    config = config_lib.load_config(f"{demo}:tiny")
+    config.total_steps = 4
+    config.checkpoint_every_steps = 4
+    config.log_every_steps = 2
+    config.data.source.num_clips = 32
+    config.diffusion.tasks = {"t2v": 1.0, "i2v": 0.5, "continuation": 0.5}
+    work = tmp_path_factory.mktemp("tiny_run") / "run"
+    tokenization.run(config, work)
+    loop.train(config, work)
+    return work, config

@@ -97,36 +97,30 @@ def measure(video) -> dict[str, str | None]:
     return {"colour": colour, "direction": direction}
 
 
-def score(videos: Sequence, captions: Sequence[str]) -> dict[str, Any]:
-    """Fraction of `videos` (each `[T, H, W, 3]`) whose measured colour, direction, and both
-    match their synthetic `captions`, next to the chance levels of uniform guessing, plus a
-    per-video record for the JSON report."""
-    if len(videos) != len(captions):
-        raise ValueError(
-            f"adherence.score got {len(videos)} videos for {len(captions)} captions; "
-            "pass one caption per video, in the same order"
-        )
-    if len(captions) == 0:
+def record(video, caption: str) -> dict[str, Any]:
+    """One video's measurement against its synthetic caption (an entry of `per_video`)."""
+    want = synthetic.parse_caption(caption)
+    got = measure(video)
+    video = np.asarray(video)
+    nonfinite = 0 if video.dtype == np.uint8 else int((~np.isfinite(video)).sum())
+    colour_ok = got["colour"] == want["colour"]
+    direction_ok = got["direction"] == want["direction"]
+    return {
+        "caption": caption,
+        "colour": got["colour"],
+        "direction": got["direction"],
+        "colour_match": colour_ok,
+        "direction_match": direction_ok,
+        "both_match": colour_ok and direction_ok,
+        "nonfinite_values": nonfinite,
+    }
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Match fractions, chance levels and `per_video` of `record` results."""
+    if len(records) == 0:
         raise ValueError("adherence.score got no videos: an accuracy over zero is undefined")
-    records = []
-    for video, caption in zip(videos, captions, strict=True):
-        want = synthetic.parse_caption(caption)
-        got = measure(video)
-        video = np.asarray(video)
-        nonfinite = 0 if video.dtype == np.uint8 else int((~np.isfinite(video)).sum())
-        colour_ok = got["colour"] == want["colour"]
-        direction_ok = got["direction"] == want["direction"]
-        records.append(
-            {
-                "caption": caption,
-                "colour": got["colour"],
-                "direction": got["direction"],
-                "colour_match": colour_ok,
-                "direction_match": direction_ok,
-                "both_match": colour_ok and direction_ok,
-                "nonfinite_values": nonfinite,
-            }
-        )
+    records = list(records)
     n = len(records)
     result: dict[str, Any] = {
         key: sum(r[f"{key}_match"] for r in records) / n for key in ("colour", "direction", "both")
@@ -138,3 +132,17 @@ def score(videos: Sequence, captions: Sequence[str]) -> dict[str, Any]:
     result.update({f"chance_{k}": v for k, v in CHANCE.items()})
     result["per_video"] = records
     return result
+
+
+def score(videos: Sequence, captions: Sequence[str]) -> dict[str, Any]:
+    """Fraction of `videos` (each `[T, H, W, 3]`) whose measured colour, direction, and both
+    match their synthetic `captions`, next to the chance levels of uniform guessing, plus a
+    per-video record for the JSON report."""
+    if len(videos) != len(captions):
+        raise ValueError(
+            f"adherence.score got {len(videos)} videos for {len(captions)} captions; "
+            "pass one caption per video, in the same order"
+        )
+    if len(captions) == 0:
+        raise ValueError("adherence.score got no videos: an accuracy over zero is undefined")
+    return summarize([record(v, c) for v, c in zip(videos, captions, strict=True)])

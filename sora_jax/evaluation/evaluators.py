@@ -1,4 +1,4 @@
-"""Evaluators chosen by `evaluate.type`; each writes WORKDIR/eval/<step>.json.
+r"""Evaluators chosen by `evaluate.type`; each writes WORKDIR/eval/<step>.json.
 
 `prompt_adherence`: samples `evaluate.num_videos` prompts drawn from the synthetic caption
 space (fixed seed), measures each video's dominant colour and motion direction from the
@@ -8,41 +8,344 @@ match the prompt, next to chance (1/6 colour, 1/4 direction, 1/24 both).
 `val_loss`: the fixed-noise, fixed-time validation loss (sora_jax.diffusion.validation) of
 the checkpoint on one fixed batch per bucket (the first batch the schedule draws from it),
 overall and per time; the same numbers the trainer's eval hook logs as `eval/val_*`.
+
+`reconstruction`: the tokenizer's PSNR and SSIM (sora_jax.evaluation.metrics) on
+`evaluate.num_videos` held-out synthetic clips at the sample bucket's shape: clips
+0 .. n-1 of the synthetic set with seed `data.source.seed + HELD_OUT_SEED_OFFSET +
+evaluate.seed`, never the training clips (seed `data.source.seed`). Needs no checkpoint.
+
+`fvd`: the Fréchet distance (sora_jax.evaluation.frechet) between features of the same
+held-out clips rendered at the bucket shape (real) and videos sampled for their captions
+(generated, noise index = clip index), with the feature network `evaluate.fvd_features`
+(sora_jax.evaluation.features: 'i3d' with `evaluate.fvd_weights`, or the weight-free
+'random_conv' sanity metric, not comparable to published FVD).
+
+The item evaluators (all but val_loss) are sharded and resumable: item i (a prompt or a
+clip) belongs to process `p` of `P` when it lies in p's contiguous block
+`[n p / P, n (p + 1) / P)`. Each item's result is written atomically to
+`WORKDIR/eval/<step>/<type>/items/<i>.npz` and listed in that process's manifest
+`done-<p>.txt`; a re-run skips listed items, and refuses a directory written with another
+protocol (`protocol.json`). Process 0 aggregates when every item is done; a sample
+depends only on its index, so any split (or interruption) gives the same numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
 from sora_jax.data import synthetic
-from sora_jax.evaluation import adherence, generate
+from sora_jax.evaluation import adherence, frechet, generate, metrics
+from sora_jax.models import tokenizer as tokenizer_lib
+
+HELD_OUT_SEED_OFFSET = 100_000
 
 
-def prompt_adherence(
-    config: ml_collections.ConfigDict,
-    workdir: str | os.PathLike,
-    generator: generate.Generator,
-    options: generate.SampleOptions,
-) -> dict[str, Any]:
+# --- Sharded, resumable item storage ----------------------------------------------------
+
+
+def shard_range(n: int, process_index: int, process_count: int) -> range:
+    """The contiguous block of items `[n p / P, n (p + 1) / P)` of process p of P."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in [0, {process_count})")
+    return range(n * process_index // process_count, n * (process_index + 1) // process_count)
+
+
+class ItemStore:
+    """Per-item results of one evaluation under `root` (module docstring)."""
+
+    def __init__(self, root: pathlib.Path, protocol: dict[str, Any]):
+        self.root = pathlib.Path(root)
+        (self.root / "items").mkdir(parents=True, exist_ok=True)
+        path = self.root / "protocol.json"
+        text = json.dumps(protocol, indent=2, sort_keys=True, default=str)
+        if path.is_file() and path.read_text() != text:
+            raise ValueError(
+                f"{self.root} holds results of another protocol ({path}); delete the directory "
+                "to evaluate afresh, or re-run with the recorded settings"
+            )
+        if not path.is_file():
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+    def _item(self, i: int) -> pathlib.Path:
+        return self.root / "items" / f"{i:06d}.npz"
+
+    def done(self) -> set[int]:
+        """Items listed in any process's manifest whose result file exists."""
+        listed = set()
+        for manifest in self.root.glob("done-*.txt"):
+            listed |= {int(x) for x in manifest.read_text().split()}
+        return {i for i in listed if self._item(i).is_file()}
+
+    def write(self, i: int, result: dict[str, Any], process_index: int) -> None:
+        tmp = self.root / "items" / f".{i:06d}.tmp{os.getpid()}.npz"
+        np.savez(tmp, **{k: np.asarray(v) for k, v in result.items()})
+        os.replace(tmp, self._item(i))  # atomic: a killed run leaves no half-written item
+        with open(self.root / f"done-{process_index}.txt", "a") as f:
+            f.write(f"{i}\n")
+
+    def read(self, i: int) -> dict[str, np.ndarray]:
+        with np.load(self._item(i), allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+
+
+@dataclasses.dataclass
+class ItemEvaluator:
+    """An evaluator over `count` items: `compute` results for a list of item indices,
+    `aggregate` the results of all items in order into scores."""
+
+    count: Callable[[ml_collections.ConfigDict], int]
+    protocol: Callable[[ml_collections.ConfigDict, generate.SampleOptions], dict[str, Any]]
+    compute: Callable[..., list[dict[str, Any]]]
+    aggregate: Callable[[ml_collections.ConfigDict, list[dict[str, np.ndarray]]], dict[str, Any]]
+    needs_generator: bool = True
+
+
+def held_out_seed(config) -> int:
+    return int(config.data.source.get("seed", 0)) + HELD_OUT_SEED_OFFSET + int(config.evaluate.seed)
+
+
+def _shape(config, options) -> tuple[int, int, int]:
+    return generate.pixel_shape(config, options)
+
+
+def _generate(gen, options, prompts, indices, batch) -> np.ndarray:
+    """Videos for `prompts` with noise indices `indices`, padded to one compiled batch."""
+    videos, _ = gen.generate(prompts, options, indices=indices, pad_to=batch)
+    return videos
+
+
+# --- prompt_adherence -------------------------------------------------------------------
+
+
+def _adherence_prompts(config) -> list[str]:
     n = int(config.evaluate.num_videos)
-    prompts = [
-        synthetic.clip_spec(i, seed=int(config.evaluate.seed) + 10_000).caption for i in range(n)
+    seed = int(config.evaluate.seed) + 10_000
+    return [synthetic.clip_spec(i, seed=seed).caption for i in range(n)]
+
+
+def _adherence_compute(config, gen, options, indices, batch):
+    prompts = _adherence_prompts(config)
+    videos = _generate(gen, options, [prompts[i] for i in indices], indices, batch)
+    out = []
+    for i, video in zip(indices, videos, strict=True):
+        r = adherence.record(video, prompts[i])
+        out.append(
+            {
+                "colour": r["colour"] or "",
+                "direction": r["direction"] or "",
+                "nonfinite_values": r["nonfinite_values"],
+            }
+        )
+    return out
+
+
+def _adherence_aggregate(config, items):
+    prompts = _adherence_prompts(config)
+    records = []
+    for caption, item in zip(prompts, items, strict=True):
+        want = synthetic.parse_caption(caption)
+        colour, direction = str(item["colour"]) or None, str(item["direction"]) or None
+        c_ok, d_ok = colour == want["colour"], direction == want["direction"]
+        records.append(
+            {
+                "caption": caption,
+                "colour": colour,
+                "direction": direction,
+                "colour_match": c_ok,
+                "direction_match": d_ok,
+                "both_match": c_ok and d_ok,
+                "nonfinite_values": int(item["nonfinite_values"]),
+            }
+        )
+    return adherence.summarize(records)
+
+
+# --- reconstruction ---------------------------------------------------------------------
+
+
+def _real_clips(config, options, indices) -> np.ndarray:
+    t, h, w = _shape(config, options)
+    seed = held_out_seed(config)
+    return np.stack([synthetic.synthetic_clip(i, seed, t, h, w)["video"] for i in indices])
+
+
+def _reconstruction_compute(config, gen, options, indices, batch):
+    tokenizer = gen.tokenizer if gen else tokenizer_lib.build_tokenizer(config.tokenizer)
+    clips = _real_clips(config, options, indices)
+    recon = np.clip(np.asarray(tokenizer.decode(tokenizer.encode(clips)), np.float32), -1, 1)
+    return [
+        {"psnr": metrics.psnr(r, c), "ssim": metrics.ssim(r, c)}
+        for r, c in zip(recon, clips, strict=True)
     ]
-    videos = []
-    timings: dict[str, float] = {}
-    per_batch = int(config.sample.batch_size)
-    for lo in range(0, n, per_batch):
-        v, t = generator.generate(prompts[lo : lo + per_batch], options)
-        videos.extend(v)
-        for k, x in t.items():
-            timings[k] = timings.get(k, 0.0) + x
-    result = adherence.score(videos, prompts)
-    return {"scores": result, "timings": timings}
+
+
+def _reconstruction_aggregate(config, items):
+    psnr = np.array([float(x["psnr"]) for x in items])
+    ssim = np.array([float(x["ssim"]) for x in items])
+    return {
+        "n": len(items),
+        "psnr": float(psnr.mean()),
+        "psnr_min": float(psnr.min()),
+        "ssim": float(ssim.mean()),
+        "ssim_min": float(ssim.min()),
+    }
+
+
+# --- fvd --------------------------------------------------------------------------------
+
+_FEATURE_FNS: dict[tuple, Callable] = {}
+
+
+def _feature_fn(config):
+    from sora_jax.evaluation import features
+
+    key = (
+        config.evaluate.get("fvd_features", "random_conv"),
+        config.evaluate.get("fvd_weights", ""),
+        int(config.evaluate.get("fvd_resize", 224)),
+    )
+    if key not in _FEATURE_FNS:
+        _FEATURE_FNS[key] = features.build(config)
+    return _FEATURE_FNS[key]
+
+
+def _padded(fn, x: np.ndarray, rows: int) -> np.ndarray:
+    """`fn(x)` on `x` padded with zeros to `rows`: one compiled shape (hence the same
+    floating-point results) for every chunk of items."""
+    pad = np.zeros((max(rows - len(x), 0), *x.shape[1:]), x.dtype)
+    return fn(np.concatenate([x, pad]))[: len(x)]
+
+
+def _fvd_compute(config, gen, options, indices, batch):
+    feats = _feature_fn(config)
+    real = _real_clips(config, options, indices)
+    seed = held_out_seed(config)
+    prompts = [synthetic.clip_spec(i, seed).caption for i in indices]
+    fake = _generate(gen, options, prompts, indices, batch)
+    fr, ff = _padded(feats, real, batch), _padded(feats, fake, batch)
+    return [{"real": a, "generated": b} for a, b in zip(fr, ff, strict=True)]
+
+
+def _fvd_aggregate(config, items):
+    real = np.stack([x["real"] for x in items])
+    fake = np.stack([x["generated"] for x in items])
+    fvd = frechet.frechet_distance(*frechet.gaussian_stats(real), *frechet.gaussian_stats(fake))
+    return {
+        "fvd": float(fvd),
+        "n": len(items),
+        "feature_dim": int(real.shape[1]),
+        "features": config.evaluate.get("fvd_features", "random_conv"),
+    }
+
+
+def _protocol(kind: str):
+    def protocol(config, options):
+        t, h, w = _shape(config, options)
+        p = {
+            "type": kind,
+            "num_items": int(config.evaluate.num_videos),
+            "clip_shape": [t, h, w],
+            "tokenizer": config.tokenizer.to_dict(),
+        }
+        if kind in ("reconstruction", "fvd"):
+            p["held_out_seed"] = held_out_seed(config)
+            p["clips"] = "synthetic.synthetic_clip(i, held_out_seed, T, H, W), i < num_items"
+        if kind in ("prompt_adherence", "fvd"):
+            p["sampling"] = dataclasses.asdict(options)
+            p["noise"] = "normal(fold_in(key(seed), item index))"
+        if kind == "prompt_adherence":
+            p["prompt_seed"] = int(config.evaluate.seed) + 10_000
+        if kind == "fvd":
+            name = config.evaluate.get("fvd_features", "random_conv")
+            p["features"] = name
+            if name == "i3d":
+                p["fvd_weights"] = str(config.evaluate.get("fvd_weights", ""))
+                p["fvd_resize"] = int(config.evaluate.get("fvd_resize", 224))
+                p["i3d_output"] = "logits (400-d)"
+            else:
+                p["note"] = "random_conv: a sanity metric, not comparable to published FVD"
+        return p
+
+    return protocol
+
+
+def _count(config) -> int:
+    return int(config.evaluate.num_videos)
+
+
+ITEM_EVALUATORS = {
+    "prompt_adherence": ItemEvaluator(
+        _count, _protocol("prompt_adherence"), _adherence_compute, _adherence_aggregate
+    ),
+    "reconstruction": ItemEvaluator(
+        _count,
+        _protocol("reconstruction"),
+        _reconstruction_compute,
+        _reconstruction_aggregate,
+        needs_generator=False,
+    ),
+    "fvd": ItemEvaluator(_count, _protocol("fvd"), _fvd_compute, _fvd_aggregate),
+}
+
+
+def run_items(
+    evaluator: ItemEvaluator,
+    config: ml_collections.ConfigDict,
+    store: ItemStore,
+    generator,
+    options: generate.SampleOptions,
+    *,
+    process_index: int,
+    process_count: int,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Computes this process's pending items; returns `{'scores': ...}` from process 0 when
+    every item is done, else `{'missing': [...]}` (or `{}` on other processes).
+
+    `stop_after` stops after that many newly written items (a test hook for interruption).
+    """
+    n = evaluator.count(config)
+    if n < 1:
+        raise ValueError(f"evaluate.num_videos={n} must be >= 1")
+    done = store.done()
+    pending = [i for i in shard_range(n, process_index, process_count) if i not in done]
+    batch = max(1, int(config.sample.batch_size))
+    written = 0
+    for lo in range(0, len(pending), batch):
+        if stop_after is not None and written >= stop_after:
+            break
+        chunk = pending[lo : lo + batch]
+        for i, result in zip(chunk, evaluator.compute(config, generator, options, chunk, batch)):
+            if stop_after is not None and written >= stop_after:
+                break
+            store.write(i, result, process_index)
+            written += 1
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"eval items {store.root}")
+    if process_index != 0:
+        return {"computed": written}
+    done = store.done()
+    missing = [i for i in range(n) if i not in done]
+    if missing:
+        return {"computed": written, "missing": missing}
+    items = [store.read(i) for i in range(n)]
+    return {"computed": written, "scores": evaluator.aggregate(config, items)}
+
+
+# --- val_loss (one fixed batch per bucket; not sharded) ----------------------------------
 
 
 def val_loss(
@@ -52,8 +355,6 @@ def val_loss(
     options: generate.SampleOptions,
 ) -> dict[str, Any]:
     del options  # no sampling: the loss of the checkpoint's weights at fixed times
-    import jax
-
     from sora_jax.data import pipeline as pipeline_lib
     from sora_jax.diffusion import validation
     from sora_jax.training import hooks
@@ -71,7 +372,12 @@ def val_loss(
     return {"scores": scores, "times": list(validation.DEFAULT_TIMES)}
 
 
-EVALUATORS = {"prompt_adherence": prompt_adherence, "val_loss": val_loss}
+EVALUATORS: dict[str, Any] = {"val_loss": val_loss, **ITEM_EVALUATORS}
+
+
+def _latest_step(workdir: pathlib.Path) -> int:
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    return max(steps, default=0)
 
 
 def evaluate(
@@ -82,27 +388,71 @@ def evaluate(
     step: int | None = None,
     ema_decay: float | None = None,
     generator: generate.Generator | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    stop_after: int | None = None,
+    eval_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Runs the configured evaluator and writes WORKDIR/eval/<step>.json."""
+    """Runs the configured evaluator and writes `<eval_dir>/<step>.json` (default eval_dir
+    WORKDIR/eval) from process 0 once every item is done.
+
+    `process_index`/`process_count` default to JAX's; passing them splits the items the
+    same way without a multi-process runtime (tests, or independent jobs on one
+    filesystem). The returned report has `missing` item indices instead of scores while
+    items of other processes are not done.
+    """
     name = config.evaluate.type
     if name not in EVALUATORS:
         raise ValueError(f"evaluate.type={name!r} is unknown; known: {sorted(EVALUATORS)}")
-    gen = generator or generate.Generator.from_workdir(
-        workdir, config, step=step, ema_decay=ema_decay
-    )
-    result = EVALUATORS[name](config, workdir, gen, options)
-    report = {
+    workdir = pathlib.Path(workdir)
+    evaluator = EVALUATORS[name]
+    pi = jax.process_index() if process_index is None else int(process_index)
+    pc = jax.process_count() if process_count is None else int(process_count)
+    needs_gen = not isinstance(evaluator, ItemEvaluator) or evaluator.needs_generator
+    gen = generator
+    if gen is None and needs_gen:
+        gen = generate.Generator.from_workdir(workdir, config, step=step, ema_decay=ema_decay)
+    ckpt_step = gen.step if gen else (step if step is not None else _latest_step(workdir))
+    root = pathlib.Path(eval_dir or workdir / "eval")
+    report: dict[str, Any] = {
         "type": name,
-        "checkpoint_step": gen.step,
-        "weights": gen.weights,
-        "protocol": {
+        "checkpoint_step": ckpt_step,
+        "weights": gen.weights if gen else "",
+    }
+    if isinstance(evaluator, ItemEvaluator):
+        protocol = evaluator.protocol(config, options)
+        if gen:
+            protocol["params_sha256"] = gen.params_hash
+        store = ItemStore(root / str(ckpt_step) / name, protocol)
+        result = run_items(
+            evaluator,
+            config,
+            store,
+            gen,
+            options,
+            process_index=pi,
+            process_count=pc,
+            stop_after=stop_after,
+        )
+        report["protocol"] = {
+            **protocol,
             "num_videos": int(config.evaluate.num_videos),
             "prompt_seed": int(config.evaluate.seed),
-            **{k: v for k, v in vars(options).items()},
-        },
-        **result,
-    }
-    out = pathlib.Path(workdir) / "eval" / f"{gen.step}.json"
+            **dataclasses.asdict(options),
+        }
+        report["items_dir"] = str(store.root)
+        report.update(result)
+        if "scores" not in result:
+            report["path"] = ""
+            return report
+    else:
+        report["protocol"] = {
+            "num_videos": int(config.evaluate.num_videos),
+            "prompt_seed": int(config.evaluate.seed),
+            **dataclasses.asdict(options),
+        }
+        report.update(evaluator(config, workdir, gen, options))
+    out = root / f"{ckpt_step}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     report["path"] = str(out)

@@ -15,8 +15,8 @@ dependency of the usual implementation, and it is symmetric in its arguments up 
 round-off (Tr((sigma1^{1/2} sigma2 sigma1^{1/2})^{1/2}) equals the same with 1 and 2 swapped).
 
 The function returns d², the value reported as FID/FVD. The feature network is pluggable:
-this module takes any `[N, D]` features. An FVD evaluator, with an I3D-style video network
-producing the features, is future work.
+this module takes any `[N, D]` features; the `fvd` evaluator (sora_jax.evaluation.evaluators)
+gets them from sora_jax.evaluation.features (I3D or a fixed random 3D conv net).
 """
 
 from __future__ import annotations

@@ -10,12 +10,15 @@ batch, then decodes latents back to pixels with the run's tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import os
 import pathlib
 import re
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -27,7 +30,7 @@ from sora_jax import config as config_lib
 from sora_jax import video_io
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import shards, tokenization
-from sora_jax.diffusion import flow, sampler
+from sora_jax.diffusion import conditioning, flow, sampler
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
@@ -45,6 +48,10 @@ class SampleOptions:
     seed: int = 0
     bucket: str = ""  # '' = the first bucket of data.buckets
     shift: float = 0.0  # 0 = the training shift of the config
+    num_frames: int = 0  # pixel frames; 0 = the bucket's
+    height: int = 0  # pixels; 0 = the bucket's
+    width: int = 0  # pixels; 0 = the bucket's
+    cond_frames: int = 0  # latent frames given from a video; 0 = half of T' (at least 1)
 
     @classmethod
     def from_config(cls, sample: ml_collections.ConfigDict, **overrides) -> SampleOptions:
@@ -58,6 +65,182 @@ class SampleOptions:
         )
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
+
+
+@dataclasses.dataclass
+class Request:
+    """One video to sample: its prompt, options, optional input image (i2v) or video
+    (continuation), and `index`, the noise stream of `options.seed` it draws from."""
+
+    prompt: str
+    options: SampleOptions
+    image: str = ""
+    video: str = ""
+    index: int = 0
+    source: str = ""  # where the request came from (file:line), for error messages
+
+
+def pixel_shape(config: ml_collections.ConfigDict, options: SampleOptions) -> tuple[int, int, int]:
+    """The `(frames, height, width)` a request samples: its bucket's, with overrides."""
+    name = options.bucket or buckets_lib.buckets_from_config(config.data)[0].name
+    b = buckets_lib.bucket_by_name(config.data, name)
+    return (
+        options.num_frames or b.frames,
+        options.height or b.height,
+        options.width or b.width,
+    )
+
+
+def _compression(tokenizer) -> tuple[int, int]:
+    """(temporal, spatial) compression of a tokenizer, from its manifest entry."""
+    r, s, _ = tokenizer.manifest_entry()["compression"]
+    return int(r), int(s)
+
+
+def _nearest_frames(frames: int, r: int) -> str:
+    lo = 1 + r * max((frames - 1) // r, 0)
+    return f"{lo} or {lo + r}" if frames > 1 else f"{lo}"
+
+
+def request_errors(
+    config: ml_collections.ConfigDict,
+    tokenizer,
+    request: Request,
+    *,
+    allow_untrained_shape: bool = False,
+) -> list[str]:
+    """What is wrong with one request (empty if fine); reads files' existence only, so it
+    runs in milliseconds, before any checkpoint is restored or anything compiles."""
+    errors = []
+    where = f"{request.source}: " if request.source else ""
+    if not isinstance(request.prompt, str) or not request.prompt.strip():
+        errors.append(f"{where}the prompt is empty: every prompt must be non-empty text")
+    o = request.options
+    if o.sampler not in ("euler", "heun"):
+        errors.append(f"{where}sampler={o.sampler!r} is unknown; use 'euler' or 'heun'")
+    if o.num_steps < 1:
+        errors.append(f"{where}steps={o.num_steps} must be >= 1")
+    if o.shift < 0:
+        errors.append(f"{where}shift={o.shift} must be > 0 (or 0 = the training shift)")
+    try:
+        frames, height, width = pixel_shape(config, o)
+    except ValueError as e:
+        return errors + [f"{where}{e}"]
+    r, s = _compression(tokenizer)
+    patch = tuple(config.model.get("patch_size", None) or (1, 1, 1))
+    if frames < 1 or (frames - 1) % r:
+        errors.append(
+            f"{where}num_frames={frames} is not of the form 1 + {r}k that tokenizer "
+            f"{tokenizer.id} (temporal compression {r}) needs; the nearest allowed counts are "
+            f"{_nearest_frames(frames, r)}"
+        )
+    else:
+        latent_t = 1 + (frames - 1) // r
+        if latent_t % patch[0]:
+            errors.append(
+                f"{where}num_frames={frames} gives {latent_t} latent frames, not a multiple of "
+                f"the temporal patch {patch[0]} (model.patch_size)"
+            )
+    for name, size, p in (("height", height, patch[1]), ("width", width, patch[2])):
+        if size < 1 or size % (s * p):
+            errors.append(
+                f"{where}{name}={size} is not divisible by tokenizer stride {s} x patch {p} = "
+                f"{s * p}; use a multiple of {s * p}, e.g. {max(s * p, size // (s * p) * s * p)}"
+            )
+    trained = {b.shape: b.name for b in buckets_lib.buckets_from_config(config.data)}
+    if not errors and (frames, height, width) not in trained and not allow_untrained_shape:
+        listed = ", ".join(f"{n} (frames x height x width)" for n in trained.values())
+        errors.append(
+            f"{where}shape {frames}x{height}x{width} is outside the buckets the model was "
+            f"trained on: {listed}; pass --allow_untrained_shape to sample it anyway"
+        )
+    if request.image and request.video:
+        errors.append(f"{where}give an image (i2v) or a video (continuation), not both")
+    for kind, path in (("image", request.image), ("video", request.video)):
+        if path and not pathlib.Path(path).is_file():
+            errors.append(f"{where}{kind} file {path} does not exist")
+    if (request.image or request.video) and not errors:
+        latent_t = 1 + (frames - 1) // r
+        if latent_t < 2:
+            errors.append(
+                f"{where}an input {'image' if request.image else 'video'} needs >= 2 latent "
+                f"frames to generate; num_frames={frames} gives {latent_t}"
+            )
+        elif request.video and o.cond_frames and not 1 <= o.cond_frames < latent_t:
+            errors.append(
+                f"{where}cond_frames={o.cond_frames} must be in [1, {latent_t - 1}] (latent "
+                f"frames given from the video, of {latent_t})"
+            )
+    return errors
+
+
+def validate_requests(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike | None,
+    requests: Sequence[Request],
+    *,
+    allow_untrained_shape: bool = False,
+    tokenizer=None,
+) -> None:
+    """Raises a ValueError listing every bad request, or FileNotFoundError for a missing
+    workdir/checkpoint, before anything is restored or compiled."""
+    if workdir is not None:
+        ckpt = pathlib.Path(workdir) / "checkpoints"
+        if not ckpt.is_dir():
+            raise FileNotFoundError(
+                f"{ckpt} does not exist: --workdir must be a trained run (python -m "
+                f"sora_jax.train --config=... --workdir={workdir})"
+            )
+    if not requests:
+        raise ValueError("no prompts to sample: give --prompt, --prompts=FILE or sample.prompts")
+    tokenizer = tokenizer or tokenizer_lib.build_tokenizer(config.tokenizer)
+    errors = []
+    for i, r in enumerate(requests):
+        errs = request_errors(config, tokenizer, r, allow_untrained_shape=allow_untrained_shape)
+        errors += [e if r.source else f"prompt {i}: {e}" for e in errs]
+    if errors:
+        raise ValueError("invalid sampling request:\n  " + "\n  ".join(errors))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def params_sha256(params) -> str:
+    """sha256 over every parameter leaf in path order: path, dtype, shape and bytes."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    h = hashlib.sha256()
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.asarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}\n".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def load_given_pixels(request: Request, tokenizer, frames: int, height: int, width: int):
+    """The given pixel frames of a request, float `[T_given, H, W, 3]` in [-1, 1], its task
+    and its number of given latent frames; `(None, 't2v', 0)` without image or video.
+
+    An image is the first pixel frame (i2v, latent frame 0). A video gives its last
+    `1 + r (k - 1)` frames, which a causal VAE encodes into exactly k latent frames
+    (continuation, latent frames 0 .. k-1)."""
+    if not (request.image or request.video):
+        return None, "t2v", 0
+    r, _ = _compression(tokenizer)
+    if request.image:
+        pixels = video_io.fit_frames(video_io.read_image(request.image)[None], height, width)
+        return pixels.astype(np.float32) / 127.5 - 1.0, "i2v", 1
+    latent_t = 1 + (frames - 1) // r
+    k = request.options.cond_frames or max(1, latent_t // 2)
+    need = 1 + r * (k - 1)
+    clip = video_io.read_video(request.video)
+    if clip.shape[0] < need:
+        raise ValueError(
+            f"video {request.video} has {clip.shape[0]} frames; continuing with {k} given latent "
+            f"frames needs its last {need} (set cond_frames lower)"
+        )
+    pixels = video_io.fit_frames(clip[clip.shape[0] - need :], height, width)
+    return pixels.astype(np.float32) / 127.5 - 1.0, "continuation", k
 
 
 class Generator:
@@ -115,71 +298,122 @@ class Generator:
         params = restored["ema"][key] if ema_decay else restored["params"]
         return cls(config, manifest, params, step, weights)
 
-    def _latent_shape(self, bucket: str) -> tuple[int, ...]:
-        name = bucket or buckets_lib.buckets_from_config(self.config.data)[0].name
-        b = buckets_lib.bucket_by_name(self.config.data, name)
-        return self.tokenizer.latent_shape(b.frames, b.height, b.width)
+    @functools.cached_property
+    def params_hash(self) -> str:
+        """sha256 of the restored parameters (`params_sha256`), computed once."""
+        return params_sha256(self.params)
+
+    def _latent_shape(self, options: SampleOptions) -> tuple[int, ...]:
+        return self.tokenizer.latent_shape(*pixel_shape(self.config, options))
+
+    def _alpha(self, options: SampleOptions, shape) -> float:
+        if options.shift > 0:
+            return float(options.shift)
+        return flow.shift_alpha(self.config.diffusion, shape, tuple(self.config.model.patch_size))
+
+    def _sampler_fn(self, options, alpha, sharding, args):
+        """The compiled sampler for these options and argument shapes, and its compile time."""
+        has_cond = args[-1] is not None
+        fn_key = (
+            tuple((a.shape, str(a.dtype)) for a in args if a is not None),
+            has_cond,
+            options.num_steps,
+            options.cfg_scale,
+            options.sampler,
+            alpha,
+        )
+        if fn_key in self._compiled:
+            return self._compiled[fn_key], 0.0
+
+        def run(params, noise, text, mask, cond_latents, cond_mask):
+            return sampler.sample(
+                self.apply_fn,
+                params,
+                noise,
+                text,
+                mask,
+                num_steps=options.num_steps,
+                cfg_scale=options.cfg_scale,
+                alpha=alpha,
+                method=options.sampler,
+                cond_latents=cond_latents,
+                cond_mask=cond_mask,
+                cond_channels=int(self.config.model.get("cond_channels", 0) or 0),
+            )
+
+        t0 = time.perf_counter()
+        shardings = (None, *(sharding if a is not None else None for a in args))
+        jitted = jax.jit(run, in_shardings=shardings, out_shardings=sharding)
+        self._compiled[fn_key] = jitted.lower(self.params, *args).compile()
+        return self._compiled[fn_key], time.perf_counter() - t0
 
     def generate(
-        self, prompts: Sequence[str], options: SampleOptions
+        self,
+        prompts: Sequence[str],
+        options: SampleOptions,
+        *,
+        seeds: Sequence[int] | None = None,
+        indices: Sequence[int] | None = None,
+        given: np.ndarray | None = None,
+        task: str = "t2v",
+        pad_to: int = 0,
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """Samples one video per prompt: `[N, T, H, W, 3]` float in [-1, 1], and timings."""
+        """Samples one video per prompt: `[N, T, H, W, 3]` float in [-1, 1], and timings.
+
+        Prompt i draws its noise from `fold_in(key(seeds[i]), indices[i])` (default: the
+        options' seed and i), so a video does not depend on the batch it is sampled in.
+        `given` `[N, T_g, H, W, 3]` pixel frames in [-1, 1] are encoded with the tokenizer and
+        held fixed as the first latent frames (`task` 'i2v' or 'continuation'). `pad_to`
+        pads the batch to that many rows (one compiled shape for every batch).
+        """
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty: every prompt must be non-empty text")
+        n = len(prompts)
+        seeds = [options.seed] * n if seeds is None else list(seeds)
+        indices = list(range(n)) if indices is None else list(indices)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         text, mask = self.text_encoder.encode(list(prompts))
         timings["text_encode_s"] = time.perf_counter() - t0
 
-        shape = self._latent_shape(options.bucket)
-        alpha = (
-            options.shift
-            if options.shift > 0
-            else flow.shift_alpha(self.config.diffusion, shape, tuple(self.config.model.patch_size))
-        )
-        n = len(prompts)
+        shape = self._latent_shape(options)
+        alpha = self._alpha(options, shape)
         shards_ = mesh_lib.mesh_shape(self.config.mesh, self.mesh.devices.size)
         per = shards_["data"] * shards_["fsdp"]
-        padded = -(-n // per) * per  # batch rounded up to the data-parallel width
-        text = np.concatenate([text, np.zeros((padded - n, *text.shape[1:]), text.dtype)])
-        mask = np.concatenate([mask, np.zeros((padded - n, *mask.shape[1:]), bool)])
-        # Noise per prompt index from (seed, index): a prompt's video does not depend on
-        # the batch it is sampled in.
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(options.seed), i))(
-            jnp.arange(padded)
-        )
-        noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+        padded = -(-max(n, pad_to) // per) * per  # batch rounded up to the data-parallel width
 
-        fn_key = (shape, padded, options.num_steps, options.cfg_scale, options.sampler, alpha)
+        def pad(x, fill=0):
+            x = np.asarray(x)
+            return np.concatenate([x, np.full((padded - n, *x.shape[1:]), fill, x.dtype)])
+
+        text, mask = pad(text), pad(mask, False)
+        seeds_a = pad(np.asarray(seeds, np.uint32))
+        indices_a = pad(np.asarray(indices, np.uint32))
+        keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds_a, indices_a)
+        noise = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+        cond_latents = cond_mask = None
+        if given is not None:
+            t0 = time.perf_counter()
+            z = np.asarray(self.tokenizer.encode(np.asarray(given, np.float32)), np.float32)
+            k = z.shape[1]
+            cond_latents = np.zeros((padded, *shape), np.float32)
+            cond_latents[:n, :k] = z  # [N, k, H', W', C]: the first k latent frames
+            cond_mask = np.asarray(conditioning.task_mask(task, padded, shape[0], k))
+            timings["encode_given_s"] = time.perf_counter() - t0
+
         sharding = mesh_lib.batch_sharding(self.mesh)
         # Placed explicitly: inside a mesh context (the trainer's eval hook) jnp results
         # are committed replicated arrays, which jit would not reshard implicitly.
-        noise = jax.device_put(noise, sharding)
-        if fn_key not in self._compiled:
-
-            def run(params, noise, text, mask):
-                return sampler.sample(
-                    self.apply_fn,
-                    params,
-                    noise,
-                    text,
-                    mask,
-                    num_steps=options.num_steps,
-                    cfg_scale=options.cfg_scale,
-                    alpha=alpha,
-                    method=options.sampler,
-                    cond_channels=int(self.config.model.get("cond_channels", 0) or 0),
-                )
-
-            self._compiled[fn_key] = jax.jit(
-                run, in_shardings=(None, sharding, sharding, sharding), out_shardings=sharding
-            )
-        t0 = time.perf_counter()
+        args = [noise, text, mask, cond_latents, cond_mask]
+        args = [None if a is None else jax.device_put(a, sharding) for a in args]
         with jax.set_mesh(self.mesh):
-            latents = self._compiled[fn_key](self.params, noise, text, mask)
+            fn, timings["compile_s"] = self._sampler_fn(options, alpha, sharding, args)
+            t0 = time.perf_counter()
+            latents = fn(self.params, *args)
             latents = np.asarray(jax.device_get(latents))[:n]
         timings["denoise_s"] = time.perf_counter() - t0
+        timings["denoise_per_step_s"] = timings["denoise_s"] / options.num_steps
         t0 = time.perf_counter()
         video = np.clip(np.asarray(self.tokenizer.decode(latents)), -1.0, 1.0)
         timings["decode_s"] = time.perf_counter() - t0
@@ -217,6 +451,29 @@ def write_samples(
     return paths
 
 
+def _batch_key(config, request: Request) -> tuple:
+    """Requests with equal keys share one compiled sampler and run in one batch."""
+    o = dataclasses.replace(request.options, seed=0)
+    shape = pixel_shape(config, o)
+    kind = "image" if request.image else "video" if request.video else ""
+    return (shape, o.num_steps, o.cfg_scale, o.sampler, o.shift, kind, o.cond_frames)
+
+
+def batches(config, requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
+    """Requests grouped by `_batch_key` (first-appearance order), in chunks of batch_size."""
+    groups: dict[tuple, list[Request]] = {}
+    for r in requests:
+        groups.setdefault(_batch_key(config, r), []).append(r)
+    out = []
+    for group in groups.values():
+        out += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return out
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def sample_to_dir(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -227,27 +484,244 @@ def sample_to_dir(
     ema_decay: float | None = None,
     output: str | os.PathLike | None = None,
     generator: Generator | None = None,
+    requests: Sequence[Request] | None = None,
+    batch_size: int = 0,
+    gif: bool = False,
+    allow_untrained_shape: bool = False,
+    log: Callable[[str], None] | None = _stderr,
 ) -> dict[str, Any]:
-    """Samples `prompts` and writes videos, sidecars and a contact sheet; returns a summary."""
+    """Samples `requests` (default: one per prompt with `options`, noise index = position)
+    and writes videos, sidecars and a contact sheet; returns a summary.
+
+    Every request is validated before the checkpoint is restored. Requests are batched by
+    shape and sampler settings (`batch_size`, default `sample.batch_size`); `log` gets a
+    time split per batch and an ETA after the first of several.
+    """
+    if requests is None:
+        requests = [Request(p, options, index=i) for i, p in enumerate(prompts)]
+    requests = list(requests)
+    tokenizer = generator.tokenizer if generator else None
+    validate_requests(
+        config,
+        None if generator else workdir,
+        requests,
+        allow_untrained_shape=allow_untrained_shape,
+        tokenizer=tokenizer,
+    )
+    log = log or (lambda line: None)
+    t0 = time.perf_counter()
     gen = generator or Generator.from_workdir(workdir, config, step=step, ema_decay=ema_decay)
-    videos, timings = gen.generate(prompts, options)
+    restore_s = time.perf_counter() - t0
     outdir = pathlib.Path(output or pathlib.Path(workdir) / "samples" / str(gen.step))
-    params = {
-        **dataclasses.asdict(options),
+    outdir.mkdir(parents=True, exist_ok=True)
+    base = {
         **gen.checkpoint_info(),
+        "params_sha256": gen.params_hash,
         "fps": config.sample.fps,
         "tokenizer": gen.tokenizer.id,
         "text_encoder": gen.text_encoder.id,
+        "workdir": str(workdir),
     }
-    t0 = time.perf_counter()
-    paths = write_samples(
-        outdir, videos, prompts, params, fps=config.sample.fps, scale=config.sample.video_scale
+    todo = batches(config, requests, batch_size or int(config.sample.batch_size))
+    totals: dict[str, float] = {"restore_s": restore_s}
+    written: dict[int, tuple[pathlib.Path, np.ndarray]] = {}
+    started = time.perf_counter()
+    for b, batch in enumerate(todo):
+        o = batch[0].options
+        shape = pixel_shape(config, o)
+        given, task, k = None, "t2v", 0
+        if batch[0].image or batch[0].video:
+            loaded = [load_given_pixels(r, gen.tokenizer, *shape) for r in batch]
+            given = np.stack([g for g, _, _ in loaded])
+            task, k = loaded[0][1], loaded[0][2]
+            weights = dict(zip(conditioning.TASKS, conditioning.task_weights(config.diffusion)))
+            if weights[task] <= 0:
+                log(
+                    f"warning: the run was trained without the {task!r} task (diffusion.tasks="
+                    f"{dict(config.diffusion.tasks)}): the given frames are kept, but the "
+                    "generated ones may not follow them"
+                )
+        videos, timings = gen.generate(
+            [r.prompt for r in batch],
+            o,
+            seeds=[r.options.seed for r in batch],
+            indices=[r.index for r in batch],
+            given=given,
+            task=task,
+        )
+        t1 = time.perf_counter()
+        alpha = gen._alpha(o, gen._latent_shape(o))
+        for r, video in zip(batch, videos, strict=True):
+            path = outdir / f"{r.index:03d}_{slug(r.prompt)}.mp4"
+            fps, scale = config.sample.fps, config.sample.video_scale
+            video_io.write_video(path, video, fps=fps, scale=scale)
+            if gif:
+                video_io.write_video(path.with_suffix(".gif"), video, fps=fps, scale=scale)
+            sidecar = {
+                **base,
+                **dataclasses.asdict(r.options),
+                "num_frames": shape[0],
+                "height": shape[1],
+                "width": shape[2],
+                "shift_alpha": alpha,
+                "prompt": r.prompt,
+                "index": r.index,
+                "noise": "normal(fold_in(key(seed), index), latent_shape) float32",
+                "latent_shape": list(gen._latent_shape(o)),
+                "shape": list(video.shape),
+                "task": task,
+                "given_latent_frames": k,
+                "image": r.image,
+                "image_sha256": sha256_file(r.image) if r.image else "",
+                "video": r.video,
+                "video_sha256": sha256_file(r.video) if r.video else "",
+            }
+            path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+            written[r.index] = (path, video)
+        timings["write_s"] = time.perf_counter() - t1
+        for key, value in timings.items():
+            totals[key] = totals.get(key, 0.0) + value
+        line = (
+            f"batch {b + 1}/{len(todo)}: {len(batch)} video(s) {'x'.join(map(str, shape))}, "
+            f"text {timings['text_encode_s']:.2f} s, compile {timings['compile_s']:.2f} s, "
+            f"denoise {timings['denoise_s']:.2f} s ({timings['denoise_per_step_s'] * 1e3:.1f} "
+            f"ms/step x {o.num_steps}), decode {timings['decode_s']:.2f} s, "
+            f"write {timings['write_s']:.2f} s"
+        )
+        if b == 0 and len(todo) > 1:
+            per_batch = time.perf_counter() - started - timings["compile_s"]
+            line += f"; ETA {per_batch * (len(todo) - 1):.1f} s for {len(todo) - 1} more"
+        log(line)
+    totals["denoise_per_step_s"] = totals.get("denoise_s", 0.0) / max(
+        1, sum(b[0].options.num_steps for b in todo)
     )
-    timings["write_s"] = time.perf_counter() - t0
+    order = sorted(written)
+    sheet = video_io.contact_sheet([video_io.to_uint8(written[i][1]) for i in order])
+    video_io.write_png(
+        outdir / "contact_sheet.png", sheet, scale=max(1, config.sample.video_scale // 2)
+    )
     return {
         "output": str(outdir),
-        "videos": [str(p) for p in paths],
+        "videos": [str(written[i][0]) for i in order],
         "checkpoint_step": gen.step,
         "weights": gen.weights,
-        "timings": timings,
+        "params_sha256": gen.params_hash,
+        "timings": totals,
     }
+
+
+# --- Requests from the command line and prompt files ------------------------------------
+
+# JSONL fields of a prompt line besides `prompt` -> SampleOptions field (None: handled apart).
+PROMPT_FIELDS = {
+    "seed": "seed",
+    "cfg": "cfg_scale",
+    "steps": "num_steps",
+    "sampler": "sampler",
+    "shift": "shift",
+    "num_frames": "num_frames",
+    "bucket": "bucket",
+    "cond_frames": "cond_frames",
+    "resolution": None,
+    "aspect": None,
+    "image": None,
+    "video": None,
+}
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """`'32x48'` (height x width) -> (32, 48)."""
+    h, sep, w = str(text).lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError
+        return int(h), int(w)
+    except ValueError:
+        raise ValueError(f"resolution={text!r} must read HxW in pixels, e.g. 32x32") from None
+
+
+def bucket_for_aspect(config: ml_collections.ConfigDict, aspect: str) -> str:
+    """The trained bucket whose width:height is `aspect` ('16:9', '1:1' or 1.78), within 2%."""
+    try:
+        w, sep, h = str(aspect).partition(":")
+        ratio = float(w) / float(h) if sep else float(w)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"aspect={aspect!r} must read W:H (e.g. 16:9) or a number W/H") from None
+    table = buckets_lib.buckets_from_config(config.data)
+    best = min(table, key=lambda b: abs(b.width / b.height - ratio))
+    if abs(best.width / best.height - ratio) > 0.02 * ratio:
+        have = ", ".join(f"{b.name} ({b.width / b.height:.3g})" for b in table)
+        raise ValueError(f"no trained bucket has aspect {aspect} (W/H {ratio:.3g}); have {have}")
+    return best.name
+
+
+def with_overrides(
+    config: ml_collections.ConfigDict, options: SampleOptions, fields: dict[str, Any]
+) -> SampleOptions:
+    """`options` with request fields applied: the SampleOptions names of PROMPT_FIELDS,
+    `resolution` ('HxW') and `aspect` (a bucket by aspect ratio)."""
+    updates = {}
+    for key, value in fields.items():
+        if value is None or key in ("prompt", "image", "video"):
+            continue
+        if key == "resolution":
+            updates["height"], updates["width"] = parse_resolution(value)
+        elif key == "aspect":
+            updates["bucket"] = bucket_for_aspect(config, value)
+        else:
+            name = PROMPT_FIELDS[key]
+            kind = type(getattr(options, name))
+            try:
+                updates[name] = kind(value) if kind is not int else _as_int(key, value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{key}={value!r} is not of type {kind.__name__}") from None
+    return dataclasses.replace(options, **updates)
+
+
+def _as_int(key: str, value) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{key}={value!r} is not an int")
+    return int(value)
+
+
+def read_prompts(
+    path: str | os.PathLike, config: ml_collections.ConfigDict, options: SampleOptions, start: int
+) -> list[Request]:
+    """Requests of a prompt file: one prompt per line, or JSONL (`.jsonl`) objects with a
+    `prompt` and optional PROMPT_FIELDS. Blank lines are skipped; a bad line is a
+    ValueError naming the file and line. Relative image/video paths are relative to the
+    file's directory. Noise indices count on from `start`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts file {path} does not exist")
+    requests = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        index = start + len(requests)
+        if path.suffix.lower() != ".jsonl":
+            requests.append(Request(line.strip(), options, index=index, source=where))
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON ({e.msg}): {line[:80]!r}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f'{where}: each line must be an object with a "prompt" string')
+        unknown = sorted(set(row) - set(PROMPT_FIELDS) - {"prompt"})
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown field(s) {unknown}; known: prompt, {', '.join(PROMPT_FIELDS)}"
+            )
+        try:
+            opts = with_overrides(config, options, row)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        files = {}
+        for kind in ("image", "video"):
+            if row.get(kind):
+                p = pathlib.Path(row[kind]).expanduser()
+                files[kind] = str(p if p.is_absolute() else path.parent / p)
+        requests.append(Request(row["prompt"], opts, index=index, source=where, **files))
+    return requests

@@ -1,0 +1,103 @@
+"""Item evaluators: sharded over processes, resumable after an interruption, and the same
+numbers however the items were split; the reconstruction evaluator's protocol."""
+
+import json
+
+import ml_collections
+import numpy as np
+import pytest
+
+from sora_jax.data import synthetic
+from sora_jax.evaluation import evaluators, generate
+
+
+def test_shard_ranges_are_contiguous_and_cover_every_item():
+    for n, count in [(10, 3), (7, 7), (2, 4), (96, 8)]:
+        blocks = [evaluators.shard_range(n, p, count) for p in range(count)]
+        assert [i for b in blocks for i in b] == list(range(n))
+        assert all(b.step == 1 for b in blocks)
+    with pytest.raises(ValueError, match="process_index=3"):
+        evaluators.shard_range(10, 3, 3)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_run):
+    work, config = tiny_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evaluate.type = "fvd"
+    config.evaluate.fvd_features = "random_conv"
+    config.evaluate.num_videos = 6
+    config.sample.batch_size = 4
+    gen = generate.Generator.from_workdir(work, config, ema_decay=config.sample.ema_decay)
+    options = generate.SampleOptions.from_config(config.sample, num_steps=2)
+    return work, config, gen, options
+
+
+def _evaluate(setup, eval_dir, **kw):
+    work, config, gen, options = setup
+    return evaluators.evaluate(config, work, options, generator=gen, eval_dir=eval_dir, **kw)
+
+
+def test_interrupted_and_split_runs_give_the_uninterrupted_numbers(setup, tmp_path):
+    full = _evaluate(setup, tmp_path / "full")
+    assert full["computed"] == 6 and full["scores"]["n"] == 6
+    assert full["scores"]["features"] == "random_conv" and full["scores"]["feature_dim"] == 256
+    assert np.isfinite(full["scores"]["fvd"]) and full["scores"]["fvd"] > 0
+    written = json.loads((tmp_path / "full" / f"{full['checkpoint_step']}.json").read_text())
+    assert written["scores"]["fvd"] == full["scores"]["fvd"]
+    assert written["protocol"]["features"] == "random_conv"
+    assert written["protocol"]["num_items"] == 6
+
+    # Killed after 3 items: no report yet, the rest are listed as missing.
+    part = _evaluate(setup, tmp_path / "resumed", stop_after=3)
+    assert part["computed"] == 3 and part["missing"] == [3, 4, 5] and "scores" not in part
+    assert not (tmp_path / "resumed" / f"{full['checkpoint_step']}.json").exists()
+    again = _evaluate(setup, tmp_path / "resumed")
+    assert again["computed"] == 3  # only the missing items
+    assert again["scores"]["fvd"] == pytest.approx(full["scores"]["fvd"], rel=1e-9, abs=1e-12)
+
+    # Two processes sharing the items: process 1 first, then process 0 aggregates.
+    one = _evaluate(setup, tmp_path / "split", process_index=1, process_count=2)
+    assert one == {**one, "computed": 3} and "scores" not in one
+    zero = _evaluate(setup, tmp_path / "split", process_index=0, process_count=2)
+    assert zero["computed"] == 3
+    assert zero["scores"]["fvd"] == pytest.approx(full["scores"]["fvd"], rel=1e-9, abs=1e-12)
+    items = tmp_path / "split" / str(full["checkpoint_step"]) / "fvd"
+    assert (items / "done-0.txt").read_text().split() == ["0", "1", "2"]
+    assert (items / "done-1.txt").read_text().split() == ["3", "4", "5"]
+
+    # A re-run with another protocol is refused instead of mixing results.
+    work, config, gen, options = setup
+    other = generate.SampleOptions.from_config(config.sample, num_steps=3)
+    with pytest.raises(ValueError, match="another protocol"):
+        evaluators.evaluate(config, work, other, generator=gen, eval_dir=tmp_path / "full")
+
+
+def test_adherence_items_aggregate_like_the_whole_set(setup, tmp_path):
+    work, config, gen, options = setup
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evaluate.type = "prompt_adherence"
+    config.evaluate.num_videos = 3
+    report = evaluators.evaluate(config, work, options, generator=gen, eval_dir=tmp_path)
+    prompts = evaluators._adherence_prompts(config)
+    videos, _ = gen.generate(prompts, options, pad_to=4)
+    from sora_jax.evaluation import adherence
+
+    want = adherence.score(videos, prompts)
+    assert report["scores"] == json.loads(json.dumps(want))
+
+
+def test_reconstruction_uses_held_out_clips(tiny_run, tmp_path):
+    work, config = tiny_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evaluate.type = "reconstruction"
+    config.evaluate.num_videos = 4
+    options = generate.SampleOptions.from_config(config.sample)
+    report = evaluators.evaluate(config, work, options, eval_dir=tmp_path)
+    # The pixels tokenizer is exact: PSNR at its 100 dB cap, SSIM 1.
+    assert report["scores"]["psnr"] == pytest.approx(100.0)
+    assert report["scores"]["ssim"] == pytest.approx(1.0)
+    seed = report["protocol"]["held_out_seed"]
+    assert seed == config.data.source.seed + evaluators.HELD_OUT_SEED_OFFSET + config.evaluate.seed
+    training = {synthetic.clip_spec(i, config.data.source.seed) for i in range(32)}
+    assert not training & {synthetic.clip_spec(i, seed) for i in range(4)}
