@@ -271,8 +271,31 @@ def validate(config: ConfigDict) -> None:
                 f"the batch shards data x fsdp = {batch_shards} of the mesh; change one of them"
             )
     errors.extend(_context_parallel_errors(config.model, shape, bucket_tokens))
+    errors.extend(_lora_errors(config))
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _lora_errors(config: ConfigDict) -> list[str]:
+    """The `lora` section (sora_jax/models/lora.py): rank >= 0, alpha >= 0, and a `targets`
+    regex that matches kernels of the model (checked on its abstract parameters)."""
+    if "lora" not in config or not config.lora:
+        return []
+    from sora_jax.models import lora as lora_lib
+
+    section = config.lora
+    rank, alpha = section.get("rank", 0), section.get("alpha", 0.0)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        return [f"lora.rank={rank!r} must be an integer >= 0 (0 = full fine-tuning, no LoRA)"]
+    if not isinstance(alpha, int | float) or alpha < 0:
+        return [f"lora.alpha={alpha!r} must be a number >= 0 (0 = alpha equals the rank)"]
+    if rank == 0:
+        return []
+    try:
+        lora_lib.target_paths(lora_lib.model_params_shape(config.model), section.targets)
+    except (lora_lib.LoraError, ValueError) as e:
+        return [str(e)]
+    return []
 
 
 def _context_parallel_errors(model, shape, bucket_tokens: dict[str, int]) -> list[str]:

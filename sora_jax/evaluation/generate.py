@@ -36,7 +36,6 @@ from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import checkpoint as ckpt_lib
 from sora_jax.training import loop
-from sora_jax.training import state as state_lib
 from sora_jax.training import step as step_lib
 
 
@@ -267,7 +266,8 @@ class Generator:
         step: int | None = None,
         ema_decay: float | None = None,
     ) -> Generator:
-        """Loads a run's parameters: EMA with `ema_decay` (> 0), or the raw ones (0/None)."""
+        """Loads a run's parameters: EMA with `ema_decay` (> 0), or the raw ones (0/None);
+        a LoRA run's factors come merged into its base."""
         workdir = pathlib.Path(workdir)
         if config is None:
             config = config_lib.load_run_config(workdir)
@@ -280,22 +280,10 @@ class Generator:
         manifest = shards.read_manifest(tokenization.dataset_dir(config, workdir))
         mesh = mesh_lib.create_mesh(config.mesh)
         rules = mesh_lib.logical_rules(config.mesh)
-        _, _, _, abstract, _ = loop.setup_state(config, manifest, mesh, rules)
-        if ema_decay:
-            key = state_lib.ema_key(ema_decay)
-            if key not in abstract.ema:
-                raise ValueError(
-                    f"the run keeps no EMA with decay {ema_decay}; it has "
-                    f"{list(config.optimizer.ema_decays)} (use 0 for the raw parameters)"
-                )
-            target = {"ema": {key: abstract.ema[key]}}
-            weights = f"ema {ema_decay:g}"
-        else:
-            target = {"params": abstract.params}
-            weights = "raw"
-        with jax.set_mesh(mesh):
-            restored, step = ckpt_lib.restore_params(ckpt_dir, target, step)
-        params = restored["ema"][key] if ema_decay else restored["params"]
+        # EMA or raw weights; for a LoRA run the factors merged into its frozen base.
+        params, step, weights = ckpt_lib.restore_params_for_sampling(
+            workdir, config, manifest, mesh, rules, step=step, ema_decay=ema_decay
+        )
         return cls(config, manifest, params, step, weights)
 
     @functools.cached_property

@@ -4,6 +4,11 @@ One checkpoint holds everything a continuation needs (USER_PAINS 2): the train s
 (step, params, optimizer state, EMA) under `state`, and the input pipeline's position
 under `data`. Restoring always targets the abstract state built from the *current* mesh,
 so a checkpoint written on one device layout restores onto any other (USER_PAINS 4).
+
+LoRA runs (`config.lora.rank > 0`): the state's frozen `base` is never saved (only the
+factors, their optimizer state and EMA); the run records where its base came from in
+`WORKDIR/lora_base.json` (`record_lora_base`), and a resume or `restore_params_for_sampling`
+reloads it from there.
 """
 
 from __future__ import annotations
@@ -45,10 +50,18 @@ def save(
 ) -> bool:
     """Starts a (possibly asynchronous) save of `state`, `data_state` and the resolved
     `config` (a JSON dict) at `step`."""
-    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    items = dict(state=ocp.args.StandardSave(stored(state)), data=ocp.args.JsonSave(data_state))
     if config is not None:
         items["config"] = ocp.args.JsonSave(config)
     return mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def stored(state):
+    """The part of a train state a checkpoint holds: all of it but a LoRA run's frozen base
+    (restores return it with `base=None`; the caller puts the base back)."""
+    if getattr(state, "base", None) is None:
+        return state
+    return state.replace(base=None)
 
 
 def saved_config(directory: str | os.PathLike, step: int) -> dict[str, Any] | None:
@@ -68,12 +81,13 @@ def _step(mngr: ocp.CheckpointManager, step: int | None) -> int:
 def restore(
     mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
 ) -> tuple[Any, dict[str, Any], int]:
-    """Restores `(state, data_state, step)` into the shardings of `abstract_state`."""
+    """Restores `(state, data_state, step)` into the shardings of `abstract_state` (a LoRA
+    state comes back with `base=None`)."""
     step = _step(mngr, step)
     restored = mngr.restore(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(stored(abstract_state)), data=ocp.args.JsonRestore()
         ),
     )
     return restored["state"], dict(restored["data"] or {}), step
@@ -261,3 +275,80 @@ def _flatten(tree, prefix=""):
             yield from _flatten(v, key)
         else:
             yield key, v
+
+
+# --- LoRA runs: the recorded base, and merged parameters for sampling --------------------
+
+LORA_BASE_FILE = "lora_base.json"
+
+
+def record_lora_base(
+    workdir: str | os.PathLike, checkpoint: str, source: str, allow: tuple[str, ...]
+) -> None:
+    """Writes `WORKDIR/lora_base.json`: the checkpoint step (`dir/step`, resolved, so the base
+    stays fixed while its run goes on), the tree and the allow patterns of the frozen base."""
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    path = pathlib.Path(workdir) / LORA_BASE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"checkpoint": str(checkpoint), "source": source, "allow": list(allow)}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def recorded_lora_base(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The record `record_lora_base` wrote, or an error saying how to provide the base."""
+    path = pathlib.Path(workdir) / LORA_BASE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist: a LoRA run (lora.rank > 0) reloads its frozen base from "
+            "the checkpoint recorded there when it started with --init_from; start the run "
+            "with --init_from=BASE_RUN (or write the file: "
+            '{"checkpoint": "BASE_RUN/checkpoints/STEP", "source": "params", "allow": []})'
+        )
+    return json.loads(path.read_text())
+
+
+def restore_params_for_sampling(
+    workdir: str | os.PathLike,
+    config,
+    manifest: dict[str, Any],
+    mesh,
+    rules,
+    *,
+    step: int | None = None,
+    ema_decay: float | None = None,
+):
+    """`(params, step, weights)`: the model parameters of a run's checkpoint, ready for
+    `VideoDiT.apply`: the EMA with `ema_decay` (> 0) or the raw parameters (0/None); for a
+    LoRA run (`config.lora.rank > 0`) the factors merged into the recorded frozen base.
+    `weights` names what was loaded ('raw', 'ema 0.999', '+ lora r=…')."""
+    import jax
+
+    from sora_jax.models import lora as lora_lib
+    from sora_jax.training import hooks, loop
+    from sora_jax.training import state as state_lib
+
+    workdir = pathlib.Path(workdir)
+    _, _, init_fn, abstract, shardings = loop.setup_state(config, manifest, mesh, rules)
+    if ema_decay:
+        key = state_lib.ema_key(ema_decay)
+        if key not in abstract.ema:
+            raise ValueError(
+                f"the run keeps no EMA with decay {ema_decay}; it has "
+                f"{list(config.optimizer.ema_decays)} (use 0 for the raw parameters)"
+            )
+        target, weights = {"ema": {key: abstract.ema[key]}}, f"ema {ema_decay:g}"
+    else:
+        target, weights = {"params": abstract.params}, "raw"
+    with jax.set_mesh(mesh):
+        restored, step = restore_params(workdir / "checkpoints", target, step)
+    params = restored["ema"][key] if ema_decay else restored["params"]
+    lora = lora_lib.LoraConfig.from_config(config.get("lora"))
+    if lora.enabled:
+        base = hooks.lora_base(workdir, init_fn, abstract, shardings, mesh, rules, config)
+        with jax.set_mesh(mesh):
+            params = jax.jit(lora_lib.merge, static_argnums=2)(base, params, lora.scale)
+        weights += f" + lora r={lora.rank}"
+    return params, step, weights

@@ -10,8 +10,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from sora_jax.diffusion import flow, validation
+from sora_jax.models import lora as lora_lib
 from sora_jax.training import checkpoint as ckpt_lib
 from sora_jax.training import state as state_lib
 from sora_jax.training import step as step_lib
@@ -40,7 +42,7 @@ def check_resume_structure(directory, step: int, abstract_state, config_json: di
     saved = ckpt_lib.saved_shapes(pathlib.Path(directory), step, "")
     if not saved:
         raise OSError(f"{directory}/{step}/state has no readable array metadata")
-    wanted = ckpt_lib._flat_shapes(abstract_state)
+    wanted = ckpt_lib._flat_shapes(ckpt_lib.stored(abstract_state))  # a LoRA base is not saved
     report = ckpt_lib.load_report(saved, wanted)
     if not any(report.values()):
         return
@@ -95,23 +97,111 @@ def restore_for_resume(mngr, abstract_state, config_json: dict):
     return None
 
 
-def init_from(state, abstract_state, path: str, opts, mesh):
-    """The fresh `state` with parameters (and EMA copies) loaded from another run."""
-    params, report = ckpt_lib.load_for_init(
+def init_from(state, abstract_state, path: str, opts, mesh, *, patch=None, workdir=None):
+    """The fresh `state` with parameters (and EMA copies) loaded from another run.
+
+    A LoRA state (`state.base` set) loads the frozen base instead, keeps its fresh factors,
+    and records the checkpoint in `workdir` for resumes and sampling. With the model's
+    `patch` given, a saved patch kernel with fewer input channels is extended with zero rows
+    (sora_jax/models/surgery.py: a t2v checkpoint into an i2v model, same output at step 0).
+    """
+    lora = state.base is not None
+    params, report = load_params(
+        state.base if lora else state.params,
+        abstract_state.base if lora else abstract_state.params,
         path,
-        abstract_state.params,
-        state.params,
         source=opts.init_from_source,
         allow=tuple(opts.init_from_allow),
+        patch=patch,
     )
     print(
         f"init_from {report['checkpoint']} ({report['source']}): {report['loaded']} leaves "
-        f"loaded; kept fresh: missing {report['missing']}, reshaped {report['reshaped']}; "
-        f"ignored: {report['unexpected']}",
+        f"loaded{' as the frozen LoRA base' if lora else ''}; kept fresh: missing "
+        f"{report['missing']}, reshaped {report['reshaped']}; ignored: {report['unexpected']}",
         flush=True,
     )
+    if lora:
+        if workdir is not None:
+            ckpt_lib.record_lora_base(
+                workdir, report["checkpoint"], opts.init_from_source, tuple(opts.init_from_allow)
+            )
+        return state.replace(base=params)
     ema = {k: params for k in state.ema}  # EMA starts at the loaded weights, as at init
     return state.replace(params=params, ema=ema)
+
+
+def load_params(fresh, abstract, path, *, source="params", allow=(), patch=None):
+    """`checkpoint.load_for_init` plus model surgery: when the saved patch kernel has fewer
+    input channels than the model's (a t2v checkpoint for a model with
+    `model.cond_channels`), it loads with zero rows for the added channels."""
+    from sora_jax.models import surgery
+
+    directory, step = ckpt_lib.resolve_checkpoint(path)
+    key = surgery.PATCH_KERNEL
+    saved = ckpt_lib.saved_shapes(directory, step, source).get(key)
+    wanted = ckpt_lib._flat_shapes(abstract).get(key)
+    added = 0
+    if patch is not None and saved is not None and wanted is not None:
+        if tuple(saved[1:]) == tuple(wanted[1:]):
+            added = surgery.added_channels(saved[0], wanted[0], patch)
+    allow = tuple(allow) + ((key,) if added else ())
+    params, report = ckpt_lib.load_for_init(
+        f"{directory}/{step}", abstract, fresh, source=source, allow=allow
+    )
+    if not added:
+        return params, report
+    # Read the saved kernel at its own shape, then append the zero rows.
+    leaf = abstract["patch_embedding"]["kernel"]
+    target = {
+        "patch_embedding": {
+            "kernel": jax.ShapeDtypeStruct(saved, leaf.dtype, sharding=leaf.sharding)
+        }
+    }
+    wrapped = node = {}
+    parts = source.split("/")
+    for k in parts[:-1]:
+        node = node.setdefault(k, {})
+    node[parts[-1]] = target
+    restored, _ = ckpt_lib.restore_params(directory, wrapped, step)
+    for k in parts:
+        restored = restored[k]
+    kernel = surgery.expand_patch_kernel(restored["patch_embedding"]["kernel"], patch, added)
+    embed = dict(params["patch_embedding"], kernel=jax.device_put(kernel, leaf.sharding))
+    params = {**params, "patch_embedding": embed}
+    report["reshaped"] = [r for r in report["reshaped"] if not r.startswith(key + ":")]
+    report["loaded"] += 1
+    report["surgery"] = f"{key} {tuple(saved)} -> {tuple(wanted)}: +{added} input channels"
+    print(
+        f"init_from: {key} saved {tuple(saved)} -> model {tuple(wanted)}: added {added} "
+        "conditioning input channels with zero rows (sora_jax.models.surgery), so the model "
+        "outputs what the checkpoint's model did until training uses them",
+        flush=True,
+    )
+    return params, report
+
+
+def lora_base(workdir, init_fn, abstract_state, shardings, mesh, rules, config):
+    """The frozen base of a LoRA run, reloaded from the checkpoint its first start recorded
+    (`lora_base.json`): leaves it kept fresh then are re-created from the same seed."""
+    from sora_jax.models import dit
+
+    record = ckpt_lib.recorded_lora_base(workdir)
+
+    def init_base(rng):
+        return nn.meta.unbox(init_fn(rng)).base
+
+    with jax.set_mesh(mesh):
+        fresh = jax.jit(init_base, out_shardings=shardings.base)(jax.random.key(config.seed))
+        base, report = load_params(
+            fresh,
+            abstract_state.base,
+            record["checkpoint"],
+            source=record["source"],
+            allow=tuple(record["allow"]),
+            patch=tuple(dit.model_fields(config.model).get("patch_size", dit.VideoDiT.patch_size)),
+        )
+    print(f"LoRA base reloaded from {report['checkpoint']} ({report['source']})", flush=True)
+    return base
 
 
 def rollback(mngr, abstract_state, state, done: int, skips) -> Any:
@@ -126,6 +216,7 @@ def rollback(mngr, abstract_state, state, done: int, skips) -> Any:
             "the data of these steps, or raise training.max_consecutive_skips"
         )
     good, _, good_step = restored
+    good = good.replace(base=state.base)  # a LoRA run's frozen base is not in checkpoints
     log.warning(
         "%d consecutive non-finite updates up to step %d: rolled the parameters back to "
         "checkpoint %d; the data continues after step %d",
@@ -197,9 +288,13 @@ class Evaluator:
 
     def _params(self, state):
         decay = self.config.sample.get("ema_decay", 0.0)
+        params, weights = state.params, "raw"
         if decay:
-            return state.ema[state_lib.ema_key(decay)], f"ema {decay:g}"
-        return state.params, "raw"
+            params, weights = state.ema[state_lib.ema_key(decay)], f"ema {decay:g}"
+        if state.base is not None:  # LoRA: the model is the base with the factors merged
+            lora = lora_lib.LoraConfig.from_config(self.config.get("lora"))
+            params = jax.jit(lora_lib.merge, static_argnums=2)(state.base, params, lora.scale)
+        return params, weights
 
     def validation(self, state) -> dict[str, float]:
         return self.validation_of(self._params(state)[0])

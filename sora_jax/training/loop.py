@@ -6,6 +6,9 @@ checkpoint that reads back, with the data pipeline at the same position: the con
 draws exactly the batches and random numbers an uninterrupted run would have. A resume
 whose config changes the state's structure is refused, naming the differing fields.
 `training.init_from` (or `--init_from`) starts a new run from another run's parameters.
+With `lora.rank > 0` (sora_jax/models/lora.py) those parameters are the frozen base and
+only LoRA factors train; the base's checkpoint is recorded in the workdir and reloaded on
+resume (checkpoints hold the factors, not the base).
 
 Failures (sora_jax/training/resilience.py): a non-finite update is skipped and counted;
 `training.max_consecutive_skips` in a row roll the parameters back to the last good
@@ -31,6 +34,7 @@ from sora_jax import config as config_lib
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.models import build_model
+from sora_jax.models import lora as lora_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import checkpoint as ckpt_lib
 from sora_jax.training import hooks, perf, resilience
@@ -76,7 +80,11 @@ def setup_state(config, manifest, mesh, rules):
     model = model_for(config, manifest)
     tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
     init_fn = state_lib.make_init_fn(
-        model, tx, example_inputs(config, manifest), tuple(config.optimizer.ema_decays)
+        model,
+        tx,
+        example_inputs(config, manifest),
+        tuple(config.optimizer.ema_decays),
+        lora=lora_lib.LoraConfig.from_config(config.get("lora")),
     )
     abstract, shardings = state_lib.abstract_state(init_fn, mesh, rules)
     return model, tx, init_fn, abstract, shardings
@@ -171,18 +179,33 @@ def train(
                 f"no checkpoint in {mngr.directory} restores (all failed, see the warnings): "
                 "move the directory away to start afresh, or fix the files"
             )
+    lora = abstract.base is not None  # LoRA: checkpoints hold the factors, not the base
     if restored is not None:
         state, data_state, start = restored
+        if lora:
+            base = hooks.lora_base(workdir, init_fn, abstract, shardings, mesh, rules, config)
+            state = state.replace(base=base)
         pipeline.set_state(data_state)
         metrics_lib.truncate_after(workdir, start)
         print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
     else:
+        if lora and not init_from:
+            raise ValueError(
+                f"lora.rank={config.lora.rank} fine-tunes a trained model, but no base was "
+                "given: pass --init_from=BASE_RUN (or training.init_from), or set lora.rank=0"
+            )
         state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
         start = 0
         if init_from:
-            state = hooks.init_from(state, abstract, init_from, opts, mesh)
+            state = hooks.init_from(
+                state, abstract, init_from, opts, mesh, patch=model.patch_size, workdir=workdir
+            )
     n_params = state_lib.param_count(state.params)
-    print(f"model: {n_params:,} parameters", flush=True)
+    if lora:
+        n_base = state_lib.param_count(state.base)
+        print(f"model: {n_base:,} frozen + {n_params:,} LoRA parameters", flush=True)
+    else:
+        print(f"model: {n_params:,} parameters", flush=True)
 
     # --- Compile ------------------------------------------------------------------------
     jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)

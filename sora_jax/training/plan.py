@@ -284,5 +284,13 @@ def plan(
     _, plans = compile_steps(jitted, abstract, manifest, steps, config, mesh, rules)
     limit = memory_gb if memory_gb else device_memory_gb(mesh.devices.flat[0])
     print(format_plan(plans, mesh, limit), flush=True)
+    if abstract.base is not None:  # LoRA: the frozen base is an argument, not trained
+        from sora_jax.training import state as state_lib
+
+        print(
+            f"  LoRA rank {config.lora.rank}: {state_lib.param_count(abstract.params):,} "
+            f"trainable parameters on a frozen base of {state_lib.param_count(abstract.base):,}",
+            flush=True,
+        )
     check_memory(plans, limit)
     return plans

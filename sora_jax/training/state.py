@@ -1,6 +1,10 @@
 """TrainState and its sharded initialization (DESIGN.md §4.4, STYLE.md 7).
 
-The state is a pytree `step, params, opt_state, ema (decay -> params)`. It is never
+The state is a pytree `step, params, opt_state, ema (decay -> params)`, plus `base` for LoRA
+fine-tuning (`config.lora.rank > 0`, sora_jax/models/lora.py): then `params` (and the
+optimizer state and the EMA) hold only the LoRA factors and `base` the frozen model, which
+checkpoints leave out (it is reloaded from the run's `init_from`). Without LoRA `base` is
+None. The state is never
 materialized on one device: `jax.eval_shape` gives the abstract state with its logical
 axis names, the config's rules turn those into shardings, and `jax.jit(init,
 out_shardings=...)` creates every shard where it lives.
@@ -25,6 +29,12 @@ class TrainState:
     params: Any
     opt_state: Any
     ema: dict[str, Any]  # ema_key(decay) -> params averaged with that decay
+    base: Any = None  # LoRA: the frozen model parameters; None for full fine-tuning
+
+
+def without_base(state):
+    """The part of a state that checkpoints hold: everything but the frozen LoRA base."""
+    return state if state.base is None else state.replace(base=None)
 
 
 def ema_key(decay: float) -> str:
@@ -37,11 +47,26 @@ def make_init_fn(
     tx: optax.GradientTransformation,
     example_inputs: tuple,
     ema_decays: tuple[float, ...],
+    lora=None,
 ) -> Callable[[jax.Array], TrainState]:
-    """`init(rng) -> TrainState` whose leaves are still `nn.LogicallyPartitioned` boxes."""
+    """`init(rng) -> TrainState` whose leaves are still `nn.LogicallyPartitioned` boxes.
+
+    With `lora` (a LoraConfig with rank > 0) the trainable `params` are the LoRA factors of
+    the model's parameters, which become the frozen `base`."""
 
     def init(rng):
         params = model.init(rng, *example_inputs)["params"]
+        if lora is not None and lora.enabled:
+            from sora_jax.models import lora as lora_lib
+
+            factors = lora_lib.init(jax.random.fold_in(rng, 1), params, lora)
+            return TrainState(
+                step=jnp.zeros((), jnp.int32),
+                params=factors,
+                opt_state=tx.init(factors),
+                ema={ema_key(d): factors for d in ema_decays},
+                base=params,
+            )
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,

@@ -9,6 +9,11 @@ Conditioning tasks (`diffusion.tasks`, sora_jax/diffusion/conditioning.py) are d
 the loss from the batch's own latents; `model.cond_channels` (0 = given frames enter through
 per-frame t = 0 only, C + 1 = also as input channels) is checked against the tasks and the
 latent channels when the step is built, before anything is compiled.
+
+LoRA (`config.lora.rank > 0`, sora_jax/models/lora.py): `state.params` holds the factors
+A, B and `state.base` the frozen model. The step merges `W + (alpha / r) A B` inside jit and
+differentiates the loss with respect to A and B only; the optimizer, the EMA and the
+gradient norm see only the factors, and `state.base` passes through unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import optax
 from flax import linen as nn
 
 from sora_jax.diffusion import flow
+from sora_jax.models import lora as lora_lib
 from sora_jax.training.state import TrainState, ema_key
 
 
@@ -69,6 +75,7 @@ def make_train_step(
     schedule: optax.Schedule,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     apply_fn = make_apply_fn(model)
+    lora = lora_lib.LoraConfig.from_config(config.get("lora"))
     patch = tuple(config.model.patch_size)
     cond_channels = int(config.model.get("cond_channels", 0) or 0)
     # VideoDiT's velocity has the latent channels C; check tasks and channels before jit.
@@ -85,9 +92,14 @@ def make_train_step(
         alpha = flow.shift_alpha(config.diffusion, batch["latents"].shape[1:], patch)
         key = step_key(config.seed, state.step)
 
+        def fn(params, *inputs):
+            if lora.enabled:  # params are the factors; the base is a constant of the loss
+                params = lora_lib.merge(state.base, params, lora.scale)
+            return apply_fn(params, *inputs)
+
         def loss(params, micro, row_offset):
             return flow.loss_fn(
-                apply_fn, params, micro, key, config.diffusion, alpha,
+                fn, params, micro, key, config.diffusion, alpha,
                 cond_channels=cond_channels, row_offset=row_offset,
             )  # fmt: skip
 
