@@ -146,13 +146,13 @@ class LoadReport:
             )
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
+def get_path(tree: Mapping, path: tuple[str, ...]):
     for key in path:
         tree = tree[key]
     return tree
@@ -194,7 +194,7 @@ def load_params(
         if found not in checkpoint.shapes:
             missing.append(name)
             continue
-        want = tuple(_get(abstract_params, path).shape)
+        want = tuple(get_path(abstract_params, path).shape)
         want = want[::-1] if transpose else want
         if checkpoint.shapes[found] != want:
             mismatched.append((found, want, checkpoint.shapes[found]))
@@ -214,6 +214,6 @@ def load_params(
     for name, found in source_of.items():
         path, transpose = name_map[name]
         value = tensors[found].T if transpose else tensors[found]
-        dtype = _get(abstract_params, path).dtype
-        _set(params, path, np.ascontiguousarray(value.astype(dtype)))
+        dtype = get_path(abstract_params, path).dtype
+        set_path(params, path, np.ascontiguousarray(value.astype(dtype)))
     return params, report

@@ -66,7 +66,7 @@ from safetensors import safe_open
 from sora_jax.models import dit as dit_lib
 from sora_jax.models import rope as rope_lib
 from sora_jax.models import safetensors_io
-from sora_jax.models.safetensors_io import Checkpoint, LoadReport
+from sora_jax.models.safetensors_io import Checkpoint, LoadReport, get_path, set_path
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"
@@ -442,7 +442,7 @@ def load_diffusers(
     params: dict = {}
     for path, leaf in leaves.items():
         if path[0] == "blocks":
-            _set(params, path, np.empty(leaf.shape, leaf.dtype))
+            set_path(params, path, np.empty(leaf.shape, leaf.dtype))
     by_file: dict[pathlib.Path, list[Rule]] = {}  # each shard is opened once
     for r in rules:
         by_file.setdefault(checkpoint._file_of[r.name], []).append(r)
@@ -453,25 +453,13 @@ def load_diffusers(
                 x = fh.get_tensor(r.name)  # the only source tensor in memory
                 if r.layer is None:
                     value = to_sora(r.kind, x, tuple(leaf.shape))
-                    _set(params, r.path, np.ascontiguousarray(value, dtype=leaf.dtype))
+                    set_path(params, r.path, np.ascontiguousarray(value, dtype=leaf.dtype))
                 else:
-                    _get(params, r.path)[r.layer] = to_sora(r.kind, x, tuple(leaf.shape[1:]))
+                    get_path(params, r.path)[r.layer] = to_sora(r.kind, x, tuple(leaf.shape[1:]))
                 if progress is not None:
                     progress(int(x.size))
                 del x
     return params, fields, shapes, report
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get(tree: Mapping, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def write_init_checkpoint(out: str | os.PathLike, params: dict) -> pathlib.Path:
@@ -697,11 +685,11 @@ def load_run_params(src: str | os.PathLike, source: str = "params", step: int | 
     abstract: dict = {}
     for name, shape in saved.items():
         leaf = jax.ShapeDtypeStruct(tuple(shape), jnp.float32, sharding=sharding)
-        _set(abstract, tuple(name.split("/")), leaf)
+        set_path(abstract, tuple(name.split("/")), leaf)
     wrapped: dict = {}
-    _set(wrapped, tuple(source.split("/")), abstract)
+    set_path(wrapped, tuple(source.split("/")), abstract)
     restored, _ = ckpt_lib.restore_params(directory, wrapped, step)
-    params = _get(restored, tuple(source.split("/")))
+    params = get_path(restored, tuple(source.split("/")))
     return params, fields, f"{directory}/{step} ({source})"
 
 

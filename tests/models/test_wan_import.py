@@ -126,7 +126,7 @@ def test_every_tensor_changes_the_output():
     base, _ = _forward(params, fields, shapes, *args)
     for r in wan.name_map(fields["num_layers"], True, False):
         broken = jax.tree.map(np.copy, params)
-        wan._set(broken, r.path, np.zeros_like(wan._get(params, r.path)) + 0.5)
+        wan.set_path(broken, r.path, np.zeros_like(wan.get_path(params, r.path)) + 0.5)
         out, _ = _forward(broken, fields, shapes, *args)
         assert np.abs(out - base).max() > 1e-4, f"{r.name} does not affect the output"
 
