@@ -229,9 +229,10 @@ class FileSource:
             raise Reject("bad_size", f"{e.path}: {info.width}x{info.height}")
         fps = e.fps or info.fps
         interval = vf.frame_interval(fps, o.fps)
-        known = info.frames if info.frames > 0 else None
+        # Headers without a length (some streamed containers): count the frames once.
+        known = info.frames if info.frames > 0 else vf.count_frames(e.path, timers)
         for _ in range(2):  # a second pass when the header overstated the length
-            avail = vf.available_frames(known if known else 10**9, interval)
+            avail = vf.available_frames(known, interval)
             bucket = buckets_lib.assign(
                 avail, info.height, info.width, self.buckets, key=str(e.path),
                 policy=o.fit, max_upscale=o.max_upscale, seed=o.seed,
@@ -263,7 +264,7 @@ class FileSource:
                     )
             if clips:
                 return clips
-            if known is not None and count >= known:
+            if count >= known:
                 break
             known = count  # the decode found the real length: cut the clips again
         raise Reject("truncated", f"{e.path}: header says {info.frames} frames, decoded {count}")

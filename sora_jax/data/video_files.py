@@ -161,6 +161,28 @@ def decode(
     return out, index + 1
 
 
+def count_frames(path: str | os.PathLike, timers: dict[str, float] | None = None) -> int:
+    """Frames of the first video stream, by decoding them all (no conversion): for
+    containers whose header gives neither a frame count nor a duration."""
+    path = pathlib.Path(path)
+    timers = timers if timers is not None else {}
+    t0 = time.perf_counter()
+    count = 0
+    with _open(path) as container:
+        if not container.streams.video:
+            raise Reject("no_video_stream", f"{path}")
+        try:
+            for _ in container.decode(container.streams.video[0]):
+                count += 1
+        except (av.FFmpegError, ValueError) as e:
+            if count == 0:
+                raise Reject("decode_error", f"{path}: {e}") from e
+    timers["decode_s"] = timers.get("decode_s", 0.0) + time.perf_counter() - t0
+    if count == 0:
+        raise Reject("no_frames", str(path))
+    return count
+
+
 def frame_interval(source_fps: float, target_fps: float) -> int:
     """Source frames per output frame: `round(source / target)`, at least 1; 1 when either
     rate is unknown (0) so the clip keeps every frame."""

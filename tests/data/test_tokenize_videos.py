@@ -21,6 +21,7 @@ from PIL import Image
 
 from sora_jax import config as config_lib
 from sora_jax import video_io
+from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import inspect as inspect_lib
 from sora_jax.data import records, shards, tokenization
 
@@ -311,3 +312,30 @@ def test_image_folder_and_a_mixture_with_videos(media, tmp_path):
     assert bad == {"a_videos", "b_images"} and len(lines) == len(fx.BAD) + 1
     assert any(r["id"].endswith("nocap.png") and r["reason"] == "bad_caption" for r in lines)
     assert summary["source"]["num_inputs"] == len(fx.GOOD) + len(fx.BAD) + len(shapes)
+
+
+def test_a_header_without_length_is_counted_by_decoding(media, monkeypatch):
+    from sora_jax.data import sources
+    from sora_jax.data import video_files as vf
+
+    assert vf.count_frames(media / "landscape.mp4") == len(
+        video_io.read_video(media / "landscape.mp4")
+    )
+    real = vf.probe
+
+    def no_length(path):  # as a streamed container reports: no frame count, no duration
+        info = real(path)
+        return vf.VideoInfo(frames=0, fps=info.fps, height=info.height, width=info.width)
+
+    monkeypatch.setattr(vf, "probe", no_length)
+    config = make_config(media, media / "unused")
+    source = sources.build_source(
+        config.data.source,
+        buckets_lib.buckets_from_config(config.data),
+        sources.ClipOptions.from_config(config.data),
+    )
+    index = [e.path.name for e in source.entries].index("landscape.mp4")
+    clips = source.clips(index)
+    bucket, starts, interval = fx.EXPECTED["landscape.mp4"]
+    assert [c.bucket for c in clips] == [bucket] * len(starts)
+    assert [c.source_id.split("#")[1] for c in clips] == [str(s * interval) for s in starts]
