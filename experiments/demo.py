@@ -96,6 +96,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.text_encoder.dim = 64
     # Text tokens S per caption (longer captions are truncated).
     c.text_encoder.max_length = 8
+    # 'tokenize': embeddings stored in the shards; 'train_step': token ids stored, the frozen
+    # encoder runs in the train step (minilm / t5 only; docs/text_encoders.md).
+    c.text_encoder.embed = "tokenize"
 
     c.data = ml_collections.ConfigDict()
     # Tokenized dataset directory; '' = WORKDIR/data.

@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dict(name="vae", path="", preset="wan2_1", decode_chunk_frames=1, decode_tile=0)
         )
         c.text_encoder = ml_collections.ConfigDict(
-            dict(name="minilm", max_length=32, batch_size=64, dtype="float32")
+            dict(name="minilm", max_length=32, batch_size=64, dtype="float32", embed="tokenize")
         )
     c.data.buckets = ml_collections.ConfigDict(table)
     c.data.tokenize.fps = arg.fps

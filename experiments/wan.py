@@ -50,10 +50,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.tokenizer = ml_collections.ConfigDict(
         dict(name="vae", path="", preset="wan2_1", decode_chunk_frames=1, decode_tile=0)
     )
-    # umT5-XXL from a local Hugging Face directory (docs/text_encoders.md).
+    # umT5-XXL from a local Hugging Face directory (docs/text_encoders.md). Its embeddings
+    # take 8 MB per caption in the shards; embed='train_step' stores 2 KB of token ids and
+    # runs the frozen encoder, sharded over fsdp, inside the train step.
     c.text_encoder = ml_collections.ConfigDict(
-        dict(name="t5", path="", dim=4096, max_length=512, dtype="bfloat16", batch_size=16)
-    )
+        dict(
+            name="t5", path="", dim=4096, max_length=512, dtype="bfloat16", batch_size=16,
+            embed="tokenize",
+        )
+    )  # fmt: skip
 
     c.data.buckets = ml_collections.ConfigDict(
         {bucket: dict(frames=arg.frames, height=arg.height, width=arg.width, weight=1.0)}

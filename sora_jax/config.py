@@ -272,6 +272,12 @@ def validate(config: ConfigDict) -> None:
             )
     errors.extend(_context_parallel_errors(config.model, shape, bucket_tokens))
     errors.extend(_lora_errors(config))
+    from sora_jax.models import text as text_lib
+
+    try:
+        text_lib.embed_mode(config.text_encoder)
+    except ValueError as e:
+        errors.append(str(e))
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 

@@ -180,7 +180,7 @@ class Pipeline:
         patch_size: Sequence[int] = (1, 1, 1),
         data_parallel: int | None = None,
         expected_manifest: Mapping[str, Any] | None = None,
-        fields: Sequence[str] = ("latents", "text", "text_mask"),
+        fields: Sequence[str] | None = None,  # default: step_fields(manifest)
         process_index: int | None = None,
         process_count: int | None = None,
         prefetch: int = 2,
@@ -208,6 +208,7 @@ class Pipeline:
         )
         self.datasets, self.buckets, self.unused = table.datasets, table.buckets, table.unused
         self.manifest = table.manifest  # tokenizer, text encoder; buckets by plain name
+        self.fields = tuple(fields or step_fields(self.manifest))
         self.dataset_dir = self.datasets[0].dir
         self.bucket_weights = {b.key: b.weight for b in self.buckets}
         sources = [mixture.open_source(b) if b.weight > 0 else None for b in self.buckets]
@@ -217,7 +218,7 @@ class Pipeline:
             seed=self.seed,
             index=self.process_index,
             count=self.process_count,
-            fields=fields,
+            fields=self.fields,
         )
         self._next_step = 0
         self._source: Iterator[dict[str, Any]] | None = None
@@ -388,6 +389,14 @@ class Pipeline:
             self.close()
         except Exception:  # interpreter shutdown: the daemon thread dies with it
             pass
+
+
+def step_fields(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The record fields the train step reads: latents, and the text embeddings and mask
+    or, for a dataset tokenized with `text_encoder.embed='train_step'`, the token ids."""
+    from sora_jax.models import text as text_lib
+
+    return ("latents", *text_lib.record_fields(manifest["text_encoder"]))
 
 
 def from_config(config, workdir: str | os.PathLike, *, data_parallel: int, **kwargs) -> Pipeline:

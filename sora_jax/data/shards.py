@@ -127,6 +127,8 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path} has schema_version {version!r}, this code reads version {SCHEMA_VERSION}: "
             "re-tokenize the data with this version of sora_jax"
         )
+    # Datasets written before `text_encoder.embed` existed hold embeddings.
+    manifest.get("text_encoder", {}).setdefault("embed", "tokenize")
     return manifest
 
 

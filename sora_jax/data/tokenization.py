@@ -2,7 +2,8 @@
 
 Work is cut into units of `data.tokenize.inputs_per_shard` consecutive inputs of the source
 (sora_jax.data.sources). Unit `u` turns its inputs into clips, encodes them in batches
-(VAE latents and text embeddings) and writes, for every bucket it has clips for, the shard
+(VAE latents, and text embeddings or, with `text_encoder.embed='train_step'`, token ids)
+and writes, for every bucket it has clips for, the shard
 `<bucket>/<bucket>-<u:05d>.array_record` (records in input order); then it writes its
 marker `_units/<u:05d>.json` (clip counts per bucket and its rejects). Shards appear under
 their final names only when whole (shards.ShardWriter), and a unit counts as done only once
@@ -69,6 +70,7 @@ def expected_manifest_fields(config: ml_collections.ConfigDict) -> dict[str, Any
         "text_encoder.id": txt["id"],
         "text_encoder.hash": txt["hash"],
         "text_encoder.dim": txt["dim"],
+        "text_encoder.embed": text_lib.embed_mode(config.text_encoder),
     }
 
 
@@ -79,10 +81,11 @@ def tokenize_option(config: ml_collections.ConfigDict, name: str, default):
 
 class Encoder:
     """Clips -> records: the tokenizer on batches sharded over the local devices (padded to
-    one fixed batch, so each bucket compiles once), the text encoder on the captions."""
+    one fixed batch, so each bucket compiles once), the text encoder on the captions (or,
+    with `embed='train_step'`, only its tokenizer: the trainer embeds the ids)."""
 
-    def __init__(self, tokenizer, text_encoder, batch_size: int):
-        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+    def __init__(self, tokenizer, text_encoder, batch_size: int, embed: str = "tokenize"):
+        self.tokenizer, self.text_encoder, self.embed = tokenizer, text_encoder, embed
         self.devices = jax.local_devices()
         n = len(self.devices)
         self.batch = max(n, -(-int(batch_size) // n) * n)
@@ -102,14 +105,18 @@ class Encoder:
     def records(self, clips: list[sources.Clip], timers: dict[str, float]) -> list[dict]:
         t0 = time.perf_counter()
         latents = self.latents(np.stack([c.video for c in clips]))  # [B, T', H', W', C]
-        text, mask = self.text_encoder.encode([c.caption for c in clips])
+        captions = [c.caption for c in clips]
+        if self.embed == "train_step":
+            text_field, (text, mask) = "text_ids", self.text_encoder.tokenize(captions)
+        else:
+            text_field, (text, mask) = "text", self.text_encoder.encode(captions)
         timers["encode_s"] = timers.get("encode_s", 0.0) + time.perf_counter() - t0
         out = []
         for i, c in enumerate(clips):
             record = {
                 "latents": latents[i].astype(np.float16),
                 "first_frame_latents": latents[i, :1].astype(np.float16),
-                "text": text[i],
+                text_field: text[i],
                 "text_mask": mask[i],
                 "caption": c.caption,
                 "source_id": c.source_id,
@@ -207,6 +214,9 @@ def _job_record(config, source, options, per_unit, tokenizer, text_encoder) -> d
         "tokenizer": tokenizer.hash,
         "text_encoder": text_encoder.hash,
     }
+    embed = text_lib.embed_mode(config.text_encoder)
+    if embed != "tokenize":  # absent for embeddings, as in jobs written before the option
+        job["text_embed"] = embed
     return json.loads(json.dumps(job, sort_keys=True, default=str))  # as read back from disk
 
 
@@ -235,7 +245,10 @@ def _assemble(out, bucket_list, markers, tokenizer, text_encoder, job) -> dict[s
     manifest = {
         "tokenizer": tokenizer.manifest_entry(),
         "tokenizer_config": job["tokenizer_config"],
-        "text_encoder": text_encoder.manifest_entry(),
+        "text_encoder": {
+            **text_encoder.manifest_entry(),
+            "embed": job.get("text_embed", "tokenize"),
+        },
         "source": {"name": job["source"]["name"], "num_inputs": job["num_inputs"]},
         "clip_options": job["clip_options"],
         "buckets": {},
@@ -292,7 +305,7 @@ def run(
     mine = [u for u in range(num_units) if u % process_count == process_index]
     todo = [u for u in mine if not _unit_marker(out, u).exists()]
     units = {u: range(u * per_unit, min((u + 1) * per_unit, len(source))) for u in todo}
-    encoder = Encoder(tokenizer, text_encoder, batch_size)
+    encoder = Encoder(tokenizer, text_encoder, batch_size, text_lib.embed_mode(config.text_encoder))
     timers: dict[str, float] = {}
     start = time.perf_counter()
     progress = tqdm(

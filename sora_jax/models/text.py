@@ -29,6 +29,14 @@ Config fields (`text_encoder.*`):
   outputs are float32 either way.
 - `batch_size` (minilm, t5): captions per jitted call, default 16.
 
+- `embed` (minilm, t5): where captions become embeddings. 'tokenize' (default): the
+  tokenization job stores `text [S, D]` float32 in every record. 'train_step': it stores the
+  token ids `text_ids [S]` int32 instead (D x smaller records: 2 KB instead of 8 MB per
+  umT5-XXL caption of 512 tokens), and the trainer runs the frozen encoder inside the jitted
+  step on the mesh, its parameters sharded over `fsdp` (`CheckpointTextEncoder.embed`,
+  `param_shardings`, `load_sharded`). Both give the same embeddings; hash_words has no
+  token ids and embeds at tokenization only.
+
 The null conditioning of classifier-free guidance is the same for every encoder: all
 embeddings zero and all mask entries False (see sora_jax.diffusion.flow).
 """
@@ -42,6 +50,7 @@ import pathlib
 import re
 import zlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -145,29 +154,75 @@ class CheckpointTextEncoder:
         self.tokenizer.enable_padding(length=self.max_length, pad_id=pad_id, pad_token=pad_token)
         self.params = None
         self.load_report: safetensors_io.LoadReport | None = None
-        self._apply = jax.jit(lambda p, ids, mask: self.module.apply({"params": p}, ids, mask))
+        self._embed = jax.jit(self.embed)
 
     @functools.cached_property
     def hash(self) -> str:
         return safetensors_io.sha256_files(self.weight_files)
 
-    def load(self) -> safetensors_io.LoadReport:
-        """Reads the weights; raises with the report's names if they do not fit the model."""
-        if self.load_report is not None:
-            return self.load_report
+    def abstract_params(self):
+        """The parameter tree as `jax.ShapeDtypeStruct`s, without reading any weights."""
         ids = jnp.zeros((1, self.max_length), jnp.int32)
         shapes = jax.eval_shape(self.module.init, jax.random.key(0), ids, ids > 0)["params"]
         # Parameters are kept in the compute dtype: a bfloat16 T5-XXL takes 9.5 GB, not 19.
-        shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, self.dtype), shapes)
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, self.dtype), shapes)
+
+    def read_params(self) -> tuple[dict, safetensors_io.LoadReport]:
+        """The weights as numpy arrays on the host; raises with the report's names if they
+        do not fit the model."""
         checkpoint = safetensors_io.Checkpoint(self.weight_files)
         source = str(self.weight_files[0].parent)
         params, report = safetensors_io.load_params(
-            checkpoint, self.name_map, shapes, self.ignore, self.aliases, source
+            checkpoint, self.name_map, self.abstract_params(), self.ignore, self.aliases, source
         )
         report.raise_if_mismatched(str(self.config_file))
-        self.params = jax.device_put(params)
-        self.load_report = report
-        return report
+        return params, report
+
+    def load(self) -> safetensors_io.LoadReport:
+        """Reads the weights onto the default device (once) for `encode`."""
+        if self.params is None:
+            params, self.load_report = self.read_params()
+            self.params = jax.device_put(params)
+        return self.load_report
+
+    def use_params(self, params) -> None:
+        """Makes `encode` use parameters already in memory (e.g. the trainer's copy on the
+        mesh from `load_sharded`) instead of reading the files again."""
+        self.params = params
+
+    def param_shardings(self, mesh: jax.sharding.Mesh, axis: str = "fsdp"):
+        """Where the frozen encoder lives in the trainer: every matrix split over mesh
+        `axis` along its largest dimension that the axis size divides (embedding tables
+        and 2-D kernels; the step all-gathers them like FSDP-sharded DiT weights), vectors
+        and anything indivisible replicated."""
+        n = mesh.shape.get(axis, 1)
+
+        def spec(leaf):
+            parts = [None] * leaf.ndim
+            if leaf.ndim > 1 and n > 1:
+                fits = [d for d in range(leaf.ndim) if leaf.shape[d] % n == 0]
+                if fits:
+                    parts[max(fits, key=lambda d: leaf.shape[d])] = axis
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*parts))
+
+        return jax.tree.map(spec, self.abstract_params())
+
+    def load_sharded(self, shardings) -> Any:
+        """The weights as global arrays in `shardings` (from `param_shardings`): each
+        process reads the files and places only the slices its devices hold."""
+        params, self.load_report = self.read_params()
+        return jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(a.shape, s, lambda index: a[index]),
+            params,
+            shardings,
+        )
+
+    def embed(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        """Token ids `[B, S]` and mask -> float32 `[B, S, D]`, zero at padding; a pure
+        function of `params`, jitted by `encode` and called inside the train step with
+        `text_encoder.embed='train_step'`. No gradient flows into the frozen encoder."""
+        hidden = self.module.apply({"params": params}, ids, mask).astype(jnp.float32)
+        return jax.lax.stop_gradient(hidden * mask[..., None])
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids `[B, S]` int32 and attention mask `[B, S]` bool."""
@@ -191,9 +246,8 @@ class CheckpointTextEncoder:
             fill = self.batch_size - n  # pad the last batch to the one compiled shape
             batch_ids = np.concatenate([ids[rows], np.repeat(empty_ids, fill, 0)])
             batch_mask = np.concatenate([mask[rows], np.repeat(empty_mask, fill, 0)])
-            hidden = self._apply(self.params, batch_ids, batch_mask)
+            hidden = self._embed(self.params, batch_ids, batch_mask)  # zero at padding
             out[rows] = np.asarray(hidden[:n], np.float32)
-        out *= mask[..., None]  # zero at padding, like the null conditioning
         return out, mask
 
     def manifest_entry(self) -> dict:
@@ -301,3 +355,34 @@ def build_text_encoder(config: ml_collections.ConfigDict):
             f"text_encoder.name={config.name!r} is unknown; known: {sorted(TEXT_ENCODERS)}"
         )
     return TEXT_ENCODERS[config.name](config)
+
+
+EMBED_MODES = ("tokenize", "train_step")
+
+
+def embed_mode(config: ml_collections.ConfigDict) -> str:
+    """`text_encoder.embed` ('tokenize' when unset), checked against the encoder."""
+    mode = config.get("embed", "tokenize") or "tokenize"
+    if mode not in EMBED_MODES:
+        raise ValueError(f"text_encoder.embed={mode!r}; choose one of {list(EMBED_MODES)}")
+    if mode == "train_step" and config.get("name") == "hash_words":
+        raise ValueError(
+            "text_encoder.embed='train_step' runs a pretrained encoder on token ids inside the "
+            "train step, but hash_words has no token ids or weights: set text_encoder.embed="
+            "'tokenize' or use text_encoder.name='minilm' or 't5'"
+        )
+    return mode
+
+
+def step_encoder(config: ml_collections.ConfigDict) -> CheckpointTextEncoder | None:
+    """The encoder the train step runs (`text_encoder.embed='train_step'`), else None."""
+    if embed_mode(config) != "train_step":
+        return None
+    return build_text_encoder(config)
+
+
+def record_fields(text_manifest: dict) -> tuple[str, str]:
+    """The text fields of a record, by the manifest's `text_encoder.embed`."""
+    if text_manifest.get("embed", "tokenize") == "train_step":
+        return ("text_ids", "text_mask")
+    return ("text", "text_mask")

@@ -21,6 +21,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from sora_jax.training import state as state_lib
+
 log = logging.getLogger(__name__)
 
 
@@ -57,11 +59,12 @@ def save(
 
 
 def stored(state):
-    """The part of a train state a checkpoint holds: all of it but a LoRA run's frozen base
-    (restores return it with `base=None`; the caller puts the base back)."""
-    if getattr(state, "base", None) is None:
-        return state
-    return state.replace(base=None)
+    """The part of a train state a checkpoint holds: all of it but the frozen parts (a LoRA
+    run's base, a text encoder run in the step), which restores return as None and the
+    caller puts back (`state.with_frozen`)."""
+    if isinstance(state, state_lib.TrainState):
+        return state_lib.without_frozen(state)
+    return state
 
 
 def saved_config(directory: str | os.PathLike, step: int) -> dict[str, Any] | None:
@@ -328,7 +331,6 @@ def restore_params_for_sampling(
 
     from sora_jax.models import lora as lora_lib
     from sora_jax.training import hooks, loop
-    from sora_jax.training import state as state_lib
 
     workdir = pathlib.Path(workdir)
     _, _, init_fn, abstract, shardings = loop.setup_state(config, manifest, mesh, rules)

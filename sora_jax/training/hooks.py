@@ -14,6 +14,7 @@ from flax import linen as nn
 
 from sora_jax.diffusion import flow, validation
 from sora_jax.models import lora as lora_lib
+from sora_jax.models import text as text_lib
 from sora_jax.training import checkpoint as ckpt_lib
 from sora_jax.training import state as state_lib
 from sora_jax.training import step as step_lib
@@ -216,7 +217,7 @@ def rollback(mngr, abstract_state, state, done: int, skips) -> Any:
             "the data of these steps, or raise training.max_consecutive_skips"
         )
     good, _, good_step = restored
-    good = good.replace(base=state.base)  # a LoRA run's frozen base is not in checkpoints
+    good = state_lib.with_frozen(good, state)  # frozen parts are not in checkpoints
     log.warning(
         "%d consecutive non-finite updates up to step %d: rolled the parameters back to "
         "checkpoint %d; the data continues after step %d",
@@ -275,6 +276,7 @@ class Evaluator:
         self.config, self.workdir, self.mesh, self.manifest = config, workdir, mesh, manifest
         self.pipeline = pipeline
         self.apply_fn = step_lib.make_apply_fn(model)
+        self.text_encoder = text_lib.step_encoder(config.text_encoder)  # embed='train_step'
         self._fns: dict[str, Any] = {}
 
     def _batch(self, key: str):
@@ -282,7 +284,7 @@ class Evaluator:
 
         step = self.pipeline.first_step_of_each_bucket()[key]
         host = self.pipeline.batch_at(step)
-        fields = ("latents", "text", "text_mask")
+        fields = self.pipeline.fields
         batch = pipeline_lib.to_global_batch(host, self.mesh, fields=fields)
         return {k: batch[k] for k in fields}
 
@@ -297,10 +299,15 @@ class Evaluator:
         return params, weights
 
     def validation(self, state) -> dict[str, float]:
-        return self.validation_of(self._params(state)[0])
+        return self.validation_of(self._params(state)[0], state.text_encoder)
 
-    def validation_of(self, params) -> dict[str, float]:
-        """`eval/val_<loss name>/<bucket>` of `params` on each bucket's fixed batch."""
+    def validation_of(self, params, text_params=None) -> dict[str, float]:
+        """`eval/val_<loss name>/<bucket>` of `params` on each bucket's fixed batch; with
+        the text encoder in the step, the batch's ids are embedded with `text_params` (by
+        default the encoder's weights, read once)."""
+        if self.text_encoder is not None and text_params is None:
+            self.text_encoder.load()
+            text_params = self.text_encoder.params
         out = {}
         cond = int(self.config.model.get("cond_channels", 0) or 0)
         for b in self.pipeline.buckets:
@@ -312,15 +319,18 @@ class Evaluator:
                     self.config.diffusion, b.shape, tuple(self.config.model.patch_size)
                 )
 
-                def fn(params, batch, alpha=alpha):
+                def fn(params, text_params, batch, alpha=alpha):
                     key = jax.random.key(self.config.seed + 1)
+                    if self.text_encoder is not None:
+                        batch = step_lib.embed_text(self.text_encoder, text_params, batch)
                     return validation.validation_loss(
                         self.apply_fn, params, batch, key, self.config.diffusion, alpha,
                         cond_channels=cond,
                     )  # fmt: skip
 
                 self._fns[b.key] = jax.jit(fn)
-            for name, value in jax.device_get(self._fns[b.key](params, batch)).items():
+            values = self._fns[b.key](params, text_params, batch)
+            for name, value in jax.device_get(values).items():
                 out[f"eval/val_{name}/{b.key}"] = float(value)
         return out
 
@@ -329,6 +339,8 @@ class Evaluator:
 
         params, weights = self._params(state)
         gen = generate.Generator(self.config, self.manifest, params, step, weights)
+        if state.text_encoder is not None:  # the copy on the mesh, not a second one
+            gen.text_encoder.use_params(state.text_encoder)
         options = generate.SampleOptions.from_config(self.config.sample)
         generate.sample_to_dir(
             self.config, self.workdir, list(self.config.sample.prompts), options, generator=gen

@@ -35,6 +35,7 @@ from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.models import build_model
 from sora_jax.models import lora as lora_lib
+from sora_jax.models import text as text_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import checkpoint as ckpt_lib
 from sora_jax.training import hooks, perf, resilience
@@ -46,7 +47,6 @@ from sora_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("latents", "text", "text_mask")
 # Timestep bins of the per-bin training loss (`train/loss_t/<lo>-<hi>`).
 TIME_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -76,7 +76,9 @@ def example_inputs(config, manifest, batch: int = 1) -> tuple:
 
 
 def setup_state(config, manifest, mesh, rules):
-    """The model, the optimizer, the init function and the abstract sharded state."""
+    """The model, the optimizer, the init function and the abstract sharded state (with
+    the frozen text encoder's parameters when it runs in the step; `init_fn` leaves them
+    None, `place_text_encoder` reads them)."""
     model = model_for(config, manifest)
     tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
     init_fn = state_lib.make_init_fn(
@@ -87,7 +89,32 @@ def setup_state(config, manifest, mesh, rules):
         lora=lora_lib.LoraConfig.from_config(config.get("lora")),
     )
     abstract, shardings = state_lib.abstract_state(init_fn, mesh, rules)
+    encoder = text_lib.step_encoder(config.text_encoder)
+    if encoder is not None:
+        text_shardings = encoder.param_shardings(mesh)
+        text_abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            encoder.abstract_params(),
+            text_shardings,
+        )
+        abstract = abstract.replace(text_encoder=text_abstract)
+        shardings = shardings.replace(text_encoder=text_shardings)
     return model, tx, init_fn, abstract, shardings
+
+
+def place_text_encoder(state, config, shardings):
+    """`state` with the frozen text encoder read onto the mesh (`text_encoder.embed=
+    'train_step'`); unchanged otherwise."""
+    encoder = text_lib.step_encoder(config.text_encoder)
+    if encoder is None:
+        return state
+    params = encoder.load_sharded(shardings.text_encoder)
+    print(
+        f"text encoder {encoder.id} in the train step: "
+        f"{state_lib.param_count(params):,} frozen parameters ({encoder.load_report.source})",
+        flush=True,
+    )
+    return state.replace(text_encoder=params)
 
 
 def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -200,6 +227,7 @@ def train(
             state = hooks.init_from(
                 state, abstract, init_from, opts, mesh, patch=model.patch_size, workdir=workdir
             )
+    state = place_text_encoder(state, config, shardings)
     n_params = state_lib.param_count(state.params)
     if lora:
         n_base = state_lib.param_count(state.base)
@@ -255,9 +283,9 @@ def train(
             # Step.
             t0 = time.perf_counter()
             host = next(pipeline)
-            batch = pipeline_lib.to_global_batch(host, mesh, fields=FIELDS)
+            batch = pipeline_lib.to_global_batch(host, mesh, fields=pipeline.fields)
             wait_s += time.perf_counter() - t0
-            inputs = {k: batch[k] for k in FIELDS}
+            inputs = {k: batch[k] for k in pipeline.fields}
             plan_lib.check_batch(inputs, expected[host["bucket"]], host["bucket"])
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, metrics = compiled[host["bucket"]](state, inputs)

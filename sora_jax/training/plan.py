@@ -82,6 +82,7 @@ def dataset_geometry(config: ml_collections.ConfigDict) -> dict[str, Any]:
     else:
         entry = text_lib.build_text_encoder(text).manifest_entry()
         text_entry = {"dim": entry["dim"], "max_length": entry["max_length"]}
+    text_entry["embed"] = text_lib.embed_mode(text)
     return {
         "tokenizer": {"latent_channels": tokenizer.latent_channels},
         "text_encoder": text_entry,
@@ -139,8 +140,10 @@ def abstract_batch(manifest: dict, step: StepShape, mesh) -> dict[str, Any]:
     spec = {
         "latents": ((g, *step.shape), jnp.float16),  # stored as float16 in records
         "text": ((g, text["max_length"], text["dim"]), jnp.float32),
+        "text_ids": ((g, text["max_length"]), jnp.int32),  # embed='train_step'
         "text_mask": ((g, text["max_length"]), jnp.bool_),
     }
+    spec = {k: spec[k] for k in ("latents", *text_lib.record_fields(text))}
     return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding) for k, (s, d) in spec.items()}
 
 
@@ -290,6 +293,14 @@ def plan(
         print(
             f"  LoRA rank {config.lora.rank}: {state_lib.param_count(abstract.params):,} "
             f"trainable parameters on a frozen base of {state_lib.param_count(abstract.base):,}",
+            flush=True,
+        )
+    if abstract.text_encoder is not None:  # frozen, read by the step, not trained
+        from sora_jax.training import state as state_lib
+
+        print(
+            f"  text encoder in the step: {state_lib.param_count(abstract.text_encoder):,} "
+            f"frozen parameters sharded over fsdp={mesh.shape['fsdp']} (in 'args GiB')",
             flush=True,
         )
     check_memory(plans, limit)

@@ -4,7 +4,9 @@ The state is a pytree `step, params, opt_state, ema (decay -> params)`, plus `ba
 fine-tuning (`config.lora.rank > 0`, sora_jax/models/lora.py): then `params` (and the
 optimizer state and the EMA) hold only the LoRA factors and `base` the frozen model, which
 checkpoints leave out (it is reloaded from the run's `init_from`). Without LoRA `base` is
-None. The state is never
+None. Likewise `text_encoder` holds the frozen text encoder's parameters when it runs in the
+step (`text_encoder.embed='train_step'`, sora_jax/models/text.py), read from its weight
+files at every start and never checkpointed; otherwise None. The state is never
 materialized on one device: `jax.eval_shape` gives the abstract state with its logical
 axis names, the config's rules turn those into shardings, and `jax.jit(init,
 out_shardings=...)` creates every shard where it lives.
@@ -30,11 +32,21 @@ class TrainState:
     opt_state: Any
     ema: dict[str, Any]  # ema_key(decay) -> params averaged with that decay
     base: Any = None  # LoRA: the frozen model parameters; None for full fine-tuning
+    text_encoder: Any = None  # embed='train_step': the frozen text encoder's parameters
 
 
-def without_base(state):
-    """The part of a state that checkpoints hold: everything but the frozen LoRA base."""
-    return state if state.base is None else state.replace(base=None)
+# Frozen parts of a state: not trained, not checkpointed, put back after every restore.
+FROZEN = ("base", "text_encoder")
+
+
+def without_frozen(state):
+    """The part of a state that checkpoints hold: everything but its frozen parts."""
+    return state.replace(**{name: None for name in FROZEN})
+
+
+def with_frozen(state, source):
+    """`state` with the frozen parts of `source` (a restored state gets the live ones)."""
+    return state.replace(**{name: getattr(source, name) for name in FROZEN})
 
 
 def ema_key(decay: float) -> str:

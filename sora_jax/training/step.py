@@ -14,6 +14,12 @@ LoRA (`config.lora.rank > 0`, sora_jax/models/lora.py): `state.params` holds the
 A, B and `state.base` the frozen model. The step merges `W + (alpha / r) A B` inside jit and
 differentiates the loss with respect to A and B only; the optimizer, the EMA and the
 gradient norm see only the factors, and `state.base` passes through unchanged.
+
+Text in the step (`text_encoder.embed='train_step'`, sora_jax/models/text.py): the batch
+holds token ids `text_ids [B, S]` instead of `text [B, S, D]`; the step runs the frozen
+encoder on them with `state.text_encoder` (sharded over the mesh like any parameter) before
+the loss, outside the differentiated function, so no gradient or optimizer state exists
+for it. Everything after that is the step of a dataset of stored embeddings.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from flax import linen as nn
 
 from sora_jax.diffusion import flow
 from sora_jax.models import lora as lora_lib
+from sora_jax.models import text as text_lib
 from sora_jax.training.state import TrainState, ema_key
 
 
@@ -76,6 +83,7 @@ def make_train_step(
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     apply_fn = make_apply_fn(model)
     lora = lora_lib.LoraConfig.from_config(config.get("lora"))
+    text_encoder = text_lib.step_encoder(config.text_encoder)  # None: embeddings in the batch
     patch = tuple(config.model.patch_size)
     cond_channels = int(config.model.get("cond_channels", 0) or 0)
     # VideoDiT's velocity has the latent channels C; check tasks and channels before jit.
@@ -88,6 +96,8 @@ def make_train_step(
         raise ValueError(f"optimizer.grad_accum_steps={accum} must be >= 1")
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if text_encoder is not None:
+            batch = embed_text(text_encoder, state.text_encoder, batch)
         # The shift depends on the bucket's shape, which is static within one compilation.
         alpha = flow.shift_alpha(config.diffusion, batch["latents"].shape[1:], patch)
         key = step_key(config.seed, state.step)
@@ -123,6 +133,18 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def embed_text(text_encoder, params, batch: dict) -> dict:
+    """`batch` with `text_ids [B, S]` replaced by the frozen encoder's `text [B, S, D]`."""
+    if "text_ids" not in batch:
+        raise ValueError(
+            "text_encoder.embed='train_step' but the batch holds no text_ids (it has "
+            f"{sorted(batch)}): the dataset stores embeddings; re-tokenize it with this config"
+        )
+    out = {k: v for k, v in batch.items() if k != "text_ids"}
+    out["text"] = text_encoder.embed(params, batch["text_ids"], batch["text_mask"])
+    return out
 
 
 def _accumulate(grad_fn, params, batch: dict, accum: int):

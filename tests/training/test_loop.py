@@ -197,10 +197,10 @@ def test_checkpoint_from_8_devices_continues_on_4_2_and_1(dataset, tmp_path, dev
         train_step = step_lib.make_train_step(
             model, tx, c, optimizer_lib.learning_rate(c.optimizer, c.total_steps)
         )
-        batch = pipeline_lib.to_global_batch(host, mesh, fields=loop.FIELDS)
+        batch = pipeline_lib.to_global_batch(host, mesh, fields=pipe.fields)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             fn = jax.jit(train_step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)))
-            _, metrics = fn(state, {k: batch[k] for k in loop.FIELDS})
+            _, metrics = fn(state, {k: batch[k] for k in pipe.fields})
         losses.append(float(metrics["train/loss"]))
     np.testing.assert_allclose(losses, losses[0], rtol=1e-5)
 

@@ -279,8 +279,8 @@ def test_lora_steps_move_only_the_factors(dataset, base_run, tmp_path, devices):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for _ in range(3):
             host = next(pipe)
-            batch = pipeline_lib.to_global_batch(host, mesh, fields=loop.FIELDS)
-            state, metrics = jitted(state, {k: batch[k] for k in loop.FIELDS})
+            batch = pipeline_lib.to_global_batch(host, mesh, fields=pipe.fields)
+            state, metrics = jitted(state, {k: batch[k] for k in pipe.fields})
             assert int(metrics["train/skipped"]) == 0 and float(metrics["train/grad_norm"]) > 0
     pipe.close()
     got = jax.device_get(state)
