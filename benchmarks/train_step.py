@@ -5,6 +5,11 @@ for an experiment config, on random batches of its first bucket.
     python benchmarks/train_step.py --config=experiments/demo.py \\
         --config.model.preset=B --config.model.dtype=bfloat16 --config.data.global_batch_size=8
     python benchmarks/train_step.py --measure_cpu_peak   # the CPU entry of PEAK_TFLOPS
+    python benchmarks/train_step.py --config=experiments/demo.py \
+        --config.text_encoder.name=minilm --config.text_encoder.dim=0 --compare_text_embed
+
+`--compare_text_embed` times the step twice in one process: with stored embeddings
+(`text_encoder.embed='tokenize'`) and with the frozen encoder run inside it ('train_step').
 
 MFU uses sora_jax.training.perf.PEAK_TFLOPS for the device kind (or --peak_tflops).
 Record results in docs/perf.md with the machine.
@@ -32,6 +37,9 @@ CONFIG = config_lib.define_config_flag()
 STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after one warm-up step.")
 PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak TFLOP/s (default: table).")
 MEASURE_PEAK = flags.DEFINE_bool("measure_cpu_peak", False, "Only measure CPU matmul peak.")
+COMPARE_EMBED = flags.DEFINE_bool(
+    "compare_text_embed", False, "Time text_encoder.embed='tokenize' and 'train_step'."
+)
 
 
 def measure_cpu_peak(n: int = 2048, repeats: int = 10) -> float:
@@ -47,18 +55,48 @@ def measure_cpu_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e12
 
 
+def random_batch(spec: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Host arrays for `plan.abstract_batch`: Gaussian floats, token ids, all-True masks."""
+    out = {}
+    for k, s in spec.items():
+        if np.dtype(s.dtype) == np.bool_:
+            out[k] = np.ones(s.shape, bool)
+        elif np.issubdtype(s.dtype, np.integer):
+            out[k] = rng.integers(100, 1000, s.shape).astype(s.dtype)  # ordinary word ids
+        else:
+            out[k] = rng.standard_normal(s.shape).astype(s.dtype)
+    return out
+
+
 def main(argv):
     del argv
     if MEASURE_PEAK.value:
         print(f"cpu float32 matmul peak: {measure_cpu_peak():.4f} TFLOP/s")
         return
     config = CONFIG.value or config_lib.load_config("experiments/demo.py")
+    if config.text_encoder.get("dim") == 0:
+        config.text_encoder.dim = None  # a flag cannot unset the width check
+    if not COMPARE_EMBED.value:
+        benchmark(config)
+        return
+    seconds = {}
+    for mode in ("tokenize", "train_step"):
+        config.text_encoder.embed = mode
+        print(f"--- text_encoder.embed={mode!r}")
+        seconds[mode] = benchmark(config)
+    ratio = seconds["train_step"] / seconds["tokenize"]
+    print(f"step time, encoder in the step / stored embeddings: {ratio:.3f}")
+
+
+def benchmark(config) -> float:
+    """Times the step of `config`'s first bucket; prints the throughput; seconds per step."""
     config_lib.validate(config)
     mesh = mesh_lib.create_mesh(config.mesh)
     rules = mesh_lib.logical_rules(config.mesh)
     geometry = plan.dataset_geometry(config)
     model, tx, init_fn, abstract, shardings = loop.setup_state(config, geometry, mesh, rules)
     state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
+    state = loop.place_text_encoder(state, config, shardings)
     jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)
     first = plan.config_step_shapes(config, geometry, mesh.shape["data"] * mesh.shape["fsdp"])[0]
     compiled, (bucket_plan,) = plan.compile_steps(
@@ -66,12 +104,7 @@ def main(argv):
     )
     bucket = bucket_plan.bucket
     spec = plan.abstract_batch(geometry, first, mesh)
-    rng = np.random.default_rng(0)
-    host = {
-        "latents": rng.standard_normal(spec["latents"].shape).astype(np.float16),
-        "text": rng.standard_normal(spec["text"].shape).astype(np.float32),
-        "text_mask": np.ones(spec["text_mask"].shape, bool),
-    }
+    host = random_batch(spec, np.random.default_rng(0))
     batch = {k: jax.device_put(v, mesh_lib.batch_sharding(mesh)) for k, v in host.items()}
     step = compiled[bucket]
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -104,6 +137,7 @@ def main(argv):
     )
     for key, value in result.items():
         print(f"{key:>36}: {value:.4g}")
+    return seconds / STEPS.value
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 r"""Throughput of the tokenization job on real video files, and where the time goes.
 
-    python benchmarks/tokenize.py                       # 32 H.264 640x360 24 fps videos
-    python benchmarks/tokenize.py --videos=64 --size=720x1280 --tokenizer=vae
+    python benchmarks/tokenize_job.py                       # 32 H.264 640x360 24 fps videos
+    python benchmarks/tokenize_job.py --videos=64 --size=720x1280 --tokenizer=vae
 
 Writes `--videos` H.264 mp4 files of `--frames` frames (smooth ramps and a moving square)
 with PyAV into a temporary folder with sidecar captions, then runs the real job
@@ -15,27 +15,20 @@ of the pixels tokenizer. Record results in docs/perf.md.
 
 from __future__ import annotations
 
-import sys
+import argparse
+import fractions
+import json
+import pathlib
+import tempfile
+import time
 
-# Run as a script, this file's folder comes first on sys.path and the file itself would
-# shadow the standard library's `tokenize` (imported by `inspect`, hence numpy and jax).
-if sys.path and sys.path[0] and __file__.startswith(sys.path[0]):
-    sys.path.pop(0)
+import av
+import jax
+import ml_collections
+import numpy as np
 
-import argparse  # noqa: E402
-import fractions  # noqa: E402
-import json  # noqa: E402
-import pathlib  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import av  # noqa: E402
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from sora_jax import config as config_lib  # noqa: E402
-from sora_jax.data import tokenization  # noqa: E402
+from sora_jax import config as config_lib
+from sora_jax.data import tokenization
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
