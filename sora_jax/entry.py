@@ -72,10 +72,19 @@ def require(flag, name: str) -> None:
         sys.exit(2)
 
 
-def loaded_config():
-    """The `--config` ConfigDict (with overrides applied), validated."""
-    require(CONFIG, "config")
-    config = CONFIG.value
+def loaded_config(from_workdir: bool = False):
+    """The `--config` ConfigDict (with overrides applied), validated. With `from_workdir`
+    (sampling, evaluation) and no --config, the run's resolved `WORKDIR/config.json`."""
+    saved = os.path.join(WORKDIR.value or "", "config.json")
+    if CONFIG.value is None and from_workdir and WORKDIR.value and os.path.isfile(saved):
+        print(
+            f"config: {saved} (the run's resolved config; pass --config to change it)",
+            file=sys.stderr,
+        )
+        config = config_lib.load_run_config(WORKDIR.value)
+    else:
+        require(CONFIG, "config")
+        config = CONFIG.value
     try:
         config_lib.validate(config)
     except config_lib.ConfigError as e:

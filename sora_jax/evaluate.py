@@ -4,7 +4,8 @@ r"""Evaluate a run's checkpoint with the evaluator of `evaluate.type`.
     python -m sora_jax.evaluate ... --config.evaluate.type=fvd \
         --config.evaluate.fvd_features=i3d --config.evaluate.fvd_weights=i3d_kinetics400.npz
 
-Writes WORKDIR/eval/<step>.json with the numbers and the protocol that produced them.
+Without --config, the run's resolved WORKDIR/config.json is used. Writes
+WORKDIR/eval/<step>.json with the numbers and the protocol that produced them.
 Item evaluators (prompt_adherence, reconstruction, fvd) split their items over the
 processes, keep per-item results under WORKDIR/eval/<step>/<type>/ and skip done items
 when re-run (docs/sampling.md).
@@ -33,7 +34,7 @@ flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
 def main(argv):
     del argv
     entry.require(entry.WORKDIR, "workdir")
-    config = entry.loaded_config()
+    config = entry.loaded_config(from_workdir=True)
     from sora_jax.evaluation import evaluators, generate
 
     s = config.sample

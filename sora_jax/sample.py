@@ -6,12 +6,14 @@ r"""Sample videos from a run's checkpoint.
     python -m sora_jax.sample ... --prompt="..." --image=first_frame.png     # image-to-video
     python -m sora_jax.sample ... --prompt="..." --video=clip.mp4            # continuation
 
-Without --prompt/--prompts, samples `sample.prompts` of the config. Every request is
-checked (frame rule of the tokenizer, sizes, trained buckets, files) before the checkpoint
-is restored or anything compiles. Writes `<index>_<slug>.mp4` (and `.gif` with --gif) with
-a JSON sidecar of every parameter needed to reproduce it, and a contact sheet, into
---output (default WORKDIR/samples/<step>/); prints a time split per batch to stderr and a
-JSON summary to stdout. docs/sampling.md lists every flag and the JSONL prompt format.
+Without --config, the run's resolved WORKDIR/config.json is used (written by
+`sora_jax.train`). Without --prompt/--prompts, samples `sample.prompts` of the config.
+Every request is checked (frame rule of the tokenizer, sizes, trained buckets, files)
+before the checkpoint is restored or anything compiles. Writes `<index>_<slug>.mp4` (and
+`.gif` with --gif) with a JSON sidecar of every parameter needed to reproduce it, and a
+contact sheet, into --output (default WORKDIR/samples/<step>/); prints a time split per
+batch to stderr and a JSON summary to stdout. docs/sampling.md lists every flag and the
+JSONL prompt format.
 """
 
 import json
@@ -55,7 +57,7 @@ flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
 def main(argv):
     del argv
     entry.require(entry.WORKDIR, "workdir")
-    config = entry.loaded_config()
+    config = entry.loaded_config(from_workdir=True)
     from sora_jax.evaluation import generate
 
     s = config.sample

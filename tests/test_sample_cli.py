@@ -4,6 +4,7 @@ image-to-video and continuation, reproducible outputs and their sidecars."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -266,3 +267,27 @@ def test_cli_rejects_a_bad_request_with_exit_code_2(tiny_run):
     proc = _cli(tiny_run[0], "--prompt=a red square moving left slowly", "--resolution=18x16")
     assert proc.returncode == 2
     assert "height=18 is not divisible" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_without_config_uses_the_run_config(tiny_run, tmp_path):
+    work, config = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(work, run)
+    out = tmp_path / "out"
+    args = ["--prompt=a red square moving left slowly", "--steps=2", f"--output={out}"]
+    cmd = [sys.executable, "-m", "sora_jax.sample", f"--workdir={run}", *args]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "--config is required" in proc.stderr  # no config.json
+    config_lib.write_run_files(run, config, ["train"])
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{run / 'config.json'}" in proc.stderr
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+    # The same video as with the experiment file's config.
+    ref = _cli(work, *args[:2], f"--output={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr
+    want = json.loads(ref.stdout[ref.stdout.index("{") :])
+    assert summary["params_sha256"] == want["params_sha256"]
+    a, b = (video_io.read_video(s["videos"][0]) for s in (summary, want))
+    np.testing.assert_array_equal(a, b)
