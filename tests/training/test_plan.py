@@ -84,6 +84,6 @@ def test_wan_experiment_validates_and_has_the_published_shapes():
     config_lib.validate(config)
     geometry = plan.dataset_geometry(config)
     assert geometry["buckets"]["81x480x832"]["shape"] == [21, 60, 104, 16]
-    assert geometry["text_encoder"] == {"dim": 4096, "max_length": 512}
+    assert geometry["text_encoder"] == {"dim": 4096, "max_length": 512, "embed": "tokenize"}
     (step,) = plan.config_step_shapes(config, geometry, data_parallel=8)
     assert plan.flops_lib.tokens_per_sample(config.model, step.shape) == 32760
