@@ -59,12 +59,23 @@ def save(
 
 
 def stored(state):
-    """The part of a train state a checkpoint holds: all of it but the frozen parts (a LoRA
-    run's base, a text encoder run in the step), which restores return as None and the
-    caller puts back (`state.with_frozen`)."""
-    if isinstance(state, state_lib.TrainState):
-        return state_lib.without_frozen(state)
-    return state
+    """What a checkpoint's `state` item holds: a TrainState as the dict `step, params,
+    opt_state, ema, base` with `base` always None. The frozen parts (a LoRA run's base, a
+    text encoder run in the step) are never saved; `restore` returns them as None and the
+    caller puts them back (`state.with_frozen`). A plain dict keeps the stored tree fixed
+    when TrainState gains a frozen field, so older checkpoints keep restoring."""
+    if not isinstance(state, state_lib.TrainState):
+        return state
+    return dict(
+        step=state.step, params=state.params, opt_state=state.opt_state, ema=state.ema, base=None
+    )
+
+
+def _from_stored(tree, abstract_state):
+    """Inverse of `stored`: the restored dict as a TrainState with its frozen parts None."""
+    if not isinstance(abstract_state, state_lib.TrainState):
+        return tree
+    return state_lib.TrainState(**{k: v for k, v in tree.items() if k != "base"})
 
 
 def saved_config(directory: str | os.PathLike, step: int) -> dict[str, Any] | None:
@@ -93,7 +104,7 @@ def restore(
             state=ocp.args.StandardRestore(stored(abstract_state)), data=ocp.args.JsonRestore()
         ),
     )
-    return restored["state"], dict(restored["data"] or {}), step
+    return _from_stored(restored["state"], abstract_state), dict(restored["data"] or {}), step
 
 
 def restore_latest_valid(

@@ -39,11 +39,6 @@ class TrainState:
 FROZEN = ("base", "text_encoder")
 
 
-def without_frozen(state):
-    """The part of a state that checkpoints hold: everything but its frozen parts."""
-    return state.replace(**{name: None for name in FROZEN})
-
-
 def with_frozen(state, source):
     """`state` with the frozen parts of `source` (a restored state gets the live ones)."""
     return state.replace(**{name: getattr(source, name) for name in FROZEN})

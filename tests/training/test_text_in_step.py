@@ -126,6 +126,8 @@ def test_checkpoints_leave_the_frozen_encoder_out(runs):
     reference = ckpt_lib.saved_shapes(runs["tokenize"] / "checkpoints", 4, "")
     assert saved == reference  # the same leaves and shapes as without the encoder
     assert not any("text_encoder" in k or "embeddings" in k for k in saved)
+    # The stored tree is fixed (checkpoints from before the field existed still restore).
+    assert {k.split("/")[0] for k in saved} == {"step", "params", "opt_state", "ema"}
 
 
 def test_encoder_sharded_over_fsdp_equals_host_encode(devices):
