@@ -13,8 +13,9 @@ plus `diffusion_pytorch_model.safetensors`, or shards listed by
 Import writes `OUT/checkpoints/0/state` (an Orbax checkpoint holding `{'params': tree}`, the
 layout `sora_jax.training.checkpoint.load_for_init` reads), `OUT/model_config.json` (the
 resolved `config.model` fields, the preset they match, and the data they need: latent
-channels and text width) and `OUT/load_report.txt`. Export writes `config.json` and
-`diffusion_pytorch_model*.safetensors` that `WanTransformer3DModel.from_pretrained` loads.
+channels and text width) and `OUT/load_report.txt`. Export (`--export`, implemented in
+`sora_jax.models.wan_export`) writes `config.json` and `diffusion_pytorch_model*.safetensors`
+that `WanTransformer3DModel.from_pretrained` loads; it uses this module's name map.
 
 Name map (diffusers tensor -> VideoDiT parameter; `L` = `blocks_i`, or `blocks` with a
 leading layers axis when `scan_layers`), with the layout change each needs:
@@ -79,11 +80,7 @@ IGNORED_SUFFIXES = ("norm_added_q.weight", "norm_added_q.bias")
 WAN_EPS = 1e-6  # every Wan 2.1 norm; sora_jax's LayerNorm / HeadsRMSNorm use it
 # VideoDiT fields that have no Wan counterpart: they must keep these values.
 WAN_FIXED = dict(mlp="gelu", qk_norm=True, pos_embed="none", pooled_text=False)
-_SAFETENSORS_DTYPES = {
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16",
-}
+# wan_export's tensor dtypes; defined here for the --dtype flag.
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -542,178 +539,6 @@ def config_flags(model: Mapping[str, Any]) -> list[str]:
     return out
 
 
-# --- Export -----------------------------------------------------------------------------
-
-
-def _write_safetensors(
-    path: pathlib.Path, tensors: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], dtype
-) -> None:
-    """Writes a safetensors file tensor by tensor: `(name, shape, make)` with `make()` giving
-    the array (called once, just before its bytes are written)."""
-    dtype = np.dtype(dtype)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape, _ in tensors:
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as fh:
-        fh.write(len(blob).to_bytes(8, "little"))
-        fh.write(blob)
-        for name, shape, make in tensors:
-            x = np.ascontiguousarray(make(), dtype=dtype)
-            if x.shape != tuple(shape):
-                raise AssertionError(f"{name}: made {x.shape}, header says {shape}")
-            fh.write(x.tobytes())
-
-
-def export_diffusers(
-    params: Mapping,
-    fields: Mapping[str, Any],
-    out: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    max_shard_bytes: int = 5 * 2**30,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Writes VideoDiT `params` as a diffusers WanTransformer3DModel directory at `out`.
-
-    `params` is the plain tree (numpy or jax arrays; stacked `blocks` when the model scans
-    its layers); `fields` are the VideoDiT fields it was built with (`dit.model_fields` of
-    the run's `config.model`). Channels and text width are read from the parameter shapes.
-    Tensors are converted and written one at a time, in shards of at most
-    `max_shard_bytes` (`diffusion_pytorch_model-0000i-of-0000n.safetensors` plus the index,
-    as `save_pretrained` names them), or one file. Returns the config.json written.
-    """
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {list(EXPORT_DTYPES)}")
-    np_dtype = np.dtype(EXPORT_DTYPES[dtype])
-    check_wan_fields(fields)
-    patch = tuple(int(p) for p in fields.get("patch_size", (1, 2, 2)))
-    leaves = _leaf_paths(params)
-    scan = ("blocks", "modulation") in leaves
-    layers = (
-        leaves[("blocks", "modulation")].shape[0]
-        if scan
-        else sum(1 for p in leaves if p[0].startswith("blocks_") and p[1:] == ("modulation",))
-    )
-    if layers != int(fields["num_layers"]):
-        raise ValueError(f"params hold {layers} blocks, model.num_layers={fields['num_layers']}")
-    cross_norm = bool(fields.get("cross_attn_norm", True))
-    rules = name_map(layers, cross_norm, scan)
-    _check_covered(rules, leaves)
-    p = math.prod(patch)
-    shapes = WanShapes(
-        in_channels=leaves[("patch_embedding", "kernel")].shape[0] // p,
-        out_channels=leaves[("head", "kernel")].shape[1] // p,
-        text_dim=leaves[("text_embedding_0", "kernel")].shape[0],
-    )
-    expected = _leaf_paths(abstract_params(dict(fields, scan_layers=scan), shapes))
-    wrong = [
-        f"{'/'.join(k)}: {tuple(leaves[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in leaves and tuple(leaves[k].shape) != tuple(v.shape)
-    ]
-    if wrong or set(expected) != set(leaves):
-        raise ValueError(f"params do not fit model fields {dict(fields)}: {wrong}")
-
-    def make(r: Rule, shape):
-        def f():
-            leaf = leaves[r.path]
-            x = np.asarray(leaf[r.layer] if r.layer is not None else leaf)
-            if progress is not None:
-                progress(int(x.size))
-            return to_hf(r.kind, x.astype(np.float32), shape)
-
-        return f
-
-    entries = []
-    for r in rules:
-        shape = tuple(leaves[r.path].shape)
-        shape = hf_shape(r.kind, shape[1:] if r.layer is not None else shape, patch)
-        entries.append((r.name, shape, make(r, shape)))
-    shards, size = [[]], 0
-    for e in entries:
-        nbytes = math.prod(e[1]) * np_dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += nbytes
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if len(shards) == 1:
-        _write_safetensors(out / SINGLE_FILE, shards[0], np_dtype)
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors(out / name, shard, np_dtype)
-            for tensor, shape, _ in shard:
-                weight_map[tensor] = name
-                total += math.prod(shape) * np_dtype.itemsize
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config = diffusers_config(fields, shapes)
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return config
-
-
-def load_run_params(src: str | os.PathLike, source: str = "params", step: int | None = None):
-    """`(params, model fields, description)` of a sora_jax checkpoint: a run workdir (its
-    checkpoints/, or one checkpoints/<step>) or an `import_diffusers` output.
-
-    The model fields come from the run's saved config (`checkpoints/<step>/config`, or the
-    workdir's config.json) or from `model_config.json`; parameters are restored onto the
-    first local device, shaped by the checkpoint's own metadata.
-    """
-    from sora_jax.training import checkpoint as ckpt_lib
-
-    directory, found = ckpt_lib.resolve_checkpoint(src)
-    step = found if step is None else step
-    model_cfg = _saved_model_config(pathlib.Path(src), directory, step)
-    fields = dit_lib.model_fields(model_cfg)
-    saved = ckpt_lib.saved_shapes(directory, step, source)
-    device = jax.local_devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    abstract: dict = {}
-    for name, shape in saved.items():
-        leaf = jax.ShapeDtypeStruct(tuple(shape), jnp.float32, sharding=sharding)
-        set_path(abstract, tuple(name.split("/")), leaf)
-    wrapped: dict = {}
-    set_path(wrapped, tuple(source.split("/")), abstract)
-    restored, _ = ckpt_lib.restore_params(directory, wrapped, step)
-    params = get_path(restored, tuple(source.split("/")))
-    return params, fields, f"{directory}/{step} ({source})"
-
-
-def _saved_model_config(src: pathlib.Path, directory: pathlib.Path, step: int) -> dict:
-    """`config.model` of a checkpoint: saved with it, or the workdir's config.json, or the
-    `model_config.json` of an import."""
-    from sora_jax.training import checkpoint as ckpt_lib
-
-    saved = ckpt_lib.saved_config(directory, step)
-    if saved and "model" in saved:
-        return saved["model"]
-    for d in dict.fromkeys([src.expanduser().absolute(), directory.parent]):
-        if (d / MODEL_CONFIG_FILE).is_file():
-            return json.loads((d / MODEL_CONFIG_FILE).read_text())["model"]
-        if (d / "config.json").is_file():
-            cfg = json.loads((d / "config.json").read_text())
-            if "model" in cfg:
-                return cfg["model"]
-    raise FileNotFoundError(
-        f"no model config for {directory}/{step}: expected the checkpoint's saved config, "
-        f"the run's config.json or an import's {MODEL_CONFIG_FILE}"
-    )
-
-
 # --- Command line -----------------------------------------------------------------------
 
 
@@ -754,10 +579,14 @@ def _import(f) -> None:
 def _export(f) -> None:
     from tqdm import tqdm
 
-    params, fields, where = load_run_params(f.src, f.source, f.step)
+    from sora_jax.models import wan_export  # imports this module: not at import time
+
+    params, fields, where = wan_export.load_run_params(f.src, f.source, f.step)
     total = sum(int(x.size) for x in jax.tree.leaves(params))
     with tqdm(total=total, unit="param", unit_scale=True, desc="export") as bar:
-        config = export_diffusers(params, fields, f.out, dtype=f.dtype, progress=bar.update)
+        config = wan_export.export_diffusers(
+            params, fields, f.out, dtype=f.dtype, progress=bar.update
+        )
     print(f"{where} -> {f.out} ({total:,} params, {f.dtype})")
     print(json.dumps(config, indent=2, sort_keys=True))
     print(f"load with: WanTransformer3DModel.from_pretrained({str(f.out)!r})")

@@ -26,7 +26,7 @@ from flax import linen as nn
 from safetensors.numpy import load_file, save_file
 
 from sora_jax.models import dit as dit_lib
-from sora_jax.models import layers, rope
+from sora_jax.models import layers, rope, wan_export
 from sora_jax.models import wan_import as wan
 from sora_jax.training import checkpoint as ckpt_lib
 
@@ -135,7 +135,7 @@ def test_every_tensor_changes_the_output():
 def test_export_reimport_is_identity(tmp_path, scan_layers):
     params, fields, _, _ = wan.load_diffusers(TINY, scan_layers=scan_layers)
     # Small shards: the export's index and sharding are exercised too.
-    config = wan.export_diffusers(params, fields, tmp_path, max_shard_bytes=60_000)
+    config = wan_export.export_diffusers(params, fields, tmp_path, max_shard_bytes=60_000)
     assert (tmp_path / wan.INDEX_FILE).exists() and len(wan.diffusers_files(tmp_path)) > 1
     original = json.loads((TINY / "config.json").read_text())
     for key, value in config.items():
@@ -159,7 +159,7 @@ def test_export_reimport_is_identity(tmp_path, scan_layers):
 
 def test_export_bfloat16_single_file(tmp_path):
     params, fields, _, _ = wan.load_diffusers(TINY)
-    wan.export_diffusers(params, fields, tmp_path, dtype="bfloat16")
+    wan_export.export_diffusers(params, fields, tmp_path, dtype="bfloat16")
     assert wan.diffusers_files(tmp_path) == [tmp_path / wan.SINGLE_FILE]
     again, _, _, _ = wan.load_diffusers(tmp_path)
     # bfloat16 keeps 8 bits of mantissa: relative error <= 2^-9 per element.
@@ -171,7 +171,7 @@ def test_export_refuses_non_wan_models():
     swiglu = dict(fields, mlp="swiglu")
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), wan.abstract_params(swiglu, shapes))
     with pytest.raises(ValueError, match="model.mlp='swiglu'"):
-        wan.export_diffusers(params, swiglu, "/nonexistent")
+        wan_export.export_diffusers(params, swiglu, "/nonexistent")
 
 
 def test_import_writes_init_from_checkpoint(tmp_path):
@@ -200,9 +200,9 @@ def test_import_writes_init_from_checkpoint(tmp_path):
     want, _, _, _ = wan.load_diffusers(TINY, scan_layers=True)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded), want)
     # Export straight from the checkpoint directory (fields from model_config.json).
-    params, fields, _ = wan.load_run_params(tmp_path)
+    params, fields, _ = wan_export.load_run_params(tmp_path)
     out = tmp_path / "export"
-    wan.export_diffusers(params, fields, out)
+    wan_export.export_diffusers(params, fields, out)
     again, _, _, _ = wan.load_diffusers(out, scan_layers=True)
     jax.tree.map(np.testing.assert_array_equal, again, want)
 

@@ -1,0 +1,229 @@
+r"""sora_jax VideoDiT parameters -> a diffusers Wan 2.1 `WanTransformer3DModel` directory.
+
+The inverse of `wan_import` (which holds the name map, the layout changes and the command
+line: `python -m sora_jax.models.wan_import --export --src=RUN --out=DIR`). `export_diffusers`
+writes `config.json` and `diffusion_pytorch_model.safetensors`, or shards of at most
+`max_shard_bytes` named `diffusion_pytorch_model-0000i-of-0000n.safetensors` plus
+`diffusion_pytorch_model.safetensors.index.json`, as `save_pretrained` lays them out, so
+`WanTransformer3DModel.from_pretrained(DIR)` loads them. `load_run_params` reads the tree to
+export (`params` or an EMA copy, `ema/<key>`) and its model fields from a run's checkpoint or
+an import's output.
+
+Each tensor goes through `to_hf`, the inverse of the import's layout change (Dense kernels
+`[in, out]` -> Linear weights `[out, in]`; per-head `[D, N, E]` / `[N, E, D]` -> `[N·E, D]` /
+`[D, N·E]`; the patch kernel `[pt·ph·pw·C, D]` -> Conv3d `[D, C, pt, ph, pw]`; modulation
+`[k, D]` -> `[1, k, D]`), in float32, then is cast to the export dtype (float32, bfloat16 or
+float16). Channels and text width are read from the parameter shapes. Files are written
+tensor by tensor (header first, from the shapes alone), so memory holds the source tree
+plus one converted tensor. A float32 export of an import reproduces the original tensors
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from sora_jax.models import dit as dit_lib
+from sora_jax.models.safetensors_io import get_path, set_path
+from sora_jax.models.wan_import import (
+    CONFIG_FILE,
+    EXPORT_DTYPES,
+    INDEX_FILE,
+    MODEL_CONFIG_FILE,
+    SINGLE_FILE,
+    Rule,
+    WanShapes,
+    _check_covered,
+    _leaf_paths,
+    abstract_params,
+    check_wan_fields,
+    diffusers_config,
+    hf_shape,
+    name_map,
+    to_hf,
+)
+
+_SAFETENSORS_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+}
+
+
+def _write_safetensors(
+    path: pathlib.Path, tensors: list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], dtype
+) -> None:
+    """Writes a safetensors file tensor by tensor: `(name, shape, make)` with `make()` giving
+    the array (called once, just before its bytes are written)."""
+    dtype = np.dtype(dtype)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in tensors:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little"))
+        fh.write(blob)
+        for name, shape, make in tensors:
+            x = np.ascontiguousarray(make(), dtype=dtype)
+            if x.shape != tuple(shape):
+                raise AssertionError(f"{name}: made {x.shape}, header says {shape}")
+            fh.write(x.tobytes())
+
+
+def export_diffusers(
+    params: Mapping,
+    fields: Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = 5 * 2**30,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Writes VideoDiT `params` as a diffusers WanTransformer3DModel directory at `out`.
+
+    `params` is the plain tree (numpy or jax arrays; stacked `blocks` when the model scans
+    its layers); `fields` are the VideoDiT fields it was built with (`dit.model_fields` of
+    the run's `config.model`). Channels and text width are read from the parameter shapes.
+    Tensors are converted and written one at a time, in shards of at most
+    `max_shard_bytes` (`diffusion_pytorch_model-0000i-of-0000n.safetensors` plus the index,
+    as `save_pretrained` names them), or one file. Returns the config.json written.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {list(EXPORT_DTYPES)}")
+    np_dtype = np.dtype(EXPORT_DTYPES[dtype])
+    check_wan_fields(fields)
+    patch = tuple(int(p) for p in fields.get("patch_size", (1, 2, 2)))
+    leaves = _leaf_paths(params)
+    scan = ("blocks", "modulation") in leaves
+    layers = (
+        leaves[("blocks", "modulation")].shape[0]
+        if scan
+        else sum(1 for p in leaves if p[0].startswith("blocks_") and p[1:] == ("modulation",))
+    )
+    if layers != int(fields["num_layers"]):
+        raise ValueError(f"params hold {layers} blocks, model.num_layers={fields['num_layers']}")
+    cross_norm = bool(fields.get("cross_attn_norm", True))
+    rules = name_map(layers, cross_norm, scan)
+    _check_covered(rules, leaves)
+    p = math.prod(patch)
+    shapes = WanShapes(
+        in_channels=leaves[("patch_embedding", "kernel")].shape[0] // p,
+        out_channels=leaves[("head", "kernel")].shape[1] // p,
+        text_dim=leaves[("text_embedding_0", "kernel")].shape[0],
+    )
+    expected = _leaf_paths(abstract_params(dict(fields, scan_layers=scan), shapes))
+    wrong = [
+        f"{'/'.join(k)}: {tuple(leaves[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in leaves and tuple(leaves[k].shape) != tuple(v.shape)
+    ]
+    if wrong or set(expected) != set(leaves):
+        raise ValueError(f"params do not fit model fields {dict(fields)}: {wrong}")
+
+    def make(r: Rule, shape):
+        def f():
+            leaf = leaves[r.path]
+            x = np.asarray(leaf[r.layer] if r.layer is not None else leaf)
+            if progress is not None:
+                progress(int(x.size))
+            return to_hf(r.kind, x.astype(np.float32), shape)
+
+        return f
+
+    entries = []
+    for r in rules:
+        shape = tuple(leaves[r.path].shape)
+        shape = hf_shape(r.kind, shape[1:] if r.layer is not None else shape, patch)
+        entries.append((r.name, shape, make(r, shape)))
+    shards, size = [[]], 0
+    for e in entries:
+        nbytes = math.prod(e[1]) * np_dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if len(shards) == 1:
+        _write_safetensors(out / SINGLE_FILE, shards[0], np_dtype)
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(out / name, shard, np_dtype)
+            for tensor, shape, _ in shard:
+                weight_map[tensor] = name
+                total += math.prod(shape) * np_dtype.itemsize
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    config = diffusers_config(fields, shapes)
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def load_run_params(src: str | os.PathLike, source: str = "params", step: int | None = None):
+    """`(params, model fields, description)` of a sora_jax checkpoint: a run workdir (its
+    checkpoints/, or one checkpoints/<step>) or an `import_diffusers` output.
+
+    The model fields come from the run's saved config (`checkpoints/<step>/config`, or the
+    workdir's config.json) or from `model_config.json`; parameters are restored onto the
+    first local device, shaped by the checkpoint's own metadata.
+    """
+    from sora_jax.training import checkpoint as ckpt_lib
+
+    directory, found = ckpt_lib.resolve_checkpoint(src)
+    step = found if step is None else step
+    model_cfg = _saved_model_config(pathlib.Path(src), directory, step)
+    fields = dit_lib.model_fields(model_cfg)
+    saved = ckpt_lib.saved_shapes(directory, step, source)
+    device = jax.local_devices()[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    abstract: dict = {}
+    for name, shape in saved.items():
+        leaf = jax.ShapeDtypeStruct(tuple(shape), jnp.float32, sharding=sharding)
+        set_path(abstract, tuple(name.split("/")), leaf)
+    wrapped: dict = {}
+    set_path(wrapped, tuple(source.split("/")), abstract)
+    restored, _ = ckpt_lib.restore_params(directory, wrapped, step)
+    params = get_path(restored, tuple(source.split("/")))
+    return params, fields, f"{directory}/{step} ({source})"
+
+
+def _saved_model_config(src: pathlib.Path, directory: pathlib.Path, step: int) -> dict:
+    """`config.model` of a checkpoint: saved with it, or the workdir's config.json, or the
+    `model_config.json` of an import."""
+    from sora_jax.training import checkpoint as ckpt_lib
+
+    saved = ckpt_lib.saved_config(directory, step)
+    if saved and "model" in saved:
+        return saved["model"]
+    for d in dict.fromkeys([src.expanduser().absolute(), directory.parent]):
+        if (d / MODEL_CONFIG_FILE).is_file():
+            return json.loads((d / MODEL_CONFIG_FILE).read_text())["model"]
+        if (d / "config.json").is_file():
+            cfg = json.loads((d / "config.json").read_text())
+            if "model" in cfg:
+                return cfg["model"]
+    raise FileNotFoundError(
+        f"no model config for {directory}/{step}: expected the checkpoint's saved config, "
+        f"the run's config.json or an import's {MODEL_CONFIG_FILE}"
+    )
