@@ -21,6 +21,7 @@ import jax
 
 from sora_jax import config as config_lib
 from sora_jax.evaluation import generate
+from sora_jax.evaluation import requests as requests_lib
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +40,7 @@ def main(argv=None) -> dict[str, float]:
     )
     ema = config.sample.ema_decay if args.ema is None else args.ema
     gen = generate.Generator.from_workdir(workdir, config, ema_decay=ema)
-    options = generate.SampleOptions.from_config(config.sample)
+    options = requests_lib.SampleOptions.from_config(config.sample)
     prompts = list(config.sample.prompts)
     if not prompts:
         raise SystemExit(f"sample.prompts of {workdir}'s config is empty: nothing to sample")

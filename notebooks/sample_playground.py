@@ -30,6 +30,7 @@ from IPython.display import display
 
 from sora_jax import analysis
 from sora_jax.evaluation import generate
+from sora_jax.evaluation import requests as requests_lib
 
 # %% tags=["parameters"]
 # The run's --workdir. SORA_RUN overrides it; papermill -p RUN ... also works. Relative
@@ -44,7 +45,7 @@ workdir = analysis.repo_path(RUN)
 config = analysis.load_run(workdir).config
 gen = generate.Generator.from_workdir(workdir, config, step=STEP, ema_decay=config.sample.ema_decay)
 print(f"checkpoint {gen.step} of {workdir}, weights: {gen.weights}")
-base = generate.SampleOptions.from_config(config.sample)
+base = requests_lib.SampleOptions.from_config(config.sample)
 print(base)
 
 # %% [markdown]

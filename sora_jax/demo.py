@@ -28,6 +28,7 @@ def main(argv):
 
     from sora_jax.data import tokenization
     from sora_jax.evaluation import evaluators, generate
+    from sora_jax.evaluation import requests as requests_lib
     from sora_jax.training import loop
 
     workdir = pathlib.Path(WORKDIR.value)
@@ -51,7 +52,7 @@ def main(argv):
     times["train"] = time.perf_counter() - t0
 
     s = config.sample
-    options = generate.SampleOptions.from_config(s)
+    options = requests_lib.SampleOptions.from_config(s)
     print(f"\n[3/4] sample     ({py}.sample {args})", flush=True)
     t0 = time.perf_counter()
     gen = generate.Generator.from_workdir(workdir, config, ema_decay=s.ema_decay)

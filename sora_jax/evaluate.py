@@ -35,10 +35,11 @@ def main(argv):
     del argv
     entry.require(entry.WORKDIR, "workdir")
     config = entry.loaded_config(from_workdir=True)
-    from sora_jax.evaluation import evaluators, generate
+    from sora_jax.evaluation import evaluators
+    from sora_jax.evaluation import requests as requests_lib
 
     s = config.sample
-    options = generate.SampleOptions.from_config(s, cfg_scale=CFG.value, num_steps=STEPS.value)
+    options = requests_lib.SampleOptions.from_config(s, cfg_scale=CFG.value, num_steps=STEPS.value)
     report = evaluators.evaluate(
         config,
         entry.WORKDIR.value,

@@ -59,10 +59,11 @@ def main(argv):
     entry.require(entry.WORKDIR, "workdir")
     config = entry.loaded_config(from_workdir=True)
     from sora_jax.evaluation import generate
+    from sora_jax.evaluation import requests as requests_lib
 
     s = config.sample
     try:
-        options = generate.SampleOptions.from_config(
+        options = requests_lib.SampleOptions.from_config(
             s,
             num_steps=STEPS.value,
             cfg_scale=CFG.value,
@@ -73,20 +74,21 @@ def main(argv):
             num_frames=NUM_FRAMES.value,
             cond_frames=COND_FRAMES.value,
         )
-        options = generate.with_overrides(
+        options = requests_lib.with_overrides(
             config, options, {"resolution": RESOLUTION.value, "aspect": ASPECT.value}
         )
         files = {"image": IMAGE.value or "", "video": VIDEO.value or ""}
         requests = [
-            generate.Request(p, options, index=i, **files) for i, p in enumerate(PROMPT.value or [])
+            requests_lib.Request(p, options, index=i, **files)
+            for i, p in enumerate(PROMPT.value or [])
         ]
         if PROMPTS.value:
-            requests += generate.read_prompts(PROMPTS.value, config, options, len(requests))
+            requests += requests_lib.read_prompts(PROMPTS.value, config, options, len(requests))
         if not PROMPT.value and not PROMPTS.value:
             requests = [
-                generate.Request(p, options, index=i, **files) for i, p in enumerate(s.prompts)
+                requests_lib.Request(p, options, index=i, **files) for i, p in enumerate(s.prompts)
             ]
-        generate.validate_requests(
+        requests_lib.validate_requests(
             config, entry.WORKDIR.value, requests, allow_untrained_shape=ALLOW_UNTRAINED.value
         )
     except (ValueError, FileNotFoundError) as e:

@@ -16,6 +16,7 @@ from sora_jax import config as config_lib
 from sora_jax import video_io
 from sora_jax.data import synthetic
 from sora_jax.evaluation import generate
+from sora_jax.evaluation import requests as requests_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "experiments" / "demo.py")
@@ -32,7 +33,7 @@ def gen(tiny_run):
 
 
 def _options(config, **kw):
-    return generate.SampleOptions.from_config(config.sample, num_steps=2, **kw)
+    return requests_lib.SampleOptions.from_config(config.sample, num_steps=2, **kw)
 
 
 # --- Prompt files -----------------------------------------------------------------------
@@ -43,7 +44,7 @@ def test_prompt_files_plain_and_jsonl(tmp_path):
     base = _options(config)
     plain = tmp_path / "prompts.txt"
     plain.write_text("a red square moving left slowly\n\n  a blue circle moving up quickly \n")
-    reqs = generate.read_prompts(plain, config, base, start=2)
+    reqs = requests_lib.read_prompts(plain, config, base, start=2)
     assert [r.prompt for r in reqs] == [
         "a red square moving left slowly",
         "a blue circle moving up quickly",
@@ -58,7 +59,7 @@ def test_prompt_files_plain_and_jsonl(tmp_path):
         {"prompt": "y", "aspect": "1:1", "video": "/abs/clip.mp4", "cond_frames": 2},
     ]
     jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    a, b, c, d = generate.read_prompts(jsonl, config, base, start=0)
+    a, b, c, d = requests_lib.read_prompts(jsonl, config, base, start=0)
     assert a.options == base
     assert (b.options.seed, b.options.cfg_scale, b.options.num_steps) == (7, 1.5, 3)
     assert (c.options.height, c.options.width, c.options.num_frames) == (8, 12, 9)
@@ -82,7 +83,7 @@ def test_bad_prompt_line_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "a red square moving left slowly"}\n' + line + "\n")
     with pytest.raises(ValueError, match=f"{path}:2: .*{message}"):
-        generate.read_prompts(path, _config(), _options(_config()), start=0)
+        requests_lib.read_prompts(path, _config(), _options(_config()), start=0)
 
 
 # --- Validation before restore ----------------------------------------------------------
@@ -113,8 +114,8 @@ def test_bad_requests_fail_before_the_checkpoint_is_touched(
 
     monkeypatch.setattr(generate.Generator, "from_workdir", no_restore)
     config = make()
-    options = generate.with_overrides(config, _options(config), fields)
-    request = generate.Request("a red square moving left slowly", options)
+    options = requests_lib.with_overrides(config, _options(config), fields)
+    request = requests_lib.Request("a red square moving left slowly", options)
     with pytest.raises(ValueError, match=message):
         generate.sample_to_dir(config, tiny_run[0], [], options, requests=[request])
 
@@ -124,21 +125,24 @@ def test_other_request_errors(tiny_run, tmp_path, monkeypatch):
     config = _config()
     o = _options(config)
     cases = [
-        (generate.Request("  ", o), "prompt 0: the prompt is empty"),
-        (generate.Request("a", o, image=str(tmp_path / "no.png")), "image file .*no.png"),
-        (generate.Request("a", generate.with_overrides(config, o, {"num_frames": 1})), "outside"),
+        (requests_lib.Request("  ", o), "prompt 0: the prompt is empty"),
+        (requests_lib.Request("a", o, image=str(tmp_path / "no.png")), "image file .*no.png"),
+        (
+            requests_lib.Request("a", requests_lib.with_overrides(config, o, {"num_frames": 1})),
+            "outside",
+        ),
     ]
     for request, message in cases:
         with pytest.raises(ValueError, match=message):
-            generate.validate_requests(config, tiny_run[0], [request])
+            requests_lib.validate_requests(config, tiny_run[0], [request])
     with pytest.raises(FileNotFoundError, match="checkpoints does not exist"):
-        generate.validate_requests(config, tmp_path / "nowhere", [cases[0][0]])
+        requests_lib.validate_requests(config, tmp_path / "nowhere", [cases[0][0]])
     with pytest.raises(ValueError, match="no prompts"):
-        generate.validate_requests(config, tiny_run[0], [])
+        requests_lib.validate_requests(config, tiny_run[0], [])
     # The explicit flag allows an untrained (but tokenizer-valid) shape.
-    untrained = generate.with_overrides(config, o, {"num_frames": 7, "resolution": "8x12"})
-    generate.validate_requests(
-        config, tiny_run[0], [generate.Request("a", untrained)], allow_untrained_shape=True
+    untrained = requests_lib.with_overrides(config, o, {"num_frames": 7, "resolution": "8x12"})
+    requests_lib.validate_requests(
+        config, tiny_run[0], [requests_lib.Request("a", untrained)], allow_untrained_shape=True
     )
 
 
@@ -186,8 +190,8 @@ def test_image_to_video_keeps_the_image_as_first_frame(gen, tiny_run, tmp_path):
     clip = _first_frame(size=(5, 24, 32))  # another size: centre-cropped and resized
     png = video_io.write_png(tmp_path / "first.png", clip[0])
     o = _options(config)
-    request = generate.Request("a red square moving left slowly", o, image=str(png))
-    given, task, k = generate.load_given_pixels(request, gen.tokenizer, 5, 16, 16)
+    request = requests_lib.Request("a red square moving left slowly", o, image=str(png))
+    given, task, k = requests_lib.load_given_pixels(request, gen.tokenizer, 5, 16, 16)
     want = video_io.fit_frames(video_io.read_image(png)[None], 16, 16)[0] / 127.5 - 1.0
     assert (task, k, given.shape) == ("i2v", 1, (1, 16, 16, 3))
     video, _ = gen.generate([request.prompt], o, given=given[None], task=task)
@@ -211,8 +215,8 @@ def test_continuation_keeps_the_last_frames_of_the_video(gen, tiny_run, tmp_path
     work, config = tiny_run
     path = video_io.write_video(tmp_path / "in.gif", _first_frame(size=(9, 16, 16)))
     o = _options(config, cond_frames=3)
-    request = generate.Request("a red square moving left slowly", o, video=str(path))
-    given, task, k = generate.load_given_pixels(request, gen.tokenizer, 5, 16, 16)
+    request = requests_lib.Request("a red square moving left slowly", o, video=str(path))
+    given, task, k = requests_lib.load_given_pixels(request, gen.tokenizer, 5, 16, 16)
     frames = video_io.read_video(path).astype(np.float32) / 127.5 - 1.0
     assert (task, k) == ("continuation", 3)
     np.testing.assert_allclose(given, frames[-3:], atol=1e-6)  # the last 3 (r = 1) frames

@@ -44,6 +44,7 @@ import numpy as np
 
 from sora_jax.data import synthetic
 from sora_jax.evaluation import adherence, frechet, generate, metrics
+from sora_jax.evaluation import requests as requests_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 
 HELD_OUT_SEED_OFFSET = 100_000
@@ -105,7 +106,7 @@ class ItemEvaluator:
     `aggregate` the results of all items in order into scores."""
 
     count: Callable[[ml_collections.ConfigDict], int]
-    protocol: Callable[[ml_collections.ConfigDict, generate.SampleOptions], dict[str, Any]]
+    protocol: Callable[[ml_collections.ConfigDict, requests_lib.SampleOptions], dict[str, Any]]
     compute: Callable[..., list[dict[str, Any]]]
     aggregate: Callable[[ml_collections.ConfigDict, list[dict[str, np.ndarray]]], dict[str, Any]]
     needs_generator: bool = True
@@ -116,7 +117,7 @@ def held_out_seed(config) -> int:
 
 
 def _shape(config, options) -> tuple[int, int, int]:
-    return generate.pixel_shape(config, options)
+    return requests_lib.pixel_shape(config, options)
 
 
 def _generate(gen, options, prompts, indices, batch) -> np.ndarray:
@@ -304,7 +305,7 @@ def run_items(
     config: ml_collections.ConfigDict,
     store: ItemStore,
     generator,
-    options: generate.SampleOptions,
+    options: requests_lib.SampleOptions,
     *,
     process_index: int,
     process_count: int,
@@ -352,7 +353,7 @@ def val_loss(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
     generator: generate.Generator,
-    options: generate.SampleOptions,
+    options: requests_lib.SampleOptions,
 ) -> dict[str, Any]:
     del options  # no sampling: the loss of the checkpoint's weights at fixed times
     from sora_jax.data import pipeline as pipeline_lib
@@ -383,7 +384,7 @@ def _latest_step(workdir: pathlib.Path) -> int:
 def evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
-    options: generate.SampleOptions,
+    options: requests_lib.SampleOptions,
     *,
     step: int | None = None,
     ema_decay: float | None = None,

@@ -336,12 +336,13 @@ class Evaluator:
 
     def samples(self, state, step: int) -> None:
         from sora_jax.evaluation import generate
+        from sora_jax.evaluation import requests as requests_lib
 
         params, weights = self._params(state)
         gen = generate.Generator(self.config, self.manifest, params, step, weights)
         if state.text_encoder is not None:  # the copy on the mesh, not a second one
             gen.text_encoder.use_params(state.text_encoder)
-        options = generate.SampleOptions.from_config(self.config.sample)
+        options = requests_lib.SampleOptions.from_config(self.config.sample)
         generate.sample_to_dir(
             self.config, self.workdir, list(self.config.sample.prompts), options, generator=gen
         )

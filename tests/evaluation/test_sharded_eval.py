@@ -9,6 +9,7 @@ import pytest
 
 from sora_jax.data import synthetic
 from sora_jax.evaluation import evaluators, generate
+from sora_jax.evaluation import requests as requests_lib
 
 
 def test_shard_ranges_are_contiguous_and_cover_every_item():
@@ -29,7 +30,7 @@ def setup(tiny_run):
     config.evaluate.num_videos = 6
     config.sample.batch_size = 4
     gen = generate.Generator.from_workdir(work, config, ema_decay=config.sample.ema_decay)
-    options = generate.SampleOptions.from_config(config.sample, num_steps=2)
+    options = requests_lib.SampleOptions.from_config(config.sample, num_steps=2)
     return work, config, gen, options
 
 
@@ -68,7 +69,7 @@ def test_interrupted_and_split_runs_give_the_uninterrupted_numbers(setup, tmp_pa
 
     # A re-run with another protocol is refused instead of mixing results.
     work, config, gen, options = setup
-    other = generate.SampleOptions.from_config(config.sample, num_steps=3)
+    other = requests_lib.SampleOptions.from_config(config.sample, num_steps=3)
     with pytest.raises(ValueError, match="another protocol"):
         evaluators.evaluate(config, work, other, generator=gen, eval_dir=tmp_path / "full")
 
@@ -92,7 +93,7 @@ def test_reconstruction_uses_held_out_clips(tiny_run, tmp_path):
     config = ml_collections.ConfigDict(config.to_dict())
     config.evaluate.type = "reconstruction"
     config.evaluate.num_videos = 4
-    options = generate.SampleOptions.from_config(config.sample)
+    options = requests_lib.SampleOptions.from_config(config.sample)
     report = evaluators.evaluate(config, work, options, eval_dir=tmp_path)
     # The pixels tokenizer is exact: PSNR at its 100 dB cap, SSIM 1.
     assert report["scores"]["psnr"] == pytest.approx(100.0)
