@@ -32,7 +32,7 @@ format: $(STAMP)
 
 # pytest exits 5 when it collects no test: treat that as a failure, never as a pass.
 test: lint
-	$(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
