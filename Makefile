@@ -31,8 +31,10 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 # pytest exits 5 when it collects no test: treat that as a failure, never as a pass.
+# --dist loadscope keeps each test module on one worker, so a module's fixtures (trained
+# runs, tokenized sets) are built once rather than once per worker.
 test: lint
-	$(PY) -m pytest -n 2 --dist loadgroup --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -n 2 --dist loadscope --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)

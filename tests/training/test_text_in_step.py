@@ -22,9 +22,6 @@ from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.training import checkpoint as ckpt_lib
 from sora_jax.training import loop, plan
 
-# One worker runs the whole module, so the trained runs of the fixture are made once.
-pytestmark = pytest.mark.xdist_group("text_in_step")
-
 DEMO = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py"
 MODES = ("tokenize", "train_step")
 
