@@ -33,6 +33,7 @@ from sora_jax.models import flops as flops_lib
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.training import state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -288,16 +289,12 @@ def plan(
     limit = memory_gb if memory_gb else device_memory_gb(mesh.devices.flat[0])
     print(format_plan(plans, mesh, limit), flush=True)
     if abstract.base is not None:  # LoRA: the frozen base is an argument, not trained
-        from sora_jax.training import state as state_lib
-
         print(
             f"  LoRA rank {config.lora.rank}: {state_lib.param_count(abstract.params):,} "
             f"trainable parameters on a frozen base of {state_lib.param_count(abstract.base):,}",
             flush=True,
         )
     if abstract.text_encoder is not None:  # frozen, read by the step, not trained
-        from sora_jax.training import state as state_lib
-
         print(
             f"  text encoder in the step: {state_lib.param_count(abstract.text_encoder):,} "
             f"frozen parameters sharded over fsdp={mesh.shape['fsdp']} (in 'args GiB')",
