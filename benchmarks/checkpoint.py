@@ -23,9 +23,10 @@ from flax import linen as nn
 
 from sora_jax import config as config_lib
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import checkpoint as ckpt_lib
-from sora_jax.training import loop, plan
-from sora_jax.training import state as state_lib
+from sora_jax.run import checkpoint as ckpt_lib
+from sora_jax.run import setup
+from sora_jax.run import train_state as state_lib
+from sora_jax.training import plan
 from sora_jax.training import step as step_lib
 
 CONFIG = config_lib.define_config_flag()
@@ -39,7 +40,7 @@ def main(argv):
     mesh = mesh_lib.create_mesh(config.mesh)
     rules = mesh_lib.logical_rules(config.mesh)
     geometry = plan.dataset_geometry(config)
-    model, tx, init_fn, abstract, shardings = loop.setup_state(config, geometry, mesh, rules)
+    model, tx, init_fn, abstract, shardings = setup.setup_state(config, geometry, mesh, rules)
     state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
     jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)
     shape = plan.config_step_shapes(config, geometry, mesh.shape["data"] * mesh.shape["fsdp"])[0]

@@ -39,7 +39,7 @@ from flax import linen as nn
 from sora_jax.diffusion import flow, sampler, validation
 from sora_jax.models import build_model
 from sora_jax.models.text import HashWordsEncoder
-from sora_jax.training import optimizer as optimizer_lib
+from sora_jax.run import optimizer as optimizer_lib
 
 # Two colours x two shapes: captions differ by one word, patterns share a component.
 CAPTIONS = ("a red square", "a red circle", "a blue square", "a blue circle")

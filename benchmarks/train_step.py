@@ -29,8 +29,9 @@ from flax import linen as nn
 from sora_jax import config as config_lib
 from sora_jax.models import flops
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import loop, perf, plan
-from sora_jax.training import state as state_lib
+from sora_jax.run import setup
+from sora_jax.run import train_state as state_lib
+from sora_jax.training import perf, plan
 from sora_jax.training import step as step_lib
 
 CONFIG = config_lib.define_config_flag()
@@ -94,9 +95,9 @@ def benchmark(config) -> float:
     mesh = mesh_lib.create_mesh(config.mesh)
     rules = mesh_lib.logical_rules(config.mesh)
     geometry = plan.dataset_geometry(config)
-    model, tx, init_fn, abstract, shardings = loop.setup_state(config, geometry, mesh, rules)
+    model, tx, init_fn, abstract, shardings = setup.setup_state(config, geometry, mesh, rules)
     state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
-    state = loop.place_text_encoder(state, config, shardings)
+    state = setup.place_text_encoder(state, config, shardings)
     jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)
     first = plan.config_step_shapes(config, geometry, mesh.shape["data"] * mesh.shape["fsdp"])[0]
     compiled, (bucket_plan,) = plan.compile_steps(

@@ -18,9 +18,10 @@ from sora_jax import analysis, video_io  # noqa: E402
 from sora_jax import config as config_lib  # noqa: E402
 from sora_jax.data import tokenization  # noqa: E402
 from sora_jax.parallel import mesh as mesh_lib  # noqa: E402
-from sora_jax.training import checkpoint as ckpt_lib  # noqa: E402
-from sora_jax.training import loop, plan  # noqa: E402
-from sora_jax.training import state as state_lib  # noqa: E402
+from sora_jax.run import checkpoint as ckpt_lib  # noqa: E402
+from sora_jax.run import setup  # noqa: E402
+from sora_jax.run import train_state as state_lib  # noqa: E402
+from sora_jax.training import plan  # noqa: E402
 
 DEMO = str(pathlib.Path(__file__).resolve().parent.parent / "experiments" / "demo.py")
 
@@ -49,7 +50,7 @@ def fsdp_checkpoint(tmp_path_factory, devices):
     config.mesh.ici_fsdp = 8
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
-    _, _, init_fn, _, _ = loop.setup_state(config, plan.dataset_geometry(config), mesh, rules)
+    _, _, init_fn, _, _ = setup.setup_state(config, plan.dataset_geometry(config), mesh, rules)
     state = state_lib.create_sharded_state(init_fn, mesh, rules, seed=3)
     key = state_lib.ema_key(config.sample.ema_decay)
     # An EMA unlike the parameters, so a test can tell which tree came back.

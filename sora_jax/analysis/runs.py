@@ -237,8 +237,8 @@ def load_params(
     """
     import jax
 
-    from sora_jax.training import checkpoint as ckpt_lib
-    from sora_jax.training import state as state_lib
+    from sora_jax.run import checkpoint as ckpt_lib
+    from sora_jax.run import train_state as state_lib
 
     path = repo_path(path)
     if not path.exists():

@@ -42,12 +42,21 @@ import jax
 import ml_collections
 import numpy as np
 
+from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import synthetic
+from sora_jax.diffusion import validation
 from sora_jax.evaluation import adherence, frechet, generate, metrics
 from sora_jax.evaluation import requests as requests_lib
+from sora_jax.evaluation.val_loss import ValidationLoss
 from sora_jax.models import tokenizer as tokenizer_lib
 
 HELD_OUT_SEED_OFFSET = 100_000
+# prompt_adherence prompts: the synthetic captions of seed `evaluate.seed + this`.
+PROMPT_SEED_OFFSET = 10_000
+# The SampleOptions fields a text-to-video evaluation sample depends on. The bucket and the
+# frame/size overrides enter through the protocol's `clip_shape`; `cond_frames` only applies
+# to i2v and continuation, which no evaluator samples.
+T2V_SAMPLING_FIELDS = ("num_steps", "cfg_scale", "sampler", "seed", "shift")
 
 
 # --- Sharded, resumable item storage ----------------------------------------------------
@@ -129,9 +138,13 @@ def _generate(gen, options, prompts, indices, batch) -> np.ndarray:
 # --- prompt_adherence -------------------------------------------------------------------
 
 
+def adherence_prompt_seed(config) -> int:
+    return int(config.evaluate.seed) + PROMPT_SEED_OFFSET
+
+
 def _adherence_prompts(config) -> list[str]:
     n = int(config.evaluate.num_videos)
-    seed = int(config.evaluate.seed) + 10_000
+    seed = adherence_prompt_seed(config)
     return [synthetic.clip_spec(i, seed=seed).caption for i in range(n)]
 
 
@@ -263,10 +276,13 @@ def _protocol(kind: str):
             p["held_out_seed"] = held_out_seed(config)
             p["clips"] = "synthetic.synthetic_clip(i, held_out_seed, T, H, W), i < num_items"
         if kind in ("prompt_adherence", "fvd"):
-            p["sampling"] = dataclasses.asdict(options)
-            p["noise"] = "normal(fold_in(key(seed), item index))"
+            p["sampling"] = {k: getattr(options, k) for k in T2V_SAMPLING_FIELDS}
+            p["noise"] = "normal(fold_in(key(sampling.seed), item index))"
         if kind == "prompt_adherence":
-            p["prompt_seed"] = int(config.evaluate.seed) + 10_000
+            p["prompt_seed"] = adherence_prompt_seed(config)
+            p["prompts"] = "synthetic.clip_spec(i, prompt_seed).caption, i < num_items"
+        if kind == "fvd":
+            p["prompts"] = "synthetic.clip_spec(i, held_out_seed).caption: the clips' captions"
         if kind == "fvd":
             name = config.evaluate.get("fvd_features", "random_conv")
             p["features"] = name
@@ -356,17 +372,13 @@ def val_loss(
     options: requests_lib.SampleOptions,
 ) -> dict[str, Any]:
     del options  # no sampling: the loss of the checkpoint's weights at fixed times
-    from sora_jax.data import pipeline as pipeline_lib
-    from sora_jax.diffusion import validation
-    from sora_jax.training import hooks
-
     mesh = generator.mesh
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     pipe = pipeline_lib.from_config(config, workdir, data_parallel=data_parallel)
     try:
-        hook = hooks.Evaluator(config, workdir, pipe, generator.model, mesh, generator.manifest)
+        loss = ValidationLoss(config, pipe, generator.model, mesh)
         with jax.set_mesh(mesh):
-            scores = hook.validation_of(generator.params)
+            scores = loss(generator.params)
     finally:
         pipe.close()
     scores = {k.removeprefix("eval/"): v for k, v in scores.items()}
@@ -435,24 +447,14 @@ def evaluate(
             process_count=pc,
             stop_after=stop_after,
         )
-        report["protocol"] = {
-            **protocol,
-            "num_videos": int(config.evaluate.num_videos),
-            "prompt_seed": int(config.evaluate.seed),
-            **dataclasses.asdict(options),
-        }
+        report["protocol"] = protocol  # what protocol.json records: the items' settings
         report["items_dir"] = str(store.root)
         report.update(result)
         if "scores" not in result:
             report["path"] = ""
             return report
     else:
-        report["protocol"] = {
-            "num_videos": int(config.evaluate.num_videos),
-            "prompt_seed": int(config.evaluate.seed),
-            **dataclasses.asdict(options),
-        }
-        report.update(evaluator(config, workdir, gen, options))
+        report.update(evaluator(config, workdir, gen, options))  # scores and protocol
     out = root / f"{ckpt_step}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))

@@ -39,12 +39,12 @@ from sora_jax.evaluation.requests import (
     pixel_shape,
     validate_requests,
 )
+from sora_jax.models import dit
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import checkpoint as ckpt_lib
-from sora_jax.training import loop
-from sora_jax.training import step as step_lib
+from sora_jax.run import params as params_lib
+from sora_jax.run import setup
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -71,8 +71,8 @@ class Generator:
         self.weights = weights
         self.mesh = mesh_lib.create_mesh(config.mesh)
         self.rules = mesh_lib.logical_rules(config.mesh)
-        self.model = loop.model_for(config, manifest)
-        self.apply_fn = step_lib.make_apply_fn(self.model)
+        self.model = setup.model_for(config, manifest)
+        self.apply_fn = dit.make_apply_fn(self.model)
         self.tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
         self.text_encoder = text_lib.build_text_encoder(config.text_encoder)
         self._compiled: dict[Any, Any] = {}
@@ -101,7 +101,7 @@ class Generator:
         mesh = mesh_lib.create_mesh(config.mesh)
         rules = mesh_lib.logical_rules(config.mesh)
         # EMA or raw weights; for a LoRA run the factors merged into its frozen base.
-        params, step, weights = ckpt_lib.restore_params_for_sampling(
+        params, step, weights = params_lib.restore_params_for_sampling(
             workdir, config, manifest, mesh, rules, step=step, ema_decay=ema_decay
         )
         return cls(config, manifest, params, step, weights)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -399,3 +400,12 @@ def unstack_layers(params: dict) -> dict:
 def check_bucket(model: VideoDiT, latent_shape) -> tuple[int, int, int]:
     """The token grid of a latent `(T, H, W[, C])` bucket, or a ValueError naming the patch."""
     return check_patchable(tuple(latent_shape)[:3], model.patch_size)
+
+
+def make_apply_fn(model: nn.Module) -> Callable:
+    """`apply(params, x_t, t, text, text_mask) -> v` over a plain parameter tree."""
+
+    def apply(params, x_t, t, text, text_mask):
+        return model.apply({"params": params}, x_t, t, text, text_mask)
+
+    return apply

@@ -386,3 +386,15 @@ def record_fields(text_manifest: dict) -> tuple[str, str]:
     if text_manifest.get("embed", "tokenize") == "train_step":
         return ("text_ids", "text_mask")
     return ("text", "text_mask")
+
+
+def embed_batch(text_encoder, params, batch: dict) -> dict:
+    """`batch` with `text_ids [B, S]` replaced by the frozen encoder's `text [B, S, D]`."""
+    if "text_ids" not in batch:
+        raise ValueError(
+            "text_encoder.embed='train_step' but the batch holds no text_ids (it has "
+            f"{sorted(batch)}): the dataset stores embeddings; re-tokenize it with this config"
+        )
+    out = {k: v for k, v in batch.items() if k != "text_ids"}
+    out["text"] = text_encoder.embed(params, batch["text_ids"], batch["text_mask"])
+    return out

@@ -188,7 +188,7 @@ def load_run_params(src: str | os.PathLike, source: str = "params", step: int | 
     workdir's config.json) or from `model_config.json`; parameters are restored onto the
     first local device, shaped by the checkpoint's own metadata.
     """
-    from sora_jax.training import checkpoint as ckpt_lib
+    from sora_jax.run import checkpoint as ckpt_lib
 
     directory, found = ckpt_lib.resolve_checkpoint(src)
     step = found if step is None else step
@@ -211,7 +211,7 @@ def load_run_params(src: str | os.PathLike, source: str = "params", step: int | 
 def _saved_model_config(src: pathlib.Path, directory: pathlib.Path, step: int) -> dict:
     """`config.model` of a checkpoint: saved with it, or the workdir's config.json, or the
     `model_config.json` of an import."""
-    from sora_jax.training import checkpoint as ckpt_lib
+    from sora_jax.run import checkpoint as ckpt_lib
 
     saved = ckpt_lib.saved_config(directory, step)
     if saved and "model" in saved:

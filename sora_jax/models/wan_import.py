@@ -11,7 +11,7 @@ plus `diffusion_pytorch_model.safetensors`, or shards listed by
         [--source=ema/decay_0p9999] [--step=N] [--dtype=bfloat16]
 
 Import writes `OUT/checkpoints/0/state` (an Orbax checkpoint holding `{'params': tree}`, the
-layout `sora_jax.training.checkpoint.load_for_init` reads), `OUT/model_config.json` (the
+layout `sora_jax.run.checkpoint.load_for_init` reads), `OUT/model_config.json` (the
 resolved `config.model` fields, the preset they match, and the data they need: latent
 channels and text width) and `OUT/load_report.txt`. Export (`--export`, implemented in
 `sora_jax.models.wan_export`) writes `config.json` and `diffusion_pytorch_model*.safetensors`
@@ -461,12 +461,12 @@ def load_diffusers(
 
 def write_init_checkpoint(out: str | os.PathLike, params: dict) -> pathlib.Path:
     """Writes `{'params': params}` as step 0 of `OUT/checkpoints`, which `--init_from=OUT`
-    (sora_jax.training.checkpoint.load_for_init, source 'params') reads.
+    (sora_jax.run.checkpoint.load_for_init, source 'params') reads.
 
     The tree's numpy leaves are replaced, in place and one at a time, by jax arrays: Orbax
     copies numpy leaves while saving (a second copy of the model), but not jax ones.
     """
-    from sora_jax.training import checkpoint as ckpt_lib
+    from sora_jax.run import checkpoint as ckpt_lib
 
     def to_device(tree: dict) -> None:
         for key, value in tree.items():

@@ -25,114 +25,26 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 from tqdm import tqdm
 
 from sora_jax import config as config_lib
-from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import pipeline as pipeline_lib
-from sora_jax.models import build_model
-from sora_jax.models import lora as lora_lib
-from sora_jax.models import text as text_lib
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import checkpoint as ckpt_lib
-from sora_jax.training import hooks, perf, resilience
+from sora_jax.run import checkpoint as ckpt_lib
+from sora_jax.run import params as params_lib
+from sora_jax.run import setup
+from sora_jax.run import train_state as state_lib
+from sora_jax.training import eval_hook, perf, resilience, resume, rollback
 from sora_jax.training import metrics as metrics_lib
-from sora_jax.training import optimizer as optimizer_lib
 from sora_jax.training import plan as plan_lib
-from sora_jax.training import state as state_lib
 from sora_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
 
 # Timestep bins of the per-bin training loss (`train/loss_t/<lo>-<hi>`).
 TIME_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def model_for(config: ml_collections.ConfigDict, manifest: dict[str, Any]) -> nn.Module:
-    """The VideoDiT for a config, sized to the dataset's latent channels and text width."""
-    return build_model(
-        config.model,
-        in_channels=manifest["tokenizer"]["latent_channels"],
-        text_dim=manifest["text_encoder"]["dim"],
-    )
-
-
-def example_inputs(config, manifest, batch: int = 1) -> tuple:
-    """Zero inputs of the first bucket's shape, for initialization and abstract shapes."""
-    first = buckets_lib.buckets_from_config(config.data)[0].name
-    shape = manifest["buckets"][first]["shape"]
-    max_len = manifest["text_encoder"]["max_length"]
-    # Conditioning channels (given latents + mask) are concatenated to x_t by the loss.
-    channels = shape[-1] + int(config.model.get("cond_channels", 0) or 0)
-    return (
-        jnp.zeros((batch, *shape[:-1], channels), jnp.float32),
-        jnp.zeros((batch,), jnp.float32),
-        jnp.zeros((batch, max_len, manifest["text_encoder"]["dim"]), jnp.float32),
-        jnp.ones((batch, max_len), bool),
-    )
-
-
-def setup_state(config, manifest, mesh, rules):
-    """The model, the optimizer, the init function and the abstract sharded state (with
-    the frozen text encoder's parameters when it runs in the step; `init_fn` leaves them
-    None, `place_text_encoder` reads them)."""
-    model = model_for(config, manifest)
-    tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
-    init_fn = state_lib.make_init_fn(
-        model,
-        tx,
-        example_inputs(config, manifest),
-        tuple(config.optimizer.ema_decays),
-        lora=lora_lib.LoraConfig.from_config(config.get("lora")),
-    )
-    abstract, shardings = state_lib.abstract_state(init_fn, mesh, rules)
-    encoder = text_lib.step_encoder(config.text_encoder)
-    if encoder is not None:
-        text_shardings = encoder.param_shardings(mesh)
-        text_abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            encoder.abstract_params(),
-            text_shardings,
-        )
-        abstract = abstract.replace(text_encoder=text_abstract)
-        shardings = shardings.replace(text_encoder=text_shardings)
-    return model, tx, init_fn, abstract, shardings
-
-
-def place_text_encoder(state, config, shardings):
-    """`state` with the frozen text encoder read onto the mesh (`text_encoder.embed=
-    'train_step'`); unchanged otherwise."""
-    encoder = text_lib.step_encoder(config.text_encoder)
-    if encoder is None:
-        return state
-    params = encoder.load_sharded(shardings.text_encoder)
-    print(
-        f"text encoder {encoder.id} in the train step: "
-        f"{state_lib.param_count(params):,} frozen parameters ({encoder.load_report.source})",
-        flush=True,
-    )
-    return state.replace(text_encoder=params)
-
-
-def options(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config.training` over its defaults (configs written before a field existed work)."""
-    out = ml_collections.ConfigDict(
-        dict(
-            init_from="",
-            init_from_source="params",
-            init_from_allow=(),
-            max_consecutive_skips=5,
-            watchdog_factor=20.0,
-            watchdog_min_timeout_s=600.0,
-            checkpoint_keep_period=0,
-            profile_steps=(),
-        )
-    )
-    out.update(dict(config.get("training", {})))
-    return out
 
 
 def _host_log(workdir: pathlib.Path) -> logging.Handler:
@@ -168,7 +80,7 @@ def train(
 
     # --- Config -------------------------------------------------------------------------
     config_lib.validate(config)
-    opts = options(config)
+    opts = setup.options(config)
     host_log = _host_log(workdir)
     init_from = init_from or opts.init_from
 
@@ -188,7 +100,7 @@ def train(
     check_every = config.data.get("schedule_check_every_steps", 100)
 
     # --- State --------------------------------------------------------------------------
-    model, tx, init_fn, abstract, shardings = setup_state(config, manifest, mesh, rules)
+    model, tx, init_fn, abstract, shardings = setup.setup_state(config, manifest, mesh, rules)
     mngr = ckpt_lib.manager(
         workdir / "checkpoints",
         max_to_keep=config.checkpoint_max_to_keep,
@@ -200,7 +112,7 @@ def train(
     restored = None
     if mngr.all_steps():
         with jax.set_mesh(mesh):
-            restored = hooks.restore_for_resume(mngr, abstract, config_json)
+            restored = resume.restore_for_resume(mngr, abstract, config_json)
         if restored is None:
             raise RuntimeError(
                 f"no checkpoint in {mngr.directory} restores (all failed, see the warnings): "
@@ -210,7 +122,7 @@ def train(
     if restored is not None:
         state, data_state, start = restored
         if lora:
-            base = hooks.lora_base(workdir, init_fn, abstract, shardings, mesh, rules, config)
+            base = params_lib.lora_base(workdir, init_fn, abstract, shardings, mesh, rules, config)
             state = state.replace(base=base)
         pipeline.set_state(data_state)
         metrics_lib.truncate_after(workdir, start)
@@ -224,10 +136,10 @@ def train(
         state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
         start = 0
         if init_from:
-            state = hooks.init_from(
+            state = params_lib.init_from(
                 state, abstract, init_from, opts, mesh, patch=model.patch_size, workdir=workdir
             )
-    state = place_text_encoder(state, config, shardings)
+    state = setup.place_text_encoder(state, config, shardings)
     n_params = state_lib.param_count(state.params)
     if lora:
         n_base = state_lib.param_count(state.base)
@@ -246,7 +158,7 @@ def train(
     expected = {s.key: plan_lib.abstract_batch(manifest, s, mesh) for s in shapes}
     plan_of = {p.bucket: p for p in plans}
     log.info("compiled %d bucket(s) in %.1f s", len(plans), sum(p.compile_s for p in plans))
-    evaluator = hooks.Evaluator(config, workdir, pipeline, model, mesh, manifest)
+    evaluator = eval_hook.Evaluator(config, workdir, pipeline, model, mesh, manifest)
 
     # --- Loop ---------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir)
@@ -299,7 +211,7 @@ def train(
             if done % config.log_every_steps == 0 or done == config.total_steps:
                 fetched = [(b, jax.device_get(m)) for b, m in window]
                 dt = time.perf_counter() - t_log
-                scalars = hooks.window_scalars(fetched, TIME_BINS)
+                scalars = metrics_lib.window_scalars(fetched, TIME_BINS)
                 flops = sum(plan_of[b].model_tflops_per_step * 1e12 for b, _ in fetched)
                 samples = sum(plan_of[b].global_batch for b, _ in fetched)
                 tokens = sum(plan_of[b].global_batch * plan_of[b].tokens for b, _ in fetched)
@@ -312,7 +224,7 @@ def train(
                 scalars["perf/checkpoint_block_s"] = ckpt_block_s
                 if any(skips.record(int(m["train/skipped"])) for _, m in fetched):
                     with jax.set_mesh(mesh):
-                        state = hooks.rollback(mngr, abstract, state, done, skips)
+                        state = rollback.rollback(mngr, abstract, state, done, skips)
                     rollbacks += 1
                     scalars["train/rollbacks"] = rollbacks
                 writer.write(done, scalars)

@@ -63,3 +63,30 @@ def truncate_after(workdir: str | os.PathLike, step: int) -> None:
         return
     kept = [m for m in read_metrics(workdir) if m["step"] <= step]
     path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
+def window_scalars(fetched: list[tuple[str, dict]], bins) -> dict[str, float]:
+    """Means over the steps since the last log: every scalar metric, the loss per bucket
+    (`train/loss/<bucket>`) and per timestep bin (`train/loss_t/<lo>-<hi>`), skips summed."""
+    metrics = [m for _, m in fetched]
+    out = {
+        k: float(np.mean([m[k] for m in metrics]))
+        for k in metrics[-1]
+        if np.ndim(metrics[-1][k]) == 0
+    }
+    out["train/skipped"] = float(sum(m["train/skipped"] for m in metrics))
+    for bucket in sorted({b for b, _ in fetched}):
+        out[f"train/loss/{bucket}"] = float(
+            np.mean([m["train/loss"] for b, m in fetched if b == bucket])
+        )
+    if "train/per_sample_loss" in metrics[-1] and "train/t" in metrics[-1]:
+        losses = np.concatenate([np.ravel(m["train/per_sample_loss"]) for m in metrics])
+        # t is [B], or [B, T'] with per-frame times: a sample's mean time names its bin.
+        times = np.concatenate(
+            [np.asarray(m["train/t"]).reshape(len(m["train/t"]), -1).mean(-1) for m in metrics]
+        )
+        for lo, hi in zip(bins[:-1], bins[1:], strict=True):
+            sel = (times >= lo) & (times < hi) if hi < bins[-1] else (times >= lo)
+            if sel.any():
+                out[f"train/loss_t/{lo:.2f}-{hi:.2f}"] = float(losses[sel].mean())
+    return out

@@ -33,7 +33,8 @@ from sora_jax.models import flops as flops_lib
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import state as state_lib
+from sora_jax.run import setup
+from sora_jax.run import train_state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -274,14 +275,13 @@ def plan(
 ) -> list[BucketPlan]:
     """Compiles the train step for every bucket without data or allocation; prints the
     table and raises PlanError when a bucket exceeds `memory_gb` (default: by device kind)."""
-    from sora_jax.training import loop
     from sora_jax.training import step as step_lib
 
     config_lib.validate(config)
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
     manifest = dataset_geometry(config)
-    model, tx, _, abstract, shardings = loop.setup_state(config, manifest, mesh, rules)
+    model, tx, _, abstract, shardings = setup.setup_state(config, manifest, mesh, rules)
     jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     steps = config_step_shapes(config, manifest, data_parallel)

@@ -33,22 +33,16 @@ import optax
 from flax import linen as nn
 
 from sora_jax.diffusion import flow
+from sora_jax.models import dit
 from sora_jax.models import lora as lora_lib
 from sora_jax.models import text as text_lib
-from sora_jax.training.state import TrainState, ema_key
+from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.run import optimizer as optimizer_lib
+from sora_jax.run.train_state import TrainState, ema_key
 
 
 def step_key(seed: int, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
-
-
-def make_apply_fn(model: nn.Module) -> Callable:
-    """`apply(params, x_t, t, text, text_mask) -> v` over a plain parameter tree."""
-
-    def apply(params, x_t, t, text, text_mask):
-        return model.apply({"params": params}, x_t, t, text, text_mask)
-
-    return apply
 
 
 def apply_update(
@@ -81,7 +75,7 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     schedule: optax.Schedule,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    apply_fn = make_apply_fn(model)
+    apply_fn = dit.make_apply_fn(model)
     lora = lora_lib.LoraConfig.from_config(config.get("lora"))
     text_encoder = text_lib.step_encoder(config.text_encoder)  # None: embeddings in the batch
     patch = tuple(config.model.patch_size)
@@ -97,7 +91,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         if text_encoder is not None:
-            batch = embed_text(text_encoder, state.text_encoder, batch)
+            batch = text_lib.embed_batch(text_encoder, state.text_encoder, batch)
         # The shift depends on the bucket's shape, which is static within one compilation.
         alpha = flow.shift_alpha(config.diffusion, batch["latents"].shape[1:], patch)
         key = step_key(config.seed, state.step)
@@ -133,18 +127,6 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
-
-
-def embed_text(text_encoder, params, batch: dict) -> dict:
-    """`batch` with `text_ids [B, S]` replaced by the frozen encoder's `text [B, S, D]`."""
-    if "text_ids" not in batch:
-        raise ValueError(
-            "text_encoder.embed='train_step' but the batch holds no text_ids (it has "
-            f"{sorted(batch)}): the dataset stores embeddings; re-tokenize it with this config"
-        )
-    out = {k: v for k, v in batch.items() if k != "text_ids"}
-    out["text"] = text_encoder.embed(params, batch["text_ids"], batch["text_mask"])
-    return out
 
 
 def _accumulate(grad_fn, params, batch: dict, accum: int):
@@ -183,8 +165,6 @@ def _accumulate(grad_fn, params, batch: dict, accum: int):
 def jit_train_step(model: nn.Module, tx, config: ml_collections.ConfigDict, mesh, shardings):
     """`make_train_step` jitted as the trainer runs it: state in and out in `shardings`
     (donated), the batch over ('data', 'fsdp'), metrics replicated."""
-    from sora_jax.parallel import mesh as mesh_lib
-    from sora_jax.training import optimizer as optimizer_lib
 
     schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
     return jax.jit(

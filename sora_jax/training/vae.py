@@ -42,10 +42,10 @@ from sora_jax.data import synthetic
 from sora_jax.models import vae as vae_lib
 from sora_jax.models import vae_artifact
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import checkpoint as ckpt_lib
+from sora_jax.run import checkpoint as ckpt_lib
+from sora_jax.run import optimizer as optimizer_lib
+from sora_jax.run import train_state as state_lib
 from sora_jax.training import metrics as metrics_lib
-from sora_jax.training import optimizer as optimizer_lib
-from sora_jax.training import state as state_lib
 from sora_jax.training.step import apply_update, step_key
 
 

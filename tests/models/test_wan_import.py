@@ -28,7 +28,7 @@ from safetensors.numpy import load_file, save_file
 from sora_jax.models import dit as dit_lib
 from sora_jax.models import layers, rope, wan_export
 from sora_jax.models import wan_import as wan
-from sora_jax.training import checkpoint as ckpt_lib
+from sora_jax.run import checkpoint as ckpt_lib
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "wan_dit"
 TINY = GOLDEN / "tiny"

@@ -8,7 +8,8 @@ import pytest
 
 from sora_jax import config as config_lib
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import loop, plan
+from sora_jax.run import setup
+from sora_jax.training import plan
 from sora_jax.training import step as step_lib
 
 BATCH, TOKENS = 16, 80  # global batch; 5 x 4 x 4 video tokens of the demo bucket
@@ -21,7 +22,7 @@ def compiled_hlo(devices, **mesh) -> tuple[str, dict]:
     m = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
     geometry = plan.dataset_geometry(config)
-    model, tx, _, abstract, shardings = loop.setup_state(config, geometry, m, rules)
+    model, tx, _, abstract, shardings = setup.setup_state(config, geometry, m, rules)
     jitted = step_lib.jit_train_step(model, tx, config, m, shardings)
     steps = plan.config_step_shapes(config, geometry, m.shape["data"] * m.shape["fsdp"])
     compiled, _ = plan.compile_steps(jitted, abstract, geometry, steps, config, m, rules)

@@ -9,9 +9,10 @@ import pytest
 
 from sora_jax import config as config_lib
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import checkpoint as ckpt_lib
-from sora_jax.training import loop, plan
-from sora_jax.training import state as state_lib
+from sora_jax.run import checkpoint as ckpt_lib
+from sora_jax.run import setup
+from sora_jax.run import train_state as state_lib
+from sora_jax.training import plan
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py")
 
@@ -20,7 +21,7 @@ def _state(config, devices, seed):
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
     geometry = plan.dataset_geometry(config)
-    _, _, init_fn, abstract, _ = loop.setup_state(config, geometry, mesh, rules)
+    _, _, init_fn, abstract, _ = setup.setup_state(config, geometry, mesh, rules)
     return mesh, abstract, state_lib.create_sharded_state(init_fn, mesh, rules, seed)
 
 

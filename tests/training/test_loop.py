@@ -21,10 +21,11 @@ from sora_jax import config as config_lib
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import tokenization
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import checkpoint as ckpt_lib
+from sora_jax.run import checkpoint as ckpt_lib
+from sora_jax.run import optimizer as optimizer_lib
+from sora_jax.run import setup
+from sora_jax.run import train_state as state_lib
 from sora_jax.training import loop, plan
-from sora_jax.training import optimizer as optimizer_lib
-from sora_jax.training import state as state_lib
 from sora_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -172,7 +173,7 @@ def test_checkpoint_from_8_devices_continues_on_4_2_and_1(dataset, tmp_path, dev
     config.data.global_batch_size = 8
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
-    _, _, init_fn, _, _ = loop.setup_state(config, plan.dataset_geometry(config), mesh, rules)
+    _, _, init_fn, _, _ = setup.setup_state(config, plan.dataset_geometry(config), mesh, rules)
     mngr = ckpt_lib.manager(work / "checkpoints", async_save=False)
     with jax.set_mesh(mesh):  # a state sharded over 8 devices, saved as step 4
         ckpt_lib.save(mngr, 4, state_lib.create_sharded_state(init_fn, mesh, rules, 0), {})
@@ -186,7 +187,7 @@ def test_checkpoint_from_8_devices_continues_on_4_2_and_1(dataset, tmp_path, dev
         mesh = mesh_lib.create_mesh(c.mesh, devices[:n])
         rules = mesh_lib.logical_rules(c.mesh)
         geometry = plan.dataset_geometry(c)
-        model, tx, _, abstract, shardings = loop.setup_state(c, geometry, mesh, rules)
+        model, tx, _, abstract, shardings = setup.setup_state(c, geometry, mesh, rules)
         mngr = ckpt_lib.manager(work / "checkpoints", async_save=False)
         with jax.set_mesh(mesh):
             state, _, step = ckpt_lib.restore(mngr, abstract)

@@ -19,9 +19,11 @@ from sora_jax.models import lora as lora_lib
 from sora_jax.models import surgery
 from sora_jax.models.layers import NamedDense
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import checkpoint as ckpt_lib
-from sora_jax.training import hooks, loop, plan
-from sora_jax.training import state as state_lib
+from sora_jax.run import checkpoint as ckpt_lib
+from sora_jax.run import params as params_lib
+from sora_jax.run import setup
+from sora_jax.run import train_state as state_lib
+from sora_jax.training import loop, plan
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py")
 ATTN = lora_lib.DEFAULT_TARGETS
@@ -46,8 +48,8 @@ def tiny(**overrides):
 
 def model_and_inputs(config, batch=2, seed=0):
     geometry = plan.dataset_geometry(config)
-    model = loop.model_for(config, geometry)
-    x = loop.example_inputs(config, geometry, batch)
+    model = setup.model_for(config, geometry)
+    x = setup.example_inputs(config, geometry, batch)
     rng = np.random.default_rng(seed)
     inputs = [jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in x[:3]]
     inputs[1] = jnp.asarray(rng.uniform(0, 1, x[1].shape), jnp.float32)  # t in [0, 1]
@@ -226,7 +228,7 @@ def base_run(tmp_path_factory, devices):
     config = tiny()
     mesh = mesh_lib.create_mesh(config.mesh, devices[:1])
     rules = mesh_lib.logical_rules(config.mesh)
-    _, _, init_fn, _, _ = loop.setup_state(config, plan.dataset_geometry(config), mesh, rules)
+    _, _, init_fn, _, _ = setup.setup_state(config, plan.dataset_geometry(config), mesh, rules)
     state = state_lib.create_sharded_state(init_fn, mesh, rules, 0)
     state = state.replace(params=randomized(state.params))
     directory = tmp_path_factory.mktemp("base") / "checkpoints"
@@ -259,11 +261,11 @@ def test_lora_steps_move_only_the_factors(dataset, base_run, tmp_path, devices):
     mesh = mesh_lib.create_mesh(config.mesh, devices[:4])
     rules = mesh_lib.logical_rules(config.mesh)
     pipe = pipeline_lib.from_config(config, work, data_parallel=4)
-    model, tx, init_fn, abstract, shardings = loop.setup_state(config, pipe.manifest, mesh, rules)
+    model, tx, init_fn, abstract, shardings = setup.setup_state(config, pipe.manifest, mesh, rules)
     state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
-    opts = loop.options(config)
+    opts = setup.options(config)
     with jax.set_mesh(mesh):
-        state = hooks.init_from(state, abstract, str(base_dir), opts, mesh, workdir=work)
+        state = params_lib.init_from(state, abstract, str(base_dir), opts, mesh, workdir=work)
     assert json.loads((work / "lora_base.json").read_text())["checkpoint"].endswith("/5")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.base), base_params)
     lora_leaves = jax.tree.leaves(state.params)
@@ -314,7 +316,7 @@ def test_lora_run_checkpoints_factors_only_and_resumes_exactly(dataset, base_run
     geometry = plan.dataset_geometry(config)
     mesh = mesh_lib.create_mesh(config.mesh)
     rules = mesh_lib.logical_rules(config.mesh)
-    params, step, weights = ckpt_lib.restore_params_for_sampling(
+    params, step, weights = params_lib.restore_params_for_sampling(
         straight, config, geometry, mesh, rules
     )
     assert step == 4 and weights == "raw + lora r=4"
@@ -343,13 +345,13 @@ def test_init_from_a_t2v_run_into_an_i2v_model_adds_zero_rows(base_run, devices,
     config = tiny(**{"model.cond_channels": 13})
     mesh = mesh_lib.create_mesh(config.mesh, devices[:2])
     rules = mesh_lib.logical_rules(config.mesh)
-    model, _, init_fn, abstract, _ = loop.setup_state(
+    model, _, init_fn, abstract, _ = setup.setup_state(
         config, plan.dataset_geometry(config), mesh, rules
     )
     state = state_lib.create_sharded_state(init_fn, mesh, rules, 0)
     with jax.set_mesh(mesh):
-        state = hooks.init_from(
-            state, abstract, str(base_dir), loop.options(config), mesh, patch=model.patch_size
+        state = params_lib.init_from(
+            state, abstract, str(base_dir), setup.options(config), mesh, patch=model.patch_size
         )
     assert "added 13 conditioning input channels with zero rows" in capsys.readouterr().out
     got = jax.device_get(state.params)

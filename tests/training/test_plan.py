@@ -9,7 +9,8 @@ import pytest
 
 from sora_jax import config as config_lib
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import loop, plan
+from sora_jax.run import setup
+from sora_jax.training import plan
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py")
 
@@ -52,7 +53,7 @@ def test_fsdp_shards_params_and_optimizer_state_eightfold(devices):
         mesh = mesh_lib.create_mesh(config.mesh, devs)
         rules = mesh_lib.logical_rules(config.mesh)
         geometry = plan.dataset_geometry(config)
-        _, _, _, abstract, shardings = loop.setup_state(config, geometry, mesh, rules)
+        _, _, _, abstract, shardings = setup.setup_state(config, geometry, mesh, rules)
         identity = jax.jit(lambda s: s, in_shardings=(shardings,), out_shardings=shardings)
         mem = identity.lower(abstract).compile().memory_analysis()
         return mem.argument_size_in_bytes

@@ -11,9 +11,9 @@ from flax import linen as nn
 
 from sora_jax import config as config_lib
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import loop
-from sora_jax.training import optimizer as optimizer_lib
-from sora_jax.training import state as state_lib
+from sora_jax.run import optimizer as optimizer_lib
+from sora_jax.run import setup
+from sora_jax.run import train_state as state_lib
 from sora_jax.training import step as step_lib
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py")
@@ -27,7 +27,7 @@ MANIFEST = {
 def make(config, devices):
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
-    model, tx, init_fn, _, shardings = loop.setup_state(config, MANIFEST, mesh, rules)
+    model, tx, init_fn, _, shardings = setup.setup_state(config, MANIFEST, mesh, rules)
     state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
     schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
     step = jax.jit(
@@ -132,9 +132,9 @@ def test_conditioning_tasks_through_the_step(devices, cond_channels):
         config.model.cond_channels = cond_channels
     mesh = mesh_lib.create_mesh(config.mesh, devices[:1])
     rules = mesh_lib.logical_rules(config.mesh)
-    model = loop.model_for(config, MANIFEST)
+    model = setup.model_for(config, MANIFEST)
     tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
-    x, t, text, mask = loop.example_inputs(config, MANIFEST)
+    x, t, text, mask = setup.example_inputs(config, MANIFEST)
     x = jnp.zeros(x.shape[:-1] + (12 + cond_channels,))  # the model reads C + cond channels
     init_fn = state_lib.make_init_fn(model, tx, (x, t, text, mask), (0.99,))
     state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
@@ -161,7 +161,7 @@ def test_conditioning_config_errors_before_compiling():
     with config.unlocked():
         config.diffusion.tasks = {"t2v": 1.0, "i2v": 0.5}
         config.model.cond_channels = 5
-    model = loop.model_for(config, MANIFEST)
+    model = setup.model_for(config, MANIFEST)
     tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
     schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
     with pytest.raises(config_lib.ConfigError, match=r"model.cond_channels=5 .* = 13"):

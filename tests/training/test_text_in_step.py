@@ -19,7 +19,7 @@ from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import records, tokenization
 from sora_jax.models import text as text_lib
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.training import checkpoint as ckpt_lib
+from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.training import loop, plan
 
 DEMO = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py"

@@ -13,15 +13,17 @@ reloads it from there.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
 import pathlib
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
-from sora_jax.training import state as state_lib
+from sora_jax.run import train_state as state_lib
 
 log = logging.getLogger(__name__)
 
@@ -184,12 +186,10 @@ def saved_shapes(directory: pathlib.Path, step: int, prefix: str) -> dict[str, t
         if key not in tree:
             raise KeyError(f"checkpoint {directory}/{step} has no {prefix!r} (it has {list(tree)})")
         tree = tree[key]
-    return _flat_shapes(tree)
+    return flat_shapes(tree)
 
 
-def _flat_shapes(tree) -> dict[str, tuple]:
-    import jax
-
+def flat_shapes(tree) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))
     return {"/".join(_key_name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
 
@@ -232,13 +232,9 @@ def load_for_init(
     any other mismatch is an error listing every difference. Unexpected saved leaves are
     ignored only when allowed too.
     """
-    import fnmatch
-
-    import jax
-
     directory, step = resolve_checkpoint(path)
     saved = saved_shapes(directory, step, source)
-    wanted = _flat_shapes(abstract_params)
+    wanted = flat_shapes(abstract_params)
     report = load_report(saved, wanted)
     reshaped = {entry.split(":")[0] for entry in report["reshaped"]}
     problems = [
@@ -301,8 +297,6 @@ def record_lora_base(
 ) -> None:
     """Writes `WORKDIR/lora_base.json`: the checkpoint step (`dir/step`, resolved, so the base
     stays fixed while its run goes on), the tree and the allow patterns of the frozen base."""
-    import jax
-
     if jax.process_index() != 0:
         return
     path = pathlib.Path(workdir) / LORA_BASE_FILE
@@ -322,46 +316,3 @@ def recorded_lora_base(workdir: str | os.PathLike) -> dict[str, Any]:
             '{"checkpoint": "BASE_RUN/checkpoints/STEP", "source": "params", "allow": []})'
         )
     return json.loads(path.read_text())
-
-
-def restore_params_for_sampling(
-    workdir: str | os.PathLike,
-    config,
-    manifest: dict[str, Any],
-    mesh,
-    rules,
-    *,
-    step: int | None = None,
-    ema_decay: float | None = None,
-):
-    """`(params, step, weights)`: the model parameters of a run's checkpoint, ready for
-    `VideoDiT.apply`: the EMA with `ema_decay` (> 0) or the raw parameters (0/None); for a
-    LoRA run (`config.lora.rank > 0`) the factors merged into the recorded frozen base.
-    `weights` names what was loaded ('raw', 'ema 0.999', '+ lora r=…')."""
-    import jax
-
-    from sora_jax.models import lora as lora_lib
-    from sora_jax.training import hooks, loop
-
-    workdir = pathlib.Path(workdir)
-    _, _, init_fn, abstract, shardings = loop.setup_state(config, manifest, mesh, rules)
-    if ema_decay:
-        key = state_lib.ema_key(ema_decay)
-        if key not in abstract.ema:
-            raise ValueError(
-                f"the run keeps no EMA with decay {ema_decay}; it has "
-                f"{list(config.optimizer.ema_decays)} (use 0 for the raw parameters)"
-            )
-        target, weights = {"ema": {key: abstract.ema[key]}}, f"ema {ema_decay:g}"
-    else:
-        target, weights = {"params": abstract.params}, "raw"
-    with jax.set_mesh(mesh):
-        restored, step = restore_params(workdir / "checkpoints", target, step)
-    params = restored["ema"][key] if ema_decay else restored["params"]
-    lora = lora_lib.LoraConfig.from_config(config.get("lora"))
-    if lora.enabled:
-        base = hooks.lora_base(workdir, init_fn, abstract, shardings, mesh, rules, config)
-        with jax.set_mesh(mesh):
-            params = jax.jit(lora_lib.merge, static_argnums=2)(base, params, lora.scale)
-        weights += f" + lora r={lora.rank}"
-    return params, step, weights
