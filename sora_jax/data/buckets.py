@@ -15,6 +15,9 @@ ratio (|log(ar_b / ar_clip)| smallest) are kept, and the largest of them (T·H·
 then name) is chosen. A bucket's optional `keep_prob` < 1 demotes a clip, with that
 probability, to the next smaller candidate (a deterministic draw from the clip's id), so
 big buckets can be thinned without dropping data; the smallest candidate always keeps.
+A `closed` bucket (one the tokenization job found below `data.tokenize.min_bucket_clips`)
+is passed over for the next open candidate, with the same aspect ratio; a clip whose
+candidates are all closed goes where it would have gone without closing.
 
 Fit (`fit_geometry`): how a `h x w` frame becomes the bucket's `H x W`.
   'crop'    resize to cover (scale max(H/h, W/w)), then centre crop (default);
@@ -42,6 +45,7 @@ class Bucket:
     width: int  # pixels W
     weight: float = 1.0  # relative sampling weight of the bucket's steps
     keep_prob: float = 1.0  # chance a clip assigned here stays (else: next smaller bucket)
+    closed: bool = False  # too few clips: demote its clips to an open candidate (module doc)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -209,6 +213,7 @@ def assign(
     `key` identifies the clip (its source id) for the `keep_prob` draws, so a re-run or
     another process assigns it identically."""
     ranked = candidates(frames, height, width, buckets, policy=policy, max_upscale=max_upscale)
+    ranked = [b for b in ranked if not b.closed] or ranked
     for i, b in enumerate(ranked):
         last = i == len(ranked) - 1
         if last or b.keep_prob >= 1.0 or _uniform(key, f"{seed}/{b.name}") < b.keep_prob:

@@ -71,6 +71,20 @@ class Table:
     buckets: list[BucketSpec]  # in schedule order
     manifest: dict[str, Any]  # the shared tokenizer / text encoder, buckets by plain name
     unused: list[str]  # manifest buckets left out by an explicit weight dict
+    left_out: list[LeftOut] = dataclasses.field(default_factory=list)
+    manifests: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # per dataset
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftOut:
+    """A weighted bucket the run does not train on (not `strict`): no records, or fewer
+    than one global batch. Its records count as "not trained on" in the report."""
+
+    key: str
+    records: int
+    weight: float  # the weight it was given
+    global_batch: int
+    reason: str
 
 
 def as_datasets(spec: str | os.PathLike | Sequence[Any]) -> list[Dataset]:
@@ -233,44 +247,36 @@ def resolve(
     data_parallel: int | None = None,
     process_count: int = 1,
     expected: Mapping[str, Any] | None = None,
+    strict: bool = False,
 ) -> Table:
     """Reads and checks every manifest; returns the buckets with weights and batch sizes.
 
-    Raises ValueError / FileNotFoundError naming the dataset, bucket and field, and the fix.
+    A weighted bucket with no records, or fewer than one global batch, is left out (weight
+    0, listed in `Table.left_out`); a dataset's remaining buckets share its weight. With
+    `strict` each is an error instead. Raises ValueError / FileNotFoundError naming the
+    dataset, bucket and field, and the fix.
     """
     ds_list = as_datasets(datasets)
     manifests = [_read(d, expected) for d in ds_list]
     for d, m in zip(ds_list[1:], manifests[1:]):
         _check_agree(ds_list[0], manifests[0], d, m)
     mode = parse_weights(bucket_weights)
-    selected = _select(ds_list, manifests, mode)
-    raw_sum = np.zeros(len(ds_list))
-    for i, _, r in selected:
-        raw_sum[i] += r
     several = len(ds_list) > 1
-    for i, d in enumerate(ds_list):
-        if several and d.weight > 0 and raw_sum[i] == 0:
-            raise ValueError(
-                f"dataset {d.name!r} ({d.dir}) has weight {d.weight} but none of its buckets "
-                f"has a non-zero weight under data.bucket_weights={mode!r}: weight some of "
-                f"its buckets {sorted(manifests[i]['buckets'])} or give the dataset weight 0"
-            )
     patch_volume = int(np.prod(patch_size))
     sizes = dict(bucket_batch_sizes or {})
-    buckets = []
-    for i, name, raw in selected:
+    rows, left_out = [], []
+    for i, name, raw in _select(ds_list, manifests, mode):
         d, entry = ds_list[i], manifests[i]["buckets"][name]
-        weight = d.weight * raw / raw_sum[i] if several else raw
         key = f"{d.name}/{name}" if several else name
         shape = tuple(int(n) for n in entry["shape"])
-        positions = int(np.prod(shape[:3]))  # T' H' W'
-        if weight > 0 and any(n % p for n, p in zip(shape[:3], patch_size)):
+        live = raw > 0 and (d.weight > 0 or not several)
+        if live and any(n % p for n, p in zip(shape[:3], patch_size)):
             raise ValueError(
                 f"bucket {key!r} of {d.dir}: latent shape {list(shape)} is not divisible by "
                 f"model.patch_size {tuple(patch_size)}: give it weight 0 or re-tokenize it at "
                 "a size that is a multiple of tokenizer stride x patch"
             )
-        tokens = max(positions // patch_volume, 1)
+        tokens = max(int(np.prod(shape[:3])) // patch_volume, 1)  # T'H'W' / patch volume
         G, batch_from = _batch(
             key,
             name,
@@ -287,15 +293,28 @@ def resolve(
             shape=shape,
             count=int(entry["count"]),
             files=tuple(entry.get("files", ())),
-            weight=float(weight),
+            weight=float(raw),
             tokens=tokens,
             global_batch=int(G or 0),
             per_device=(G // data_parallel) if G and data_parallel else None,
             batch_from=batch_from,
         )
-        if weight > 0:
-            _check_bucket(spec, process_count, data_parallel, tokens_per_device)
-        buckets.append(spec)
+        if live:
+            reason = _check_bucket(spec, process_count, data_parallel, tokens_per_device, strict)
+            if reason:
+                left_out.append(LeftOut(key, spec.count, float(raw), spec.global_batch, reason))
+                raw = 0.0
+        rows.append((i, spec, raw))
+    raw_sum = np.zeros(len(ds_list))
+    for i, _, raw in rows:
+        raw_sum[i] += raw
+    for i, d in enumerate(ds_list):
+        if (several and d.weight > 0 or not several) and raw_sum[i] == 0:
+            _nothing_left(d, manifests[i], mode, left_out, several)
+    buckets = [
+        dataclasses.replace(s, weight=float(ds_list[i].weight * r / raw_sum[i] if several else r))
+        for i, s, r in rows
+    ]
     shared = {k: v for k, v in manifests[0].items() if k != "buckets"}
     shared["buckets"] = {}
     for m in manifests:
@@ -308,14 +327,41 @@ def resolve(
         for n in sorted(m.get("buckets", {}))
         if (d.name, n) not in used
     ]
-    return Table(ds_list, buckets, shared, unused)
+    return Table(ds_list, buckets, shared, unused, left_out, manifests)
+
+
+def _nothing_left(d: Dataset, manifest: dict, mode, left_out: list[LeftOut], several: bool):
+    """The error when a dataset that should be trained on keeps no weighted bucket."""
+    mine = [f for f in left_out if not several or f.key.startswith(f"{d.name}/")]
+    if not mine:  # no bucket had a weight in the first place
+        raise ValueError(
+            f"dataset {d.name!r} ({d.dir}) has weight {d.weight} but none of its buckets "
+            f"has a non-zero weight under data.bucket_weights={mode!r}: weight some of "
+            f"its buckets {sorted(manifest['buckets'])} or give the dataset weight 0"
+        )
+    fullest = max((f.records for f in mine), default=0)
+    raise ValueError(
+        f"dataset {d.name!r} ({d.dir}) has nothing to train on: every bucket it weights was "
+        "left out for having no records or fewer than one global batch ("
+        + ", ".join(f"{f.key}: {f.records} records, batch {f.global_batch}" for f in mine)
+        + "). Lower data.global_batch_size (or data.buckets.<b>.global_batch_size) to at most "
+        f"{fullest}, tokenize more clips, or weight other buckets (data.bucket_weights)"
+        + (", or drop the dataset from data.datasets" if several else "")
+    )
 
 
 def _check_bucket(
-    b: BucketSpec, process_count: int, data_parallel: int | None, tokens_per_device: int
-) -> None:
-    """Hard errors for a bucket that would be drawn but cannot give a full batch."""
+    b: BucketSpec,
+    process_count: int,
+    data_parallel: int | None,
+    tokens_per_device: int,
+    strict: bool = True,
+) -> str:
+    """Hard errors for a bucket that would be drawn but cannot give a full batch; without
+    `strict`, why the bucket is left out instead ('' = it is trained on)."""
     if b.count == 0 or not b.files:
+        if not strict:
+            return "no records"
         raise ValueError(
             f"bucket {b.key!r} has weight {b.weight} but no records: remove it from the "
             f"weights or tokenize data for it ({b.dataset.dir})"
@@ -340,11 +386,14 @@ def _check_bucket(
             "change that field or the mesh"
         )
     if b.count < b.global_batch:
+        if not strict:
+            return f"fewer records than one global batch of {b.global_batch} ({b.batch_from})"
         raise ValueError(
             f"bucket {b.key!r} has {b.count} records, fewer than one global batch of "
             f"{b.global_batch} (from {b.batch_from}), so every sample would be dropped: "
             "tokenize more data for it, lower that batch, or give it weight 0"
         )
+    return ""
 
 
 def open_source(spec: BucketSpec) -> grain.sources.ArrayRecordDataSource:
@@ -364,47 +413,3 @@ def open_source(spec: BucketSpec) -> grain.sources.ArrayRecordDataSource:
             "re-tokenize it"
         )
     return source
-
-
-def report(
-    datasets: list[Dataset],
-    buckets: list[BucketSpec],
-    unused: list[str],
-    *,
-    seed: int,
-    processes: int,
-) -> str:
-    """What the run will read: per bucket records, weight, batch, tokens, epoch length."""
-    total = sum(b.weight for b in buckets)
-    live = [b for b in buckets if b.weight > 0]
-    mean_g = sum(b.weight * b.global_batch for b in live) / total
-    mean_tokens = sum(b.weight * b.global_batch * b.tokens for b in live) / total
-    sources = {b.batch_from.split("=")[0].split(" ")[0] for b in live}
-    lines = [
-        f"data: seed {seed}, {processes} process(es), global batch per "
-        f"bucket from {', '.join(sorted(sources))}; per step on average {mean_g:.1f} "
-        f"samples, {mean_tokens:,.0f} video tokens"
-    ]
-    for d in datasets:
-        lines.append(f"  dataset {d.name!r:<14} weight {d.weight:<6g} {d.dir}")
-    lines.append(
-        f"  {'bucket':<20} {'latent shape':<16} {'tokens':>6} {'records':>8} {'weight':>6} "
-        f"{'/device':>7} {'global':>6} {'tokens/step':>11} {'steps/epoch':>11} "
-        f"{'skipped':>7} {'epoch every':>11}"
-    )
-    for b in buckets:
-        p = b.weight / total
-        every = f"{b.batches_per_epoch / p:,.0f} steps" if p > 0 else "never"
-        lines.append(
-            f"  {b.key:<20} {str(list(b.shape)):<16} {b.tokens:>6} {b.count:>8} {p:>6.3f} "
-            f"{b.per_device if b.per_device is not None else '-':>7} {b.global_batch:>6} "
-            f"{b.global_batch * b.tokens:>11,} {b.batches_per_epoch:>11} "
-            f"{b.count - b.batches_per_epoch * b.global_batch:>7} {every:>11}"
-        )
-    lines.append(
-        "  (tokens: video tokens per sample; skipped: records each epoch leaves out, the "
-        "remainder rule; epoch every: global steps per pass over the bucket)"
-    )
-    if unused:
-        lines.append(f"  not trained on (no weight): {unused}")
-    return "\n".join(lines)

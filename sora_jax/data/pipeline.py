@@ -49,14 +49,13 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from sora_jax.data import mixture, records
+from sora_jax.data import bucket_table, mixture, records, tokenization
+from sora_jax.data.global_batch import to_global_batch as to_global_batch
 from sora_jax.data.schedule import Schedule, hash_ints
 from sora_jax.data.schedule import bucket_schedule as bucket_schedule
 from sora_jax.data.schedule import check_schedule_agreement as check_schedule_agreement
+from sora_jax.models import text as text_lib
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +164,9 @@ class Pipeline:
     `dataset_dir` is one dataset directory or a mix (`[{dir, weight, name}, ...]`);
     `bucket_weights`, `global_batch_size`, `bucket_batch_sizes`, `tokens_per_device`,
     `patch_size` and `data_parallel` are as in mixture.py; `expected_manifest` (dotted
-    field -> value) is what every manifest must hold to fit the model.
+    field -> value) is what every manifest must hold to fit the model. A weighted bucket
+    with no records or fewer than one global batch is left out and reported, or, with
+    `strict_buckets`, an error (`data.strict_buckets`).
     """
 
     def __init__(
@@ -185,6 +186,7 @@ class Pipeline:
         process_count: int | None = None,
         prefetch: int = 2,
         worker_count: int = 0,
+        strict_buckets: bool = False,
     ):
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
@@ -205,7 +207,9 @@ class Pipeline:
             data_parallel=data_parallel,
             process_count=self.process_count,
             expected=expected_manifest,
+            strict=strict_buckets,
         )
+        self.table, self.strict_buckets = table, bool(strict_buckets)
         self.datasets, self.buckets, self.unused = table.datasets, table.buckets, table.unused
         self.manifest = table.manifest  # tokenizer, text encoder; buckets by plain name
         self.fields = tuple(fields or step_fields(self.manifest))
@@ -254,10 +258,15 @@ class Pipeline:
         return found
 
     def report(self) -> str:
-        """What the run will read: per bucket records, weight, batch, tokens, epoch length."""
-        return mixture.report(
-            self.datasets, self.buckets, self.unused, seed=self.seed, processes=self.process_count
+        """What the run will read: per bucket records, weight, batch, tokens, epoch length;
+        the buckets left out or merged, and the record totals (bucket_table.py)."""
+        return bucket_table.report(
+            self.table, seed=self.seed, processes=self.process_count, strict=self.strict_buckets
         )
+
+    def decisions(self) -> dict[str, Any]:
+        """Every bucket's fate and the record totals (WORKDIR/data_buckets.json)."""
+        return bucket_table.decisions(self.table, strict=self.strict_buckets)
 
     # --- State --------------------------------------------------------------------------
 
@@ -394,8 +403,6 @@ class Pipeline:
 def step_fields(manifest: dict[str, Any]) -> tuple[str, ...]:
     """The record fields the train step reads: latents, and the text embeddings and mask
     or, for a dataset tokenized with `text_encoder.embed='train_step'`, the token ids."""
-    from sora_jax.models import text as text_lib
-
     return ("latents", *text_lib.record_fields(manifest["text_encoder"]))
 
 
@@ -403,78 +410,27 @@ def from_config(config, workdir: str | os.PathLike, *, data_parallel: int, **kwa
     """The trainer's pipeline: `config.data` read as docs/data_pipeline.md describes.
 
     `data_parallel` is the mesh's `data x fsdp` size (the batch is sharded over those).
-    Checks every dataset against the model's tokenizer and text encoder first.
+    Checks every dataset against the model's tokenizer and text encoder first; process 0
+    writes every bucket's fate to WORKDIR/data_buckets.json.
     """
-    from sora_jax.data import buckets as buckets_lib
-    from sora_jax.data import tokenization
-
-    data = config.data
-    default_dir = tokenization.dataset_dir(config, workdir)
-    datasets = [dict(d.items()) for d in data.get("datasets", ())] or [{"dir": default_dir}]
-    for d in datasets:
-        d["dir"] = d.get("dir") or default_dir  # '' = this config's own dataset
-    config_buckets = buckets_lib.buckets_from_config(data)
-    weights = data.get("bucket_weights", "buckets")
-    if weights == "buckets":  # the weights written in data.buckets
-        weights = {b.name: b.weight for b in config_buckets}
-    sizes = {
-        n: int(s["global_batch_size"])
-        for n, s in data.buckets.items()
-        if s.get("global_batch_size", 0) > 0
-    }
+    args = bucket_table.pipeline_args(config, tokenization.dataset_dir(config, workdir))
     pipe = Pipeline(
-        datasets,
+        **args,
         seed=config.seed,
-        global_batch_size=data.global_batch_size,
-        bucket_weights=weights,
-        bucket_batch_sizes=sizes,
-        tokens_per_device=data.get("tokens_per_device", 0),
         patch_size=tuple(config.model.patch_size),
         data_parallel=data_parallel,
         expected_manifest=tokenization.expected_manifest_fields(config),
-        prefetch=data.prefetch,
-        worker_count=data.worker_count,
+        prefetch=config.data.prefetch,
+        worker_count=config.data.worker_count,
         **kwargs,
     )
-    missing = [b.name for b in config_buckets if b.name not in pipe.manifest["buckets"]]
+    missing = [n for n in config.data.buckets if n not in pipe.manifest["buckets"]]
     if missing:
         raise ValueError(
             f"buckets {missing} of data.buckets are in none of the datasets "
             f"{[str(d.dir) for d in pipe.datasets]} (they have "
             f"{sorted(pipe.manifest['buckets'])}); tokenize them or drop them from the config"
         )
+    if pipe.process_index == 0:
+        bucket_table.write_decisions(workdir, pipe.decisions())
     return pipe
-
-
-def to_global_batch(
-    host_batch: dict[str, Any],
-    mesh: jax.sharding.Mesh,
-    batch_axes: Sequence[str] = ("data", "fsdp"),
-    fields: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Host batches of every process -> global `jax.Array`s sharded over `batch_axes`.
-
-    The global batch is the processes' host batches concatenated in process order; rows
-    are split over the devices of `batch_axes` (replicated over the other mesh axes).
-    `fields` defaults to every numeric array; other entries ('bucket', 'step') pass
-    through unchanged.
-    """
-    if fields is None:
-        fields = [
-            k
-            for k, v in host_batch.items()
-            if isinstance(v, np.ndarray) and v.dtype.kind in "biuf" or isinstance(v, jax.Array)
-        ]
-    sharding = NamedSharding(mesh, P(tuple(batch_axes)))
-    shards_per_batch = int(np.prod([mesh.shape[a] for a in batch_axes]))
-    out = dict(host_batch)
-    for k in fields:
-        rows = host_batch[k].shape[0] * jax.process_count()
-        if rows % shards_per_batch:
-            raise ValueError(
-                f"batch field {k!r} has {rows} global rows, not divisible by the "
-                f"{shards_per_batch} shards of mesh axes {tuple(batch_axes)}: make "
-                "data.global_batch_size a multiple of the data x fsdp mesh size"
-            )
-        out[k] = jax.make_array_from_process_local_data(sharding, host_batch[k])
-    return out

@@ -214,7 +214,9 @@ def test_errors_say_what_to_do(dataset, tmp_path):
     with pytest.raises(ValueError, match=r"\['z'\] are not in"):
         _pipe(dataset, bucket_weights={"a": 1.0, "z": 1.0})
     with pytest.raises(ValueError, match="'c' has 22 records, fewer than one global batch of 24"):
-        _pipe(dataset, global_batch_size=24, bucket_weights={"a": 1.0, "c": 1.0})
+        _pipe(
+            dataset, global_batch_size=24, bucket_weights={"a": 1.0, "c": 1.0}, strict_buckets=True
+        )
     # A zero weight excludes the small bucket instead.
     _pipe(dataset, global_batch_size=24, bucket_weights={"a": 1.0, "c": 0.0})
     with pytest.raises(ValueError, match="lack fields \\['nope'\\]"):
@@ -227,7 +229,7 @@ def test_errors_say_what_to_do(dataset, tmp_path):
     shards.write_manifest(empty, manifest)
     message = "bucket 'e' has weight 2.0 but no records: remove it from the weights or tokenize"
     with pytest.raises(ValueError, match=message):
-        _pipe(empty, bucket_weights={"a": 1.0, "e": 2.0})
+        _pipe(empty, bucket_weights={"a": 1.0, "e": 2.0}, strict_buckets=True)
 
 
 # --- Global arrays -----------------------------------------------------------------------

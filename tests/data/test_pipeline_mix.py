@@ -225,7 +225,7 @@ def test_every_error_names_bucket_field_and_fix(mix, tmp_path):
         match=r"'i' has 64 records, fewer than one global batch of "
         r"96 \(from data.tokens_per_device.*every sample would be dropped",
     ):
-        _pipe(x, tokens_per_device=48, patch_size=PATCH, data_parallel=8)
+        _pipe(x, tokens_per_device=48, patch_size=PATCH, data_parallel=8, strict_buckets=True)
     with pytest.raises(
         ValueError,
         match=r"'x/v': global batch 6 .* not divisible by the 4 "
@@ -246,10 +246,13 @@ def test_every_error_names_bucket_field_and_fix(mix, tmp_path):
         _pipe([mix[0], {"dir": x, "weight": 1.0}], global_batch_size=8)
     with pytest.raises(ValueError, match="write 'size', 'uniform', or 'bucket:weight"):
         _pipe(x, global_batch_size=8, bucket_weights="sizes")
-    # 'uniform' gives an empty bucket a weight: a hard error, not a silent skip.
+    # 'uniform' gives an empty bucket a weight: strict, a hard error; else left out, reported.
     _write(tmp_path / "e", {"v": X["v"], "e": ((1, 4, 4, 3), 0)})
     with pytest.raises(ValueError, match="bucket 'e' has weight 1.0 but no records"):
-        _pipe(tmp_path / "e", global_batch_size=8, bucket_weights="uniform")
+        _pipe(tmp_path / "e", global_batch_size=8, bucket_weights="uniform", strict_buckets=True)
+    lenient = _pipe(tmp_path / "e", global_batch_size=8, bucket_weights="uniform")
+    assert lenient.bucket_weights == {"e": 0.0, "v": 1.0}
+    assert "e                           0 records: no records" in lenient.report()
     assert _pipe(tmp_path / "e", global_batch_size=8).bucket_weights == {"e": 0.0, "v": 48.0}
 
 
