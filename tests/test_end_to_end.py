@@ -66,7 +66,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     report = json.loads((work / "eval" / "40.json").read_text())
     assert result["n"] == report["scores"]["n"] == 8
     assert 0.0 <= report["scores"]["both"] <= 1.0
-    assert report["protocol"]["num_steps"] == 8
+    assert report["protocol"]["sampling"]["num_steps"] == 8
 
     # The validation-loss evaluator: the trainer eval hook's numbers, from the entry point.
     out = run("evaluate", work, "--config.evaluate.type=val_loss")

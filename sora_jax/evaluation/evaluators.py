@@ -365,6 +365,26 @@ def run_items(
 # --- val_loss (one fixed batch per bucket; not sharded) ----------------------------------
 
 
+def _val_loss_protocol(config, pipe) -> dict[str, Any]:
+    """What `val_loss` computes: per bucket of positive weight, the validation loss
+    (sora_jax.diffusion.validation) of its first batch in the data schedule, at the grid
+    `times`, with the noise of `noise_seed` (the seed the eval hook uses, `seed + 1`)."""
+    first = pipe.first_step_of_each_bucket()
+    return {
+        "type": "val_loss",
+        "batches": {
+            b.key: {"step": first[b.key], "rows": b.global_batch}
+            for b in pipe.buckets
+            if b.weight > 0
+        },
+        "data": "training records: the batch the data schedule draws at `step`",
+        "noise_seed": int(config.seed) + 1,
+        "noise": "normal(fold_in(key(noise_seed), flow.PURPOSE_NOISE)), shared by all times",
+        "times": list(validation.DEFAULT_TIMES),
+        "task": "t2v",
+    }
+
+
 def val_loss(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -376,13 +396,14 @@ def val_loss(
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     pipe = pipeline_lib.from_config(config, workdir, data_parallel=data_parallel)
     try:
+        protocol = _val_loss_protocol(config, pipe)
         loss = ValidationLoss(config, pipe, generator.model, mesh)
         with jax.set_mesh(mesh):
             scores = loss(generator.params)
     finally:
         pipe.close()
     scores = {k.removeprefix("eval/"): v for k, v in scores.items()}
-    return {"scores": scores, "times": list(validation.DEFAULT_TIMES)}
+    return {"scores": scores, "protocol": protocol}
 
 
 EVALUATORS: dict[str, Any] = {"val_loss": val_loss, **ITEM_EVALUATORS}

@@ -1,15 +1,24 @@
 """Item evaluators: sharded over processes, resumable after an interruption, and the same
-numbers however the items were split; the reconstruction evaluator's protocol."""
+numbers however the items were split. Every report records exactly what was computed: its
+protocol is the one in protocol.json, its seeds regenerate the prompts, noise and batches
+that were scored, and sampling options appear only where something was sampled."""
 
+import dataclasses
 import json
+import pathlib
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import synthetic
-from sora_jax.evaluation import evaluators, generate
+from sora_jax.diffusion import flow, validation
+from sora_jax.evaluation import adherence, evaluators, generate
 from sora_jax.evaluation import requests as requests_lib
+
+SAMPLE_OPTION_NAMES = {f.name for f in dataclasses.fields(requests_lib.SampleOptions)}
 
 
 def test_shard_ranges_are_contiguous_and_cover_every_item():
@@ -86,6 +95,92 @@ def test_adherence_items_aggregate_like_the_whole_set(setup, tmp_path):
 
     want = adherence.score(videos, prompts)
     assert report["scores"] == json.loads(json.dumps(want))
+
+
+def _written(report) -> tuple[dict, dict]:
+    """The report as written to <step>.json, and its items' protocol.json (or None)."""
+    written = json.loads(pathlib.Path(report["path"]).read_text())
+    items = report.get("items_dir")
+    recorded = json.loads((pathlib.Path(items) / "protocol.json").read_text()) if items else None
+    return written, recorded
+
+
+def test_adherence_report_records_the_prompts_and_sampling_it_used(setup, tmp_path):
+    work, config, gen, _ = setup
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evaluate.type = "prompt_adherence"
+    config.evaluate.num_videos = 3
+    config.evaluate.seed = 5  # prompt seed, sample seed and evaluate.seed all differ
+    options = requests_lib.SampleOptions.from_config(
+        config.sample, num_steps=2, seed=7, cond_frames=1
+    )
+    written, recorded = _written(
+        evaluators.evaluate(config, work, options, generator=gen, eval_dir=tmp_path)
+    )
+    p = written["protocol"]
+    assert p == recorded  # one record of the protocol, not two that disagree
+    assert p["params_sha256"] == gen.params_hash
+
+    # The recorded prompt seed gives the captions that were scored.
+    prompts = [synthetic.clip_spec(i, p["prompt_seed"]).caption for i in range(p["num_items"])]
+    assert prompts == [r["caption"] for r in written["scores"]["per_video"]]
+
+    # Only the options a text-to-video sample uses (no cond_frames), with their values;
+    # sampling again from the record alone gives the videos that were scored.
+    used = dict(num_steps=2, cfg_scale=options.cfg_scale, sampler=options.sampler, seed=7)
+    assert p["sampling"] == {**used, "shift": options.shift}
+    assert not SAMPLE_OPTION_NAMES & set(p)
+    t, h, w = p["clip_shape"]
+    again = requests_lib.SampleOptions(**p["sampling"], num_frames=t, height=h, width=w)
+    videos, _ = gen.generate(prompts, again, pad_to=config.sample.batch_size)
+    want = adherence.score(videos, prompts)
+    assert written["scores"] == json.loads(json.dumps(want))
+
+
+def test_reconstruction_report_records_no_sampling_options(tiny_run, tmp_path):
+    work, config = tiny_run
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evaluate.type = "reconstruction"
+    config.evaluate.num_videos = 2
+    options = requests_lib.SampleOptions.from_config(config.sample, num_steps=3)
+    written, recorded = _written(evaluators.evaluate(config, work, options, eval_dir=tmp_path))
+    p = written["protocol"]
+    assert p == recorded
+    assert "sampling" not in p and not SAMPLE_OPTION_NAMES & set(p), sorted(p)
+
+
+def test_val_loss_report_records_the_batches_noise_and_times_it_used(setup, tmp_path):
+    work, config, gen, _ = setup
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evaluate.type = "val_loss"
+    options = requests_lib.SampleOptions.from_config(config.sample, num_steps=2)
+    report = evaluators.evaluate(config, work, options, generator=gen, eval_dir=tmp_path)
+    written, _ = _written(report)
+    p = written["protocol"]
+    assert "sampling" not in p and not SAMPLE_OPTION_NAMES & set(p), sorted(p)
+    assert p["times"] == list(validation.DEFAULT_TIMES)
+
+    # The loss of each recorded batch with the recorded noise seed, times and task is the
+    # score: the record is enough to compute the numbers again.
+    pipe = pipeline_lib.from_config(config, work, data_parallel=1)
+    try:
+        batches = {key: pipe.batch_at(b["step"]) for key, b in p["batches"].items()}
+    finally:
+        pipe.close()
+    scored = [k.removeprefix("val_loss/") for k in written["scores"] if k.startswith("val_loss/")]
+    assert sorted(batches) == sorted(scored)
+    for key, host in batches.items():
+        assert host["bucket"] == key and len(host["latents"]) == p["batches"][key]["rows"]
+        batch = {k: np.asarray(host[k]) for k in ("latents", "text", "text_mask")}
+        alpha = flow.shift_alpha(
+            config.diffusion, batch["latents"].shape[1:], tuple(config.model.patch_size)
+        )
+        want = validation.validation_loss(
+            gen.apply_fn, jax.device_get(gen.params), batch, jax.random.key(p["noise_seed"]),
+            config.diffusion, alpha, p["times"], task=p["task"],
+            cond_channels=int(config.model.get("cond_channels", 0) or 0),
+        )  # fmt: skip
+        assert written["scores"][f"val_loss/{key}"] == pytest.approx(float(want["loss"]), rel=1e-5)
 
 
 def test_reconstruction_uses_held_out_clips(tiny_run, tmp_path):
