@@ -4,8 +4,9 @@
     python benchmarks/model_step.py --preset=B --latent=8x32x32 --dtype=bfloat16 \\
         --attention=auto --remat=save_dots --scan --peak_tflops=989
 
-Model FLOPs are DESIGN.md §6's `3F` per sample (sora_jax.models.flops); XLA's own count
-of the compiled step is printed beside them. Record results in docs/perf.md.
+Model FLOPs are the `3F` per sample of sora_jax.models.flops (docs/design.md, Performance
+accounting); XLA's own count of the compiled step is printed beside them. Record results
+in docs/perf.md.
 """
 
 from __future__ import annotations

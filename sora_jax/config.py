@@ -8,7 +8,7 @@ selects the file, passes `"tiny,steps=200"` to `get_config` (parsed with `parse_
 overrides single fields. Configs are locked: an unknown key anywhere is an error that names
 the nearest known key. `validate` checks cross-field constraints before anything compiles,
 and `write_run_files` records the resolved config, the command and the environment in the
-run's workdir (DESIGN.md §4.2).
+run's workdir (docs/formats.md).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from absl import flags
 
 ConfigDict = ml_collections.ConfigDict
 
-# Top-level fields every training config must define (DESIGN.md §4.1).
+# Top-level fields every training config must define (docs/design.md, Contracts between stages).
 REQUIRED_FIELDS = (
     "seed",
     "total_steps",
@@ -224,7 +224,7 @@ def validate(config: ConfigDict) -> None:
     errors = []
     missing = [f for f in REQUIRED_FIELDS if f not in config]
     if missing:
-        raise ConfigError(f"config lacks required top-level fields {missing} (DESIGN.md §4.1)")
+        raise ConfigError(f"config lacks required top-level fields {missing} (docs/design.md)")
     for field in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
         if config[field] <= 0:
             errors.append(f"{field}={config[field]} must be positive")

@@ -9,7 +9,7 @@ allocation and prints tokens, FLOPs and per-device memory per bucket (fails when
 does not fit; sora_jax/training/plan.py). `--mode=data_benchmark` runs only the input
 pipeline and prints samples/s and MB/s next to what the step consumes
 (sora_jax/data/benchmark.py).
-Outputs (DESIGN.md §4.2): WORKDIR/config.json, command.txt, env.json, metrics.jsonl,
+Outputs (docs/formats.md): WORKDIR/config.json, command.txt, env.json, metrics.jsonl,
 tensorboard/, checkpoints/<step>/.
 """
 

@@ -7,7 +7,7 @@
     params = analysis.load_params("runs/tiny")    # numpy tree, whatever mesh saved it
     analysis.show_videos(run.samples[4])          # inline videos
 
-Everything reads the files of DESIGN.md §4.2-4.3 (metrics.jsonl, checkpoints/, samples/,
+Everything reads the files of docs/formats.md (metrics.jsonl, checkpoints/, samples/,
 eval/, sweep.json, manifest.json); nothing here writes to a run.
 """
 

@@ -8,7 +8,7 @@ prefetch), reads host batches as fast as it can, and prints samples/s and MB/s n
 the configured training step consumes. The step's speed comes from `perf/steps_per_s` in
 WORKDIR/metrics.jsonl of an earlier run; without one it is reported as unknown. A pipeline
 that delivers fewer steps/s than the trainer runs starves the accelerators, and
-`data/wait_ms` in metrics.jsonl grows (USER_PAINS.md 5).
+`data/wait_ms` in metrics.jsonl grows (docs/data_pipeline.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Buckets: the bounded set of clip shapes a run trains on, and how a clip is put in one.
 
 A bucket is a named pixel shape `(frames, height, width)` with a sampling weight. Every
-global step draws one bucket (one shape per step, DESIGN.md §3), so each bucket's step
+global step draws one bucket (one shape per step: docs/design.md, Decisions), so each bucket's step
 is compiled once. The config lists buckets under `data.buckets`:
 
     data.buckets = {'9x32x32': dict(frames=9, height=32, width=32, weight=1.0)}

@@ -1,6 +1,6 @@
 """The training input pipeline: tokenized shards -> one global bucket per step -> batches.
 
-Every global step `s` trains on one bucket (one shape per step, DESIGN.md §3), the same
+Every global step `s` trains on one bucket (one shape per step: docs/design.md, Decisions), the same
 on every host: `bucket_schedule(seed, s, weights)` (schedule.py) hashes `(seed, s)` to a
 bucket. Which datasets and buckets take part, their weights and each bucket's global batch
 `G_b` (fixed, per bucket, or from a token budget) are resolved by mixture.py. The bucket

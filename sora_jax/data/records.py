@@ -1,4 +1,4 @@
-"""Record serialization for tokenized shards: msgpack, no pickle (DESIGN.md §3).
+"""Record serialization for tokenized shards: msgpack, no pickle (docs/design.md, Decisions).
 
 A record is a flat dict from field name to a value:
 

@@ -1,4 +1,4 @@
-"""Tokenized shards on disk: ArrayRecord files per bucket plus a manifest (DESIGN.md §4.3).
+"""Tokenized shards on disk: ArrayRecord files per bucket plus a manifest (docs/formats.md).
 
     DATASET/manifest.json                               written last, atomically
     DATASET/<bucket>/<bucket>-<shard:05d>.array_record  one record per clip (records.py)

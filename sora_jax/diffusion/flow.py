@@ -1,6 +1,6 @@
 r"""Rectified flow: interpolation, training times, timestep shift, weighting, dropout, loss.
 
-Convention (DESIGN.md §4.5), with the symbols of the code:
+Convention (docs/design.md, The diffusion convention), with the symbols of the code:
 
     x_t = (1 - t) x_0 + t eps,        t in [0, 1],  t = 1 is pure noise eps ~ N(0, I)
     v   = eps - x_0                   the velocity the network predicts, v = dx_t/dt

@@ -4,7 +4,7 @@
 
 Every attention in the model (video self-attention, text cross-attention) calls this
 function, so it is the seam where kernels (cuDNN flash, Pallas splash) and context-parallel
-strategies (Ulysses all-to-all, ring attention over `jax.shard_map`) plug in (DESIGN.md §5).
+strategies (Ulysses all-to-all, ring attention over `jax.shard_map`) plug in (docs/parallelism.md).
 
 Context parallelism: `context_parallel='ulysses' | 'ring'` computes self-attention with the
 video tokens split over the mesh axis `context` (sora_jax/parallel/context.py, where the

@@ -1,4 +1,4 @@
-"""Model FLOPs and MFU (DESIGN.md §6): the one place these numbers are computed.
+"""Model FLOPs and MFU: the one place these numbers are computed (docs/design.md).
 
 Forward FLOPs of one sample with `s` video tokens, `s_t` text tokens, width `d`, MLP width
 `f` (`k` MLP matrices: 2 for GELU, 3 for SwiGLU) and `n` blocks:

@@ -1,7 +1,7 @@
 """Video tokenizers behind one interface, chosen by `tokenizer.name`.
 
 A tokenizer maps pixel clips `[B, T, H, W, 3]` in [-1, 1] to latents `[B, T', H', W', C]`
-and back. Its `id` and `hash` travel into the shard manifest (DESIGN.md §4.3) so that a
+and back. Its `id` and `hash` travel into the shard manifest (docs/formats.md) so that a
 trainer refuses latents made by another tokenizer.
 
 `pixels` is the identity up to layout: space-to-depth by `space_to_depth` folds each

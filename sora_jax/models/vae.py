@@ -1,4 +1,4 @@
-r"""Causal 3D convolutional VAE: the learned video tokenizer (DESIGN.md §1, issue 5).
+r"""Causal 3D convolutional VAE: the learned video tokenizer (docs/vae.md).
 
 Pixels `x [B, T, H, W, 3]` in [-1, 1] <-> latents `z [B, T', H', W', C]`, with
 `T' = 1 + (T - 1) / r`, `H' = H / s`, `W' = W / s`; `r = 2^(temporal downsamples)` and
@@ -118,6 +118,17 @@ PRESETS = {
     # that imported weights (sora_jax.models.wan_vae_import) reproduce it.
     "wan2_1": VAEConfig(norm="l2"),
 }
+
+
+def config_from_model(model) -> VAEConfig:
+    """The VAEConfig of a run's `model` section: `model.preset` (a key of PRESETS, or None
+    for the defaults) with the section's fields that are not None on top."""
+    if model.get("preset") and model.preset not in PRESETS:
+        raise ValueError(f"model.preset={model.preset!r} is unknown; known: {list(PRESETS)}")
+    base = PRESETS[model.preset].to_dict() if model.get("preset") else {}
+    fields = VAEConfig().to_dict()
+    overrides = {k: model[k] for k in fields if k in model and model[k] is not None}
+    return VAEConfig.from_dict({**base, **overrides})
 
 
 class LatentNorm(NamedTuple):

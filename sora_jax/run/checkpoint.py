@@ -1,9 +1,11 @@
 """Orbax checkpoints of the train state and the data iterator state.
 
-One checkpoint holds everything a continuation needs (USER_PAINS 2): the train state
-(step, params, optimizer state, EMA) under `state`, and the input pipeline's position
-under `data`. Restoring always targets the abstract state built from the *current* mesh,
-so a checkpoint written on one device layout restores onto any other (USER_PAINS 4).
+One checkpoint holds everything a continuation needs, so a resumed run loses nothing:
+the train state (step, params, optimizer state, EMA) under `state`, the input pipeline's
+position under `data` and the resolved config under `config`. Restoring always targets
+the abstract state built from the *current* mesh, so a checkpoint written on one device
+layout restores onto any other: a run continues on another device count, and a notebook
+reads it on one CPU (docs/design.md, Decisions).
 
 LoRA runs (`config.lora.rank > 0`): the state's frozen `base` is never saved (only the
 factors, their optimizer state and EMA); the run records where its base came from in

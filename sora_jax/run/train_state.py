@@ -1,4 +1,4 @@
-"""TrainState and its sharded initialization (DESIGN.md §4.4, STYLE.md 7).
+"""TrainState and its sharded initialization (docs/design.md, The model and the step).
 
 The state is a pytree `step, params, opt_state, ema (decay -> params)`, plus `base` for LoRA
 fine-tuning (`config.lora.rank > 0`, sora_jax/models/lora.py): then `params` (and the

@@ -66,7 +66,7 @@ def _train_vae(config, workdir, **unused):
     return vae_training.train_vae(config, workdir)
 
 
-# Trainers other than the DiT loop below, by `model.name` (STYLE.md 4).
+# Trainers other than the DiT loop below, by `model.name` (a registry, not an if/elif chain).
 TRAINERS = {"causal_vae": _train_vae}
 
 

@@ -1,4 +1,4 @@
-"""Throughput accounting: tokens/s, samples/s and MFU (DESIGN.md §6).
+"""Throughput accounting: tokens/s, samples/s and MFU (docs/design.md, Performance accounting).
 
     MFU = 3F · global_batch / (step_time · devices · peak)
 

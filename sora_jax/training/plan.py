@@ -168,7 +168,7 @@ class BucketPlan:
     latent_shape: tuple[int, ...]
     tokens: int
     global_batch: int
-    model_tflops_per_step: float  # 3F x global batch, DESIGN.md §6
+    model_tflops_per_step: float  # 3F x global batch, models/flops.py
     xla_tflops_per_step: float | None  # XLA's cost analysis of the compiled step
     argument_gb: float  # per device
     output_gb: float

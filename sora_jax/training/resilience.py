@@ -1,4 +1,4 @@
-"""What keeps a long run from losing work or hanging silently (USER_PAINS 2 and 5).
+"""What keeps a long run from losing work or hanging silently (docs/design.md, Failures).
 
 - `Preemption`: SIGTERM (what schedulers and spot VMs send before taking a machine) sets a
   flag; the loop checks it after every step, saves a checkpoint at that step and exits

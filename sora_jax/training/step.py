@@ -1,9 +1,10 @@
 """The pure training step: `train_step(state, batch) -> (state, metrics)`.
 
-Randomness is `fold_in(fold_in(key(seed), step), purpose)` (DESIGN.md §3): the step's key
-depends only on the seed and the step, so a resumed run draws the same noise, times and
-caption dropout as an uninterrupted one. A step whose loss or gradients are not finite
-leaves the state unchanged except for the step counter, and reports `train/skipped = 1`.
+Randomness is `fold_in(fold_in(key(seed), step), purpose)` (docs/design.md, Decisions):
+the step's key depends only on the seed and the step, so a resumed run draws the same
+noise, times and caption dropout as an uninterrupted one. A step whose loss or gradients
+are not finite leaves the state unchanged except for the step counter, and reports
+`train/skipped = 1`.
 
 Conditioning tasks (`diffusion.tasks`, sora_jax/diffusion/conditioning.py) are drawn inside
 the loss from the batch's own latents; `model.cond_channels` (0 = given frames enter through

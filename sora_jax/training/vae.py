@@ -8,7 +8,7 @@ The step minimizes, on clips `x [B, T, H, W, 3]` in [-1, 1],
     psnr  = 10 log10(2² / mse)   (pixels in [-1, 1] span 2: the PSNR of [0, 1] pixels)
 
 where `x_hat` decodes `z = mean + exp(logvar / 2) eps`, `eps` drawn from
-`fold_in(key(seed), step)` (DESIGN.md §3), so a resumed run draws the same noise.
+`fold_in(key(seed), step)` (docs/design.md, Decisions), so a resumed run draws the same noise.
 
 `train_vae(config, workdir)` reads like training/loop.py: mesh -> data -> state -> restore
 -> compile -> loop (metrics, eval, checkpoints) -> export. Data are synthetic clips

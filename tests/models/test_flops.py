@@ -1,4 +1,4 @@
-"""`model_flops_per_sample` (DESIGN.md §6) against XLA's own count of the compiled forward."""
+"""`flops.model_flops_per_sample` against XLA's own count of the compiled forward."""
 
 import functools
 
