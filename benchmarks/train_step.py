@@ -31,6 +31,7 @@ from sora_jax.models import flops
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
+from sora_jax.run import validate as validate_lib
 from sora_jax.training import perf, plan
 from sora_jax.training import step as step_lib
 
@@ -91,7 +92,7 @@ def main(argv):
 
 def benchmark(config) -> float:
     """Times the step of `config`'s first bucket; prints the throughput; seconds per step."""
-    config_lib.validate(config)
+    validate_lib.validate(config)
     mesh = mesh_lib.create_mesh(config.mesh)
     rules = mesh_lib.logical_rules(config.mesh)
     geometry = plan.dataset_geometry(config)

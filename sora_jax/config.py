@@ -1,4 +1,4 @@
-"""Experiment configs: variant arguments, locked configs, validation, resolved-config files.
+"""Experiment configs: variant arguments, locked configs, resolved-config files.
 
 An experiment file defines `get_config(arg: str | None) -> ConfigDict`. On the command line
 
@@ -6,9 +6,9 @@ An experiment file defines `get_config(arg: str | None) -> ConfigDict`. On the c
 
 selects the file, passes `"tiny,steps=200"` to `get_config` (parsed with `parse_arg`), and
 overrides single fields. Configs are locked: an unknown key anywhere is an error that names
-the nearest known key. `validate` checks cross-field constraints before anything compiles,
-and `write_run_files` records the resolved config, the command and the environment in the
-run's workdir (docs/formats.md).
+the nearest known key. `write_run_files` records the resolved config, the command and the
+environment in the run's workdir (docs/formats.md). Cross-field checks live in
+sora_jax/run/validate.py: this module imports no sora_jax module.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import ast
 import difflib
 import importlib.util
 import json
-import math
 import os
 import pathlib
 import platform
@@ -201,150 +200,6 @@ def parse_flags(argv: list[str]) -> list[str]:
         print(f"error: {e}", file=sys.stderr)
         print(f"Try --help for the flags of {pathlib.Path(argv[0]).name}.", file=sys.stderr)
         sys.exit(2)
-
-
-# ---------------------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------------------
-
-
-def validate(config: ConfigDict) -> None:
-    """Checks cross-field constraints of a training config before anything is compiled.
-
-    Raises ConfigError naming every field (and bucket) at fault and what to change.
-    """
-    from sora_jax.data import buckets as buckets_lib
-    from sora_jax.models import tokenizer as tokenizer_lib
-
-    if "model" in config and config.model.get("name") == "causal_vae":
-        from sora_jax.training import vae as vae_training
-
-        vae_training.validate_config(config)  # a VAE run has its own sections
-        return
-    errors = []
-    missing = [f for f in REQUIRED_FIELDS if f not in config]
-    if missing:
-        raise ConfigError(f"config lacks required top-level fields {missing} (docs/design.md)")
-    for field in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
-        if config[field] <= 0:
-            errors.append(f"{field}={config[field]} must be positive")
-
-    tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
-    patch = tuple(config.model.patch_size)
-    bucket_tokens = {}  # bucket name -> video tokens L, for the context-parallel checks
-    for bucket in buckets_lib.buckets_from_config(config.data):
-        try:
-            tokenizer.check_frames(bucket.frames)
-            latent = tokenizer.latent_shape(bucket.frames, bucket.height, bucket.width)
-        except ValueError as e:
-            errors.append(f"data.buckets.{bucket.name}: {e}")
-            continue
-        for axis, size, p in zip("THW", latent[:3], patch, strict=True):
-            if size % p:
-                errors.append(
-                    f"data.buckets.{bucket.name}: latent {axis}={size} (latent shape {latent}) "
-                    f"is not divisible by model.patch_size {patch}; pick a bucket size that is "
-                    f"a multiple of tokenizer stride x patch"
-                )
-        grid = [size // p for size, p in zip(latent[:3], patch, strict=True) if size % p == 0]
-        if len(grid) == 3:
-            bucket_tokens[bucket.name] = math.prod(grid)  # L = T' H' W'
-    model = config.model
-    if "dim" in model and model.dim is not None and "num_heads" in model and model.num_heads:
-        if model.dim % model.num_heads:
-            errors.append(
-                f"model.dim={model.dim} is not divisible by model.num_heads={model.num_heads}"
-            )
-
-    from sora_jax.parallel import mesh as mesh_lib
-
-    try:
-        shape = mesh_lib.mesh_shape(config.mesh, device_count=None)
-    except ValueError as e:
-        errors.append(str(e))
-        shape = None
-    if shape is not None:
-        batch_shards = shape["data"] * shape["fsdp"]
-        if config.data.global_batch_size % batch_shards:
-            errors.append(
-                f"data.global_batch_size={config.data.global_batch_size} is not divisible by "
-                f"the batch shards data x fsdp = {batch_shards} of the mesh; change one of them"
-            )
-    errors.extend(_context_parallel_errors(config.model, shape, bucket_tokens))
-    errors.extend(_lora_errors(config))
-    from sora_jax.models import text as text_lib
-
-    try:
-        text_lib.embed_mode(config.text_encoder)
-    except ValueError as e:
-        errors.append(str(e))
-    if errors:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
-
-
-def _lora_errors(config: ConfigDict) -> list[str]:
-    """The `lora` section (sora_jax/models/lora.py): rank >= 0, alpha >= 0, and a `targets`
-    regex that matches kernels of the model (checked on its abstract parameters)."""
-    if "lora" not in config or not config.lora:
-        return []
-    from sora_jax.models import lora as lora_lib
-
-    section = config.lora
-    rank, alpha = section.get("rank", 0), section.get("alpha", 0.0)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-        return [f"lora.rank={rank!r} must be an integer >= 0 (0 = full fine-tuning, no LoRA)"]
-    if not isinstance(alpha, int | float) or alpha < 0:
-        return [f"lora.alpha={alpha!r} must be a number >= 0 (0 = alpha equals the rank)"]
-    if rank == 0:
-        return []
-    try:
-        lora_lib.target_paths(lora_lib.model_params_shape(config.model), section.targets)
-    except (lora_lib.LoraError, ValueError) as e:
-        return [str(e)]
-    return []
-
-
-def _context_parallel_errors(model, shape, bucket_tokens: dict[str, int]) -> list[str]:
-    """`model.context_parallel` against the mesh and the buckets (docs/parallelism.md).
-
-    Token counts need no divisibility: both strategies pad L to a multiple of the context
-    size C and mask the padding. Ulysses splits each tensor shard's heads over C, so those
-    must divide; a bucket with fewer tokens than C would leave devices holding only padding.
-    """
-    from sora_jax.models import dit
-    from sora_jax.parallel import context as context_lib
-
-    strategy = model.get("context_parallel", "none")
-    if strategy not in context_lib.STRATEGIES:
-        return [
-            f"model.context_parallel={strategy!r} is unknown; choose one of "
-            f"{context_lib.STRATEGIES}"
-        ]
-    if strategy == "none" or shape is None or shape["context"] == 1:
-        return []
-    c, t = shape["context"], shape["tensor"]
-    errors = []
-    try:
-        heads = int(dit.model_fields(model).get("num_heads", dit.VideoDiT.num_heads))
-    except ValueError as e:
-        return [str(e)]
-    # Heads a tensor shard holds: split over `tensor` only when it divides them.
-    per_shard = heads // t if heads % t == 0 else heads
-    if strategy == "ulysses" and per_shard % c:
-        errors.append(
-            f"model.context_parallel='ulysses' splits the {per_shard} heads of each tensor shard "
-            f"(model.num_heads={heads}, mesh tensor={t}) over mesh context={c}, which does not "
-            f"divide; make num_heads / tensor a multiple of {c}, change mesh.ici_context / "
-            f"dcn_context, or use model.context_parallel='ring'"
-        )
-    for name, tokens in bucket_tokens.items():
-        if tokens < c:
-            errors.append(
-                f"data.buckets.{name}: {tokens} video tokens over mesh context={c} leave "
-                f"{c - tokens} devices holding only padding; use a context size of at most "
-                f"{tokens} (mesh.ici_context / dcn_context) or drop the bucket"
-            )
-    return errors
 
 
 # ---------------------------------------------------------------------------------------

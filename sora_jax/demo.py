@@ -12,9 +12,15 @@ import pathlib
 import sys
 import time
 
+import jax
 from absl import app, flags, logging
 
 from sora_jax import config as config_lib
+from sora_jax.data import tokenization
+from sora_jax.evaluation import evaluators, generate
+from sora_jax.evaluation import requests as requests_lib
+from sora_jax.run import validate as validate_lib
+from sora_jax.training import loop
 
 WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Where everything goes.")
 CONFIG = flags.DEFINE_string("config", "experiments/demo.py", "Experiment file[:arg].")
@@ -24,17 +30,10 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO logs only with --verbosity=0
-    import jax
-
-    from sora_jax.data import tokenization
-    from sora_jax.evaluation import evaluators, generate
-    from sora_jax.evaluation import requests as requests_lib
-    from sora_jax.training import loop
-
     workdir = pathlib.Path(WORKDIR.value)
     spec = CONFIG.value
     config = config_lib.load_config(spec)
-    config_lib.validate(config)
+    validate_lib.validate(config)
     config_lib.write_run_files(workdir, config, sys.argv)
     py = "python -m sora_jax"
     args = f"--config={spec} --workdir={workdir}"

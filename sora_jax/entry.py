@@ -8,6 +8,8 @@ import sys
 from absl import app, flags, logging
 
 from sora_jax import config as config_lib
+from sora_jax.parallel import distributed
+from sora_jax.run import validate as validate_lib
 
 CONFIG = config_lib.define_config_flag()
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
@@ -51,8 +53,6 @@ def run_main(main) -> None:
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
         enable_compilation_cache()
-        from sora_jax.parallel import distributed
-
         distributed.initialize(
             coordinator_address=COORDINATOR.value,
             num_processes=NUM_PROCESSES.value,
@@ -86,7 +86,7 @@ def loaded_config(from_workdir: bool = False):
         require(CONFIG, "config")
         config = CONFIG.value
     try:
-        config_lib.validate(config)
+        validate_lib.validate(config)
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from sora_jax import config as config_lib
+from sora_jax.run import validate as validate_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "experiments" / "demo.py")
@@ -38,7 +39,7 @@ def test_demo_config_is_locked_and_complete():
         assert field in config
     with pytest.raises(AttributeError):
         config.optimizer.lrr = 1.0
-    config_lib.validate(config)
+    validate_lib.validate(config)
 
 
 def test_override_typo_names_nearest_key():
@@ -53,7 +54,7 @@ def test_validation_names_field_and_bucket():
     config.data.buckets["5x16x16"].height = 18  # 18 / 2 = 9 latent rows, not divisible by 2
     config.model.num_heads = 3  # 64 is not divisible by 3
     with pytest.raises(config_lib.ConfigError) as e:
-        config_lib.validate(config)
+        validate_lib.validate(config)
     text = str(e.value)
     assert "data.buckets.5x16x16" in text and "patch_size" in text
     assert "model.num_heads=3" in text
@@ -63,7 +64,7 @@ def test_validation_checks_batch_against_mesh(devices):
     config = config_lib.load_config(f"{DEMO}:tiny")
     config.data.global_batch_size = 12  # 8 data-parallel devices
     with pytest.raises(config_lib.ConfigError, match="global_batch_size=12"):
-        config_lib.validate(config)
+        validate_lib.validate(config)
 
 
 def test_run_files_round_trip(tmp_path):

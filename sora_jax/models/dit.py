@@ -366,6 +366,21 @@ def model_fields(model_cfg) -> dict[str, Any]:
     return fields
 
 
+def config_errors(model_cfg) -> list[str]:
+    """The `model` section's own constraint checked before building: `dim` divisible by
+    `num_heads` (when both are given)."""
+    model = model_cfg
+    if "dim" in model and model.dim is not None and "num_heads" in model and model.num_heads:
+        if model.dim % model.num_heads:
+            return [f"model.dim={model.dim} is not divisible by model.num_heads={model.num_heads}"]
+    return []
+
+
+def num_heads(model_cfg) -> int:
+    """N, the attention heads of a model config (its preset's or VideoDiT's default)."""
+    return int(model_fields(model_cfg).get("num_heads", VideoDiT.num_heads))
+
+
 def build_model(model_cfg, in_channels: int, text_dim: int) -> VideoDiT:
     """The model of a config (ConfigDict or dict) for `in_channels` latent channels.
 

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sora_jax.models import dit
+
 # Self- and cross-attention projections of every block: the usual LoRA targets for DiTs.
 DEFAULT_TARGETS = r"blocks.*/(self_attn|cross_attn)/(query|key|value|out)/kernel"
 A, B = "lora_a", "lora_b"
@@ -127,8 +129,6 @@ def target_paths(params, targets: str) -> list[str]:
 def model_params_shape(model_cfg, in_channels: int = 4, text_dim: int = 8):
     """The abstract boxed parameters of a model config (`jax.eval_shape`, nothing allocated),
     for its kernel paths; channels and text width change shapes, never paths."""
-    from sora_jax.models import dit
-
     model = dit.build_model(model_cfg, in_channels=in_channels, text_dim=text_dim)
     c = in_channels + model.cond_channels
     x = jax.ShapeDtypeStruct((1, *model.patch_size, c), jnp.float32)  # one token
@@ -136,6 +136,26 @@ def model_params_shape(model_cfg, in_channels: int = 4, text_dim: int = 8):
     text = jax.ShapeDtypeStruct((1, 1, text_dim), jnp.float32)
     mask = jax.ShapeDtypeStruct((1, 1), jnp.bool_)
     return jax.eval_shape(model.init, jax.random.key(0), x, t, text, mask)["params"]
+
+
+def config_errors(config) -> list[str]:
+    """The `lora` section of a run config: rank >= 0, alpha >= 0, and a `targets` regex
+    that matches kernels of the model (checked on the abstract parameters of `config.model`)."""
+    if "lora" not in config or not config.lora:
+        return []
+    section = config.lora
+    rank, alpha = section.get("rank", 0), section.get("alpha", 0.0)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        return [f"lora.rank={rank!r} must be an integer >= 0 (0 = full fine-tuning, no LoRA)"]
+    if not isinstance(alpha, int | float) or alpha < 0:
+        return [f"lora.alpha={alpha!r} must be a number >= 0 (0 = alpha equals the rank)"]
+    if rank == 0:
+        return []
+    try:
+        target_paths(model_params_shape(config.model), section.targets)
+    except (LoraError, ValueError) as e:
+        return [str(e)]
+    return []
 
 
 def layout(names: tuple, ndim: int) -> tuple[int, int]:

@@ -374,6 +374,15 @@ def embed_mode(config: ml_collections.ConfigDict) -> str:
     return mode
 
 
+def config_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """The `text_encoder` section: its `embed` mode, checked against the encoder."""
+    try:
+        embed_mode(config)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
 def step_encoder(config: ml_collections.ConfigDict) -> CheckpointTextEncoder | None:
     """The encoder the train step runs (`text_encoder.embed='train_step'`), else None."""
     if embed_mode(config) != "train_step":

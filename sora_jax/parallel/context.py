@@ -70,6 +70,50 @@ _MIN = float(jnp.finfo(jnp.float32).min)
 Attend = Callable[..., jax.Array]  # (q, k, v, mask) -> o, all per device
 
 
+def config_errors(
+    strategy: str,
+    shape: dict[str, int] | None,
+    bucket_tokens: dict[str, int],
+    num_heads: Callable[[], int],
+) -> list[str]:
+    """`model.context_parallel` against the mesh `shape` and each bucket's video tokens L
+    (docs/parallelism.md).
+
+    Token counts need no divisibility: both strategies pad L to a multiple of the context
+    size C and mask the padding. Ulysses splits each tensor shard's heads over C, so those
+    must divide; a bucket with fewer tokens than C would leave devices holding only padding.
+    `num_heads()` gives the model's N; it is asked only when the context axis is split,
+    and a ValueError it raises (a bad model section) is reported as the error.
+    """
+    if strategy not in STRATEGIES:
+        return [f"model.context_parallel={strategy!r} is unknown; choose one of {STRATEGIES}"]
+    if strategy == "none" or shape is None or shape["context"] == 1:
+        return []
+    c, t = shape["context"], shape["tensor"]
+    errors = []
+    try:
+        heads = num_heads()
+    except ValueError as e:
+        return [str(e)]
+    # Heads a tensor shard holds: split over `tensor` only when it divides them.
+    per_shard = heads // t if heads % t == 0 else heads
+    if strategy == "ulysses" and per_shard % c:
+        errors.append(
+            f"model.context_parallel='ulysses' splits the {per_shard} heads of each tensor shard "
+            f"(model.num_heads={heads}, mesh tensor={t}) over mesh context={c}, which does not "
+            f"divide; make num_heads / tensor a multiple of {c}, change mesh.ici_context / "
+            f"dcn_context, or use model.context_parallel='ring'"
+        )
+    for name, tokens in bucket_tokens.items():
+        if tokens < c:
+            errors.append(
+                f"data.buckets.{name}: {tokens} video tokens over mesh context={c} leave "
+                f"{c - tokens} devices holding only padding; use a context size of at most "
+                f"{tokens} (mesh.ici_context / dcn_context) or drop the bucket"
+            )
+    return errors
+
+
 def _axis_sizes() -> dict[str, int]:
     mesh = jax.sharding.get_abstract_mesh()
     return {} if mesh.empty else dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))

@@ -84,6 +84,22 @@ def mesh_shape(
     return {a: ici[a] * dcn[a] for a in AXES}
 
 
+def config_errors(mesh_config: ml_collections.ConfigDict, global_batch_size: int) -> list[str]:
+    """The `mesh` section against this machine's devices and the global batch: the sizes
+    fill the devices, and the batch splits over the batch shards `data x fsdp`."""
+    try:
+        shape = mesh_shape(mesh_config, device_count=None)
+    except ValueError as e:
+        return [str(e)]
+    batch_shards = shape["data"] * shape["fsdp"]
+    if global_batch_size % batch_shards:
+        return [
+            f"data.global_batch_size={global_batch_size} is not divisible by "
+            f"the batch shards data x fsdp = {batch_shards} of the mesh; change one of them"
+        ]
+    return []
+
+
 def create_mesh(
     mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:

@@ -29,13 +29,13 @@ import ml_collections
 from flax import linen as nn
 from tqdm import tqdm
 
-from sora_jax import config as config_lib
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import params as params_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
+from sora_jax.run import validate as validate_lib
 from sora_jax.training import eval_hook, perf, resilience, resume, rollback
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import plan as plan_lib
@@ -79,7 +79,7 @@ def train(
     workdir = pathlib.Path(workdir)
 
     # --- Config -------------------------------------------------------------------------
-    config_lib.validate(config)
+    validate_lib.validate(config)
     opts = setup.options(config)
     host_log = _host_log(workdir)
     init_from = init_from or opts.init_from

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from sora_jax import config as config_lib
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.models import flops as flops_lib
 from sora_jax.models import text as text_lib
@@ -35,6 +34,7 @@ from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
+from sora_jax.run import validate as validate_lib
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def plan(
     table and raises PlanError when a bucket exceeds `memory_gb` (default: by device kind)."""
     from sora_jax.training import step as step_lib
 
-    config_lib.validate(config)
+    validate_lib.validate(config)
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
     manifest = dataset_geometry(config)

@@ -36,7 +36,6 @@ import optax
 from flax import linen as nn
 from tqdm import tqdm
 
-from sora_jax import config as config_lib
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import synthetic
 from sora_jax.models import vae as vae_lib
@@ -45,51 +44,12 @@ from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import train_state as state_lib
+from sora_jax.run import validate as validate_lib
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training.step import apply_update, step_key
 
-
-def vae_config(model: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
-    """`model.preset` (a key of vae.PRESETS, or None for the defaults) with the fields of
-    `model` that are not None on top."""
-    if model.get("preset") and model.preset not in vae_lib.PRESETS:
-        raise ValueError(
-            f"model.preset={model.preset!r} is unknown; known: {list(vae_lib.PRESETS)}"
-        )
-    base = vae_lib.PRESETS[model.preset].to_dict() if model.get("preset") else {}
-    fields = vae_lib.VAEConfig().to_dict()
-    overrides = {k: model[k] for k in fields if k in model and model[k] is not None}
-    return vae_lib.VAEConfig.from_dict({**base, **overrides})
-
-
-def validate_config(config: ml_collections.ConfigDict) -> vae_lib.VAEConfig:
-    """Checks a VAE training config before anything compiles; returns its VAEConfig.
-
-    Raises config.ConfigError naming every field at fault."""
-    try:
-        cfg = vae_config(config.model)
-    except ValueError as e:
-        raise config_lib.ConfigError(f"model: {e}") from e
-    d, errors = config.data, []
-    if d.frames < 1 or (d.frames - 1) % cfg.temporal:
-        errors.append(f"data.frames={d.frames} is not 1 + {cfg.temporal}k (temporal compression)")
-    for field in ("height", "width"):
-        if d[field] % cfg.spatial:
-            errors.append(f"data.{field}={d[field]} is not a multiple of the spatial {cfg.spatial}")
-    if config.loss.recon not in ("l1", "l2"):
-        errors.append(f"loss.recon={config.loss.recon!r} must be 'l1' or 'l2'")
-    if d.source.name != "synthetic":
-        errors.append(f"data.source.name={d.source.name!r}: only 'synthetic' is supported")
-    shape = mesh_lib.mesh_shape(config.mesh)
-    shards = shape["data"] * shape["fsdp"] * jax.process_count()
-    if d.global_batch_size % shards:
-        errors.append(
-            f"data.global_batch_size={d.global_batch_size} is not divisible by the batch shards "
-            f"data x fsdp x processes = {shards}"
-        )
-    if errors:
-        raise config_lib.ConfigError("invalid VAE config:\n  - " + "\n  - ".join(errors))
-    return cfg
+# The VAE config check lives with the other config checks (sora_jax/run/validate.py).
+validate_config = validate_lib.validate_vae
 
 
 # --- Data -------------------------------------------------------------------------------

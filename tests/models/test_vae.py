@@ -15,6 +15,7 @@ from flax import linen as nn
 
 from sora_jax.config import ConfigError
 from sora_jax.models import tokenizer, vae, vae_artifact
+from sora_jax.run import validate as validate_lib
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import vae as vae_training
 
@@ -228,13 +229,13 @@ def test_vae_config_validation_names_fields():
     config.data.width = 20
     config.loss.recon = "l3"
     with pytest.raises(ConfigError) as err:
-        vae_training.validate_config(config)
+        validate_lib.validate_vae(config)
     for field in ("data.frames=6", "data.width=20", "loss.recon='l3'"):
         assert field in str(err.value)
     config = _experiment("tiny")
     config.model.dim_mult = (1, 2)  # the tiny preset's 3 temporal flags no longer fit
     with pytest.raises(ConfigError, match="temporal_downsample"):
-        vae_training.validate_config(config)
+        validate_lib.validate_vae(config)
 
 
 def test_a_preset_without_weights_plans_shapes_but_refuses_to_encode():

@@ -25,6 +25,7 @@ from sora_jax import config as config_lib
 from sora_jax.models import attention, build_model, dit
 from sora_jax.parallel import context as context_lib
 from sora_jax.parallel.mesh import AXES, DEFAULT_RULES
+from sora_jax.run import validate as validate_lib
 
 # XLA's CPU backend optimizations off: about half the compile time, same HLO program.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -298,8 +299,8 @@ def _config(strategy, buckets=None, **mesh):
 def test_validation_accepts_padded_token_counts(devices):
     # 80 tokens (the demo bucket) over 8 context devices; 81 tokens (36 px: 18 latent, 9
     # patches per side) over 4 devices with Ulysses: padded, so valid.
-    config_lib.validate(_config("ring", ici_data=1, ici_context=8))
-    config_lib.validate(_config("ulysses", buckets=[("1x36x36", (1, 36))], ici_context=4))
+    validate_lib.validate(_config("ring", ici_data=1, ici_context=8))
+    validate_lib.validate(_config("ulysses", buckets=[("1x36x36", (1, 36))], ici_context=4))
 
 
 def test_validation_names_heads_bucket_and_fix(devices):
@@ -307,7 +308,7 @@ def test_validation_names_heads_bucket_and_fix(devices):
     with config.unlocked():
         config.mesh.ici_tensor = 2  # 4 heads / 2 = 2 per tensor shard, over 4 context devices
     with pytest.raises(config_lib.ConfigError) as e:
-        config_lib.validate(config)
+        validate_lib.validate(config)
     text = str(e.value)
     assert "model.context_parallel='ulysses'" in text and "model.num_heads=4" in text
     assert "context=4" in text and "'ring'" in text  # the fix
@@ -315,10 +316,10 @@ def test_validation_names_heads_bucket_and_fix(devices):
     assert "data.buckets.1x4x4: 1 video tokens" in text and "at most 1" in text
     # Ring has no head constraint; the bucket is still too small.
     with pytest.raises(config_lib.ConfigError, match=r"data\.buckets\.1x4x4") as e:
-        config_lib.validate(_config("ring", buckets=[("1x4x4", (1, 4))], ici_context=4))
+        validate_lib.validate(_config("ring", buckets=[("1x4x4", (1, 4))], ici_context=4))
     assert "num_heads" not in str(e.value)
 
 
 def test_validation_rejects_unknown_strategy(devices):
     with pytest.raises(config_lib.ConfigError, match=r"model\.context_parallel='rings'.*ulysses"):
-        config_lib.validate(_config("rings", ici_context=2))
+        validate_lib.validate(_config("rings", ici_context=2))

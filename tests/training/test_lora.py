@@ -23,6 +23,7 @@ from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import params as params_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
+from sora_jax.run import validate as validate_lib
 from sora_jax.training import loop, plan
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py")
@@ -184,11 +185,11 @@ def test_export_and_load_round_trip(tmp_path):
 
 
 def test_validate_names_real_kernels_for_a_regex_that_matches_none():
-    config_lib.validate(tiny(**{"lora.rank": 4}))  # the default targets match
+    validate_lib.validate(tiny(**{"lora.rank": 4}))  # the default targets match
     with pytest.raises(config_lib.ConfigError, match=r"matches no kernel.*self_attn/query/kernel"):
-        config_lib.validate(tiny(**{"lora.rank": 4, "lora.targets": r"blocks.*/attn/q/kernel"}))
+        validate_lib.validate(tiny(**{"lora.rank": 4, "lora.targets": r"blocks.*/attn/q/kernel"}))
     with pytest.raises(config_lib.ConfigError, match=r"lora.rank=-1"):
-        config_lib.validate(tiny(**{"lora.rank": -1}))
+        validate_lib.validate(tiny(**{"lora.rank": -1}))
 
 
 # --- Surgery ------------------------------------------------------------------------------
@@ -367,7 +368,7 @@ def test_wan_finetune_presets_validate(arg):
     model), and full fine-tuning turns LoRA off."""
     path = pathlib.Path(DEMO).with_name("wan_finetune.py")
     config = config_lib.load_config(f"{path}:{arg}")
-    config_lib.validate(config)
+    validate_lib.validate(config)
     assert config.lora.rank == (32 if "lora" in arg else 0)
     assert config.model.cond_channels == (17 if "i2v" in arg else 0)
     params = lora_lib.model_params_shape(config.model)

@@ -10,6 +10,7 @@ import pytest
 from sora_jax import config as config_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import setup
+from sora_jax.run import validate as validate_lib
 from sora_jax.training import plan
 
 DEMO = str(pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py")
@@ -82,7 +83,7 @@ def test_wan_experiment_validates_and_has_the_published_shapes():
     """experiments/wan.py at 480p: 32,760 tokens per sample, the 1.3B preset, no weights
     needed to plan (VAE geometry from its preset, text width from the config)."""
     config = config_lib.load_config(str(pathlib.Path(DEMO).with_name("wan.py")))
-    config_lib.validate(config)
+    validate_lib.validate(config)
     geometry = plan.dataset_geometry(config)
     assert geometry["buckets"]["81x480x832"]["shape"] == [21, 60, 104, 16]
     assert geometry["text_encoder"] == {"dim": 4096, "max_length": 512, "embed": "tokenize"}

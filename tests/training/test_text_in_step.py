@@ -20,6 +20,7 @@ from sora_jax.data import records, tokenization
 from sora_jax.models import text as text_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import checkpoint as ckpt_lib
+from sora_jax.run import validate as validate_lib
 from sora_jax.training import loop, plan
 
 DEMO = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py"
@@ -156,10 +157,10 @@ def test_encoder_sharded_over_fsdp_equals_host_encode(devices):
 def test_bad_modes_say_what_to_do(runs):
     bad = make_config("train_step", name="hash_words")
     with pytest.raises(config_lib.ConfigError, match="hash_words has no token ids"):
-        config_lib.validate(bad)
+        validate_lib.validate(bad)
     bad = make_config("step")
     with pytest.raises(config_lib.ConfigError, match=r"text_encoder.embed='step'"):
-        config_lib.validate(bad)
+        validate_lib.validate(bad)
     # A config that embeds in the step refuses a dataset of stored embeddings, and back.
     for config_mode, data_mode in (("train_step", "tokenize"), ("tokenize", "train_step")):
         with pytest.raises(ValueError, match="text_encoder.embed: dataset has") as e:
