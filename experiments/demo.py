@@ -139,6 +139,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tokenize.seed = 0
     # The job fails (after writing everything) when more inputs than this are rejected.
     c.data.tokenize.max_reject_fraction = 0.05
+    # A bucket left with fewer clips demotes them to a fuller one; -1 = one global batch, 0 = off.
+    c.data.tokenize.min_bucket_clips = -1
     # Samples per step over all devices and processes.
     c.data.global_batch_size = 16 if arg.tiny else 32
     # Host batches prefetched in a background thread.
@@ -151,6 +153,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.bucket_weights = "buckets"
     # Video tokens per data-parallel device per step; > 0 sizes each bucket's batch from it.
     c.data.tokens_per_device = 0
+    # Weighted buckets with no records or under one global batch: False = left out and
+    # reported (WORKDIR/data_buckets.json), True = an error (docs/data_pipeline.md).
+    c.data.strict_buckets = False
     # Check that all processes agree on the step's bucket every this many steps; 0 = never.
     c.data.schedule_check_every_steps = 100
 

@@ -14,8 +14,10 @@ Buckets come from `sora_jax.data.buckets.grid`: named resolutions x aspect ratio
 counts, sides rounded to multiples of the tokenizer stride x patch. The default is a
 256px grid (1:1, 16:9, 9:16; 1, 17 and 33 frames) for the Wan-shaped VAE at
 `tokenizer.path` and MiniLM captions; `tiny` is a 32px grid of 1, 5 and 9 frames with the
-pixels tokenizer and hash-word captions, which runs in seconds on a CPU (tests use it).
-Clip options are `data.tokenize` (documented in experiments/demo.py, docs/tokenize.md).
+pixels tokenizer, hash-word captions and a global batch of 4, which runs in seconds on a
+CPU (tests use it); `steps=N` sets the training length. Buckets that real data leaves
+sparse are handled by default (README "Your own videos", docs/tokenize.md). Clip options
+are `data.tokenize` (documented in experiments/demo.py, docs/tokenize.md).
 """
 
 import pathlib
@@ -30,8 +32,10 @@ demo = config_lib.load_module(str(pathlib.Path(__file__).with_name("demo.py")))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, tiny=False, folder="", manifest="", images=False, fps=0.0)
-    c = demo.get_config("tiny" if arg.tiny else "")
+    arg = config_lib.parse_arg(
+        arg, tiny=False, folder="", manifest="", images=False, fps=0.0, steps=-1
+    )
+    c = demo.get_config(("tiny," if arg.tiny else "") + f"steps={arg.steps}")
     kind = "images" if arg.images else "videos"
     c.data.source = sources.source_config(kind, folder=arg.folder, manifest=arg.manifest)
     aspects = {"1:1": 1.0, "16:9": 16 / 9, "9:16": 9 / 16}
@@ -39,6 +43,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         table = buckets_lib.grid({"32px": 32}, aspects, (1, 5, 9), multiple=8)
         table.update(buckets_lib.grid({"16px": 16}, {"1:1": 1.0}, (1, 5), multiple=8))
         c.data.tokenize.inputs_per_shard = 4
+        # A handful of real files: a small batch, so most buckets hold one (docs/tokenize.md).
+        c.data.global_batch_size = 4
         c.tokenizer.space_to_depth = 1
     else:
         table = buckets_lib.grid({"256px": 256}, aspects, (1, 17, 33), multiple=16)
@@ -51,5 +57,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     c.data.buckets = ml_collections.ConfigDict(table)
     c.data.tokenize.fps = arg.fps
-    c.sample.bucket = next(iter(table))
+    # Sparse buckets: the tokenizer demotes their clips to a fuller bucket of the same aspect
+    # ratio (data.tokenize.min_bucket_clips, -1 = one global batch), and the trainer leaves
+    # out what stays under one batch, reporting it; data.strict_buckets=True makes it an error.
+    c.data.tokenize.min_bucket_clips = -1
+    c.data.strict_buckets = False
+    # Sample a 1:1 video bucket (the first frame count above 1).
+    c.sample.bucket = next(n for n, b in table.items() if b["frames"] > 1)
+    # The demo's prompt_adherence scores its coloured shapes; own videos: validation loss.
+    c.evaluate.type = "val_loss"
     return c

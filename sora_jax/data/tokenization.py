@@ -26,7 +26,6 @@ inputs exceeds `data.tokenize.max_reject_fraction`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -37,16 +36,14 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from tqdm import tqdm
 
 from sora_jax.data import buckets as buckets_lib
-from sora_jax.data import shards, sources
-from sora_jax.data.video_files import Reject
+from sora_jax.data import demotion, shards, sources, units
+from sora_jax.data.units import UNITS as UNITS
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 
-UNITS = "_units"
 JOB = "job.json"
 
 
@@ -79,140 +76,18 @@ def tokenize_option(config: ml_collections.ConfigDict, name: str, default):
     return section.get(name, default) if hasattr(section, "get") else default
 
 
-class Encoder:
-    """Clips -> records: the tokenizer on batches sharded over the local devices (padded to
-    one fixed batch, so each bucket compiles once), the text encoder on the captions (or,
-    with `embed='train_step'`, only its tokenizer: the trainer embeds the ids)."""
-
-    def __init__(self, tokenizer, text_encoder, batch_size: int, embed: str = "tokenize"):
-        self.tokenizer, self.text_encoder, self.embed = tokenizer, text_encoder, embed
-        self.devices = jax.local_devices()
-        n = len(self.devices)
-        self.batch = max(n, -(-int(batch_size) // n) * n)
-        self.sharded = not isinstance(tokenizer, tokenizer_lib.PixelTokenizer)
-        if self.sharded:
-            mesh = jax.sharding.Mesh(np.array(self.devices), ("batch",))
-            self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-
-    def latents(self, video: np.ndarray) -> np.ndarray:
-        if not self.sharded:
-            return np.asarray(self.tokenizer.encode(video), np.float32)
-        n = len(video)
-        pad = np.zeros((self.batch - n, *video.shape[1:]), video.dtype)
-        x = jax.device_put(np.concatenate([video, pad]), self.sharding)
-        return np.asarray(self.tokenizer.encode(x), np.float32)[:n]
-
-    def records(self, clips: list[sources.Clip], timers: dict[str, float]) -> list[dict]:
-        t0 = time.perf_counter()
-        latents = self.latents(np.stack([c.video for c in clips]))  # [B, T', H', W', C]
-        captions = [c.caption for c in clips]
-        if self.embed == "train_step":
-            text_field, (text, mask) = "text_ids", self.text_encoder.tokenize(captions)
-        else:
-            text_field, (text, mask) = "text", self.text_encoder.encode(captions)
-        timers["encode_s"] = timers.get("encode_s", 0.0) + time.perf_counter() - t0
-        out = []
-        for i, c in enumerate(clips):
-            record = {
-                "latents": latents[i].astype(np.float16),
-                "first_frame_latents": latents[i, :1].astype(np.float16),
-                text_field: text[i],
-                "text_mask": mask[i],
-                "caption": c.caption,
-                "source_id": c.source_id,
-                "fps": float(c.fps),
-                "num_frames": int(c.video.shape[0]),
-            }
-            if c.extra:
-                record["extra"] = json.dumps(c.extra, sort_keys=True, default=str)
-            out.append(record)
-        return out
-
-
-def _reject_line(source, index: int, err: Exception) -> dict[str, Any]:
-    if isinstance(err, Reject):
-        reason, detail = err.reason, err.detail
-    else:  # anything unforeseen is still one input's problem, never the job's
-        reason, detail = "decode_error", f"{type(err).__name__}: {err}"
-    return {"input": index, "id": source.input_id(index), "reason": reason, "detail": detail}
-
-
-def _unit_marker(out: pathlib.Path, unit: int) -> pathlib.Path:
-    return out / UNITS / f"{unit:05d}.json"
-
-
-def run_unit(
-    out: pathlib.Path,
-    unit: int,
-    inputs: range,
-    source,
-    bucket_list: list[buckets_lib.Bucket],
-    encoder: Encoder,
-    timers: dict[str, float],
-    progress=None,
-    totals: Counter | None = None,
-) -> dict[str, Any]:
-    """Tokenizes one unit and writes its shards and marker; returns the marker."""
-    for b in bucket_list:  # leftovers of an earlier, killed attempt at this unit
-        shards.shard_path(out, b.name, unit).unlink(missing_ok=True)
-    counts: Counter = Counter()
-    totals = Counter() if totals is None else totals  # the progress bar's running counts
-    rejects = []
-    pending: dict[str, list[sources.Clip]] = {b.name: [] for b in bucket_list}
-    with contextlib.ExitStack() as stack:
-        writers: dict[str, shards.ShardWriter] = {}
-
-        def flush(bucket: str) -> None:
-            clips, pending[bucket] = pending[bucket], []
-            if not clips:
-                return
-            if bucket not in writers:
-                writers[bucket] = stack.enter_context(shards.ShardWriter(out, bucket, unit))
-            for record in encoder.records(clips, timers):
-                t0 = time.perf_counter()
-                writers[bucket].write(record)
-                timers["write_s"] = timers.get("write_s", 0.0) + time.perf_counter() - t0
-            counts[bucket] += len(clips)
-            totals["clips"] += len(clips)
-
-        for i in inputs:
-            try:
-                clips = source.clips(i, timers)
-            except Exception as e:  # noqa: BLE001 - every input failure is a reject
-                rejects.append(_reject_line(source, i, e))
-                totals["rejects"] += 1
-                clips = []
-            for c in clips:
-                pending[c.bucket].append(c)
-                if len(pending[c.bucket]) >= encoder.batch:
-                    flush(c.bucket)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(clips=totals["clips"], rejects=totals["rejects"])
-        for b in bucket_list:
-            flush(b.name)
-    marker = {
-        "unit": unit,
-        "inputs": [inputs.start, inputs.stop],
-        "counts": {b.name: counts[b.name] for b in bucket_list if counts[b.name]},
-        "rejects": rejects,
-    }
-    path = _unit_marker(out, unit)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shards.atomic_write_text(path, json.dumps(marker, sort_keys=True) + "\n")
-    return marker
-
-
 def _job_record(config, source, options, per_unit, tokenizer, text_encoder) -> dict[str, Any]:
+    bucket_list = buckets_lib.buckets_from_config(config.data)
     job = {
         "source": config.data.source.to_dict(),
         "num_inputs": len(source),
-        "buckets": {b.name: list(b.shape) for b in buckets_lib.buckets_from_config(config.data)},
-        "keep_prob": {b.name: b.keep_prob for b in buckets_lib.buckets_from_config(config.data)},
+        "buckets": {b.name: list(b.shape) for b in bucket_list},
+        "keep_prob": {b.name: b.keep_prob for b in bucket_list},
         "clip_options": dataclasses.asdict(options),
         "inputs_per_shard": per_unit,
         "tokenizer": tokenizer.hash,
         "text_encoder": text_encoder.hash,
+        "min_bucket_clips": demotion.thresholds(config, [b.name for b in bucket_list]),
     }
     embed = text_lib.embed_mode(config.text_encoder)
     if embed != "tokenize":  # absent for embeddings, as in jobs written before the option
@@ -224,6 +99,9 @@ def _check_job(out: pathlib.Path, job: dict[str, Any]) -> None:
     path = out / UNITS / JOB
     if path.is_file():
         old = json.loads(path.read_text())
+        if "min_bucket_clips" not in old:  # a job begun before the demotion pass: none
+            job["min_bucket_clips"] = {}
+            old["min_bucket_clips"] = {}
         diffs = sorted(k for k in set(old) | set(job) if old.get(k) != job.get(k))
         if diffs:
             raise ValueError(
@@ -236,8 +114,9 @@ def _check_job(out: pathlib.Path, job: dict[str, Any]) -> None:
     shards.atomic_write_text(path, json.dumps(job, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _assemble(out, bucket_list, markers, tokenizer, text_encoder, job) -> dict[str, Any]:
-    """The manifest (and rejects.jsonl) from every unit's marker."""
+def _assemble(out, bucket_list, markers, demoted, tokenizer, text_encoder, job) -> dict:
+    """The manifest (and rejects.jsonl) from every unit's marker and the demotion pass's."""
+    markers = demotion.unit_markers(markers, demoted)
     rejects = [r for m in markers for r in m["rejects"]]
     shards.atomic_write_text(
         out / shards.REJECTS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects)
@@ -255,6 +134,8 @@ def _assemble(out, bucket_list, markers, tokenizer, text_encoder, job) -> dict[s
         "rejects": len(rejects),
         "rejects_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
     }
+    if demoted:
+        manifest["demotion"] = demotion.manifest_entry(demoted)
     for b in bucket_list:
         files = [
             str(shards.shard_path(out, b.name, m["unit"]).relative_to(out))
@@ -303,13 +184,15 @@ def run(
 
     num_units = -(-len(source) // per_unit)
     mine = [u for u in range(num_units) if u % process_count == process_index]
-    todo = [u for u in mine if not _unit_marker(out, u).exists()]
-    units = {u: range(u * per_unit, min((u + 1) * per_unit, len(source))) for u in todo}
-    encoder = Encoder(tokenizer, text_encoder, batch_size, text_lib.embed_mode(config.text_encoder))
+    todo = [u for u in mine if not units.unit_marker(out, u).exists()]
+    work = {u: range(u * per_unit, min((u + 1) * per_unit, len(source))) for u in todo}
+    encoder = units.Encoder(
+        tokenizer, text_encoder, batch_size, text_lib.embed_mode(config.text_encoder)
+    )
     timers: dict[str, float] = {}
     start = time.perf_counter()
     progress = tqdm(
-        total=sum(len(r) for r in units.values()),
+        total=sum(len(r) for r in work.values()),
         desc=f"tokenize {out.name} [{process_index}/{process_count}]",
         unit="input",
         disable=not show_progress,
@@ -317,23 +200,27 @@ def run(
     written: Counter = Counter()
     rejected = 0
     totals: Counter = Counter()
-    for u, inputs in units.items():
-        marker = run_unit(out, u, inputs, source, bucket_list, encoder, timers, progress, totals)
+    for u, inputs in work.items():
+        marker = units.run_unit(
+            out, u, inputs, source, bucket_list, encoder, timers, progress, totals
+        )
         written.update(marker["counts"])
         rejected += len(marker["rejects"])
     progress.close()
-    elapsed = time.perf_counter() - start
 
     markers = []
     for u in range(num_units):
-        path = _unit_marker(out, u)
+        path = units.unit_marker(out, u)
         if path.is_file():
             markers.append(json.loads(path.read_text()))
     complete = len(markers) == num_units
-    manifest = (
-        _assemble(out, bucket_list, markers, tokenizer, text_encoder, job) if complete else {}
-    )
-    inputs_done = sum(len(r) for r in units.values())
+    manifest, demoted = {}, None
+    if complete:  # sparse buckets' clips to fuller ones, then the manifest (demotion.py)
+        minimum = job["min_bucket_clips"]
+        demoted = demotion.run(out, config, bucket_list, markers, encoder, timers, minimum)
+        manifest = _assemble(out, bucket_list, markers, demoted, tokenizer, text_encoder, job)
+    elapsed = time.perf_counter() - start
+    inputs_done = sum(len(r) for r in work.values())
     summary = {
         **manifest,
         "stats": {
@@ -348,6 +235,11 @@ def run(
             "inputs_per_s": inputs_done / elapsed if elapsed > 0 else None,
             "clips_per_s": sum(written.values()) / elapsed if elapsed > 0 else None,
             "time_split_s": {k: round(v, 3) for k, v in sorted(timers.items())},
+        },
+        # what the trainer will make of the buckets (format_summary's advice)
+        "training": {
+            "global_batch": demotion.batch_sizes(config, [b.name for b in bucket_list]),
+            "bucket_weights": str(config.data.get("bucket_weights", "buckets")),
         },
     }
     # The limit over the whole dataset once complete, else over this process's work.
@@ -375,9 +267,24 @@ def format_summary(summary: dict[str, Any]) -> str:
         + ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in s["time_split_s"].items()),
     ]
     if summary.get("buckets"):
-        lines.append("clips per bucket (whole dataset):")
+        batches = summary.get("training", {}).get("global_batch", {})
+        lines.append("clips per bucket (whole dataset; global batch; what the trainer does):")
         for name, b in summary["buckets"].items():
-            lines.append(f"  {name:>20}  {b['count']:>8}  in {len(b['files'])} shard(s)")
+            g = batches.get(name, 0)
+            fate = "" if not g else "trained" if b["count"] >= g else "left out: under one batch"
+            fate = "empty" if not b["count"] else fate
+            lines.append(
+                f"  {name:>20}  {b['count']:>8}  in {len(b['files'])} shard(s)  {g or '-':>5}  "
+                + fate
+            )
+        for m in (summary.get("demotion") or {}).get("moves", ()):
+            lines.append(
+                f"demoted (data.tokenize.min_bucket_clips): {m['from']} -> {m['to']}: "
+                f"{m['inputs']} input(s), now {m['clips']} clip(s)"
+            )
+        counts = {n: b["count"] for n, b in summary["buckets"].items()}
+        mode = summary.get("training", {}).get("bucket_weights", "buckets")
+        lines += demotion.advice(counts, batches, mode)
         by_reason = summary.get("rejects_by_reason") or {}
         lines.append(
             f"rejected inputs: {summary['rejects']}"

@@ -40,6 +40,7 @@ def make_config(media: pathlib.Path, out: pathlib.Path, **tokenize) -> ml_collec
     c.data.tokenize.max_clips_per_video = MAX_CLIPS
     c.data.tokenize.inputs_per_shard = UNIT
     c.data.tokenize.max_reject_fraction = 0.9
+    c.data.tokenize.min_bucket_clips = 0  # exact assignment here; demotion: test_own_videos
     for k, v in tokenize.items():
         c.data.tokenize[k] = v
     return c
@@ -54,6 +55,7 @@ def cli_args(media: pathlib.Path, out: pathlib.Path) -> list[str]:
         f"--config.data.tokenize.max_clips_per_video={MAX_CLIPS}",
         f"--config.data.tokenize.inputs_per_shard={UNIT}",
         "--config.data.tokenize.max_reject_fraction=0.9", "--batch_size=4",
+        "--config.data.tokenize.min_bucket_clips=0",
     ]  # fmt: skip
 
 

@@ -118,3 +118,54 @@ BAD = {  # manifest line (0-based, in the order written) -> reason
     11: "bad_caption",
     12: "bad_entry",
 }
+
+
+# A folder of "own videos" with sidecar captions, as the README's own-videos path takes it:
+# name -> (codec, pix_fmt, (h, w), fps, frames). With the `tiny` grid (every frame kept,
+# one clip per video, global batch 4) they fill 9x32x32 (6), 9x24x40 (6) and 1x32x32 (4),
+# leave 5x32x32 with 2 (demoted to 1x32x32 by the tokenizer), and 9x40x24 (2), 5x24x40 (1)
+# and 5x16x16 (1) below one batch with no fuller bucket of their aspect ratio.
+H264, VP9 = ("libx264", "yuv420p"), ("libvpx-vp9", "yuv420p")
+MJPEG, FFV1, MPEG4 = ("mjpeg", "yuvj444p"), ("ffv1", "yuv444p"), ("mpeg4", "yuv420p")
+FOLDER = {
+    "square/a.mp4": (*H264, (64, 64), 10, 12),
+    "square/b.webm": (*VP9, (48, 48), 24, 10),
+    "square/c.mkv": (*FFV1, (40, 40), 30, 9),
+    "square/d.avi": (*MJPEG, (36, 36), 15, 11),
+    "square/e.mp4": (*MPEG4, (32, 32), 25, 9),
+    "square/f.mov": (*H264, (56, 56), 25, 16),
+    "square/short_a.mp4": (*H264, (48, 48), 10, 6),
+    "square/short_b.webm": (*VP9, (64, 64), 12, 7),
+    "wide/a.mp4": (*H264, (180, 320), 12, 12),
+    "wide/b.webm": (*VP9, (72, 128), 24, 10),
+    "wide/c.avi": (*MJPEG, (90, 160), 30, 9),
+    "wide/d.mkv": (*FFV1, (45, 80), 15, 10),
+    "wide/e.mp4": (*MPEG4, (36, 64), 25, 9),
+    "wide/f.mkv": (*H264, (54, 96), 8, 14),
+    "wide/short.mp4": (*H264, (36, 64), 10, 6),
+    "tall/a.mp4": (*H264, (128, 72), 10, 10),
+    "tall/b.webm": (*VP9, (80, 48), 20, 9),
+    "stills/a.mp4": (*H264, (48, 48), 10, 2),
+    "stills/b.avi": (*MJPEG, (64, 64), 5, 1),
+    "stills/c.mkv": (*FFV1, (33, 33), 10, 3),
+    "stills/d.webm": (*VP9, (40, 40), 10, 2),
+    "small/a.avi": (*MJPEG, (17, 17), 10, 6),
+}
+FOLDER_BROKEN = ("broken/corrupt.mp4",)  # random bytes: rejected as unreadable
+
+
+def make_folder(root: pathlib.Path) -> pathlib.Path:
+    """Writes FOLDER's videos and a caption `name.txt` beside each, plus the broken files."""
+    vp9 = {"deadline": "realtime", "cpu-used": "8", "crf": "20", "b": "0"}
+    for name, (codec, fmt, size, fps, frames) in FOLDER.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        options = vp9 if codec == "libvpx-vp9" else {"crf": "12"} if codec == "libx264" else {}
+        write(path, codec, fmt, size, fps, frames, options)
+        path.with_suffix(".txt").write_text(f"a clip named {path.stem} from {path.parent.name}\n")
+    for name in FOLDER_BROKEN:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(np.random.default_rng(1).bytes(3000))
+        path.with_suffix(".txt").write_text("a broken file\n")
+    return root
