@@ -1,7 +1,7 @@
 """Text encoders behind one interface: `encode(list[str]) -> (embeddings [B,S,D], mask [B,S])`.
 
 Every encoder has `id`, weights `hash`, `dim` (D) and `max_length` (S), all recorded in the
-shard manifest by `manifest_entry()` (DESIGN.md §4.3); outputs are numpy float32 `[B, S, D]`
+shard manifest by `manifest_entry()` (docs/formats.md); outputs are numpy float32 `[B, S, D]`
 and bool `[B, S]`, captions padded or truncated to exactly S tokens. Embeddings are zero
 wherever the mask is False, so a padding token looks like the null conditioning.
 
