@@ -1,4 +1,4 @@
-"""Device meshes and logical sharding rules (DESIGN.md §3, §5).
+"""Device meshes and logical sharding rules (docs/design.md, Parallelism).
 
 The mesh has axes `('data', 'fsdp', 'context', 'tensor')`. Sizes come from the config as
 `ici_<axis>` (within a slice / host group) and `dcn_<axis>` (across slices), at most one
