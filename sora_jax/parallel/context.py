@@ -1,4 +1,4 @@
-"""Context (sequence) parallel attention over the mesh axis `context` (DESIGN.md §5).
+"""Context (sequence) parallel attention over the mesh axis `context` (docs/parallelism.md).
 
 The video tokens of one sample are split over the C devices of a context group: device
 c holds the block of Lc = L_pad / C consecutive tokens `[c Lc, (c + 1) Lc)` of q, k and v
