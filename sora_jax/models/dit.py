@@ -15,7 +15,7 @@ start at zero, so the initial model outputs exactly zero (adaLN-Zero, DiT; the c
 output projection is zero-initialized as in PixArt-α).
 
 Parameters. `model.init(rng, x_t, t, text, text_mask)['params']` holds
-`nn.LogicallyPartitioned` boxes (logical axis names for sharding, DESIGN.md §5). Callers
+`nn.LogicallyPartitioned` boxes (logical axis names for sharding, parallel/mesh.py). Callers
 unbox them, `params = nn.meta.unbox(variables['params'])`, and then
 `model.apply({'params': params}, x_t, t, text, text_mask) -> v` works on the plain tree (it
 also accepts the boxed tree). Parameters are float32; `dtype` is the compute dtype; norm and
