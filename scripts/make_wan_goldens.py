@@ -23,8 +23,8 @@ It writes, all small (the directory stays well under 1 MB):
 - `wan2_1_1_3b_shapes.json`: every tensor name and shape of the published Wan2.1-T2V-1.3B
   diffusers transformer, from the class instantiated on the `meta` device (no weights).
 
-`--check_export=DIR` instead loads a sora_jax export (`python -m sora_jax.models.wan_import
---export ...` of the converted tiny checkpoint) with `WanTransformer3DModel.from_pretrained`
+`--check_export=DIR` instead loads a sora_jax export (`python -m sora_jax.wan export ...`
+of the converted tiny checkpoint) with `WanTransformer3DModel.from_pretrained`
 and checks it reproduces `tiny_io.npz`: the round trip through diffusers itself.
 `from_pretrained` needs `accelerate` for this class (it keeps some modules in float32).
 """

@@ -1,13 +1,12 @@
 r"""sora_jax VideoDiT parameters -> a diffusers Wan 2.1 `WanTransformer3DModel` directory.
 
-The inverse of `wan_import` (which holds the name map, the layout changes and the command
-line: `python -m sora_jax.models.wan_import --export --src=RUN --out=DIR`). `export_diffusers`
-writes `config.json` and `diffusion_pytorch_model.safetensors`, or shards of at most
-`max_shard_bytes` named `diffusion_pytorch_model-0000i-of-0000n.safetensors` plus
+The inverse of `wan_import`, through the same name map (`wan_names`); the command line is
+`python -m sora_jax.wan export --src=RUN --out=DIR` (sora_jax/wan.py, which reads the
+parameters from a run's checkpoint). `export_diffusers` writes `config.json` and
+`diffusion_pytorch_model.safetensors`, or shards of at most `max_shard_bytes` named
+`diffusion_pytorch_model-0000i-of-0000n.safetensors` plus
 `diffusion_pytorch_model.safetensors.index.json`, as `save_pretrained` lays them out, so
-`WanTransformer3DModel.from_pretrained(DIR)` loads them. `load_run_params` reads the tree to
-export (`params` or an EMA copy, `ema/<key>`) and its model fields from a run's checkpoint or
-an import's output.
+`WanTransformer3DModel.from_pretrained(DIR)` loads them.
 
 Each tensor goes through `to_hf`, the inverse of the import's layout change (Dense kernels
 `[in, out]` -> Linear weights `[out, in]`; per-head `[D, N, E]` / `[N, E, D]` -> `[N·E, D]` /
@@ -28,30 +27,22 @@ import pathlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from sora_jax.models import dit as dit_lib
-from sora_jax.models.safetensors_io import get_path, set_path
 from sora_jax.models.wan_import import (
     CONFIG_FILE,
-    EXPORT_DTYPES,
     INDEX_FILE,
-    MODEL_CONFIG_FILE,
     SINGLE_FILE,
-    Rule,
     WanShapes,
-    _check_covered,
-    _leaf_paths,
     abstract_params,
     check_wan_fields,
     diffusers_config,
-    hf_shape,
-    name_map,
-    to_hf,
 )
+from sora_jax.models.wan_names import Rule, check_covered, hf_shape, leaf_paths, name_map, to_hf
+
+# The tensor dtypes an export can write (`--dtype` of `python -m sora_jax.wan export`).
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 _SAFETENSORS_DTYPES = {
     np.dtype(np.float32): "F32",
@@ -111,7 +102,7 @@ def export_diffusers(
     np_dtype = np.dtype(EXPORT_DTYPES[dtype])
     check_wan_fields(fields)
     patch = tuple(int(p) for p in fields.get("patch_size", (1, 2, 2)))
-    leaves = _leaf_paths(params)
+    leaves = leaf_paths(params)
     scan = ("blocks", "modulation") in leaves
     layers = (
         leaves[("blocks", "modulation")].shape[0]
@@ -122,14 +113,14 @@ def export_diffusers(
         raise ValueError(f"params hold {layers} blocks, model.num_layers={fields['num_layers']}")
     cross_norm = bool(fields.get("cross_attn_norm", True))
     rules = name_map(layers, cross_norm, scan)
-    _check_covered(rules, leaves)
+    check_covered(rules, leaves)
     p = math.prod(patch)
     shapes = WanShapes(
         in_channels=leaves[("patch_embedding", "kernel")].shape[0] // p,
         out_channels=leaves[("head", "kernel")].shape[1] // p,
         text_dim=leaves[("text_embedding_0", "kernel")].shape[0],
     )
-    expected = _leaf_paths(abstract_params(dict(fields, scan_layers=scan), shapes))
+    expected = leaf_paths(abstract_params(dict(fields, scan_layers=scan), shapes))
     wrong = [
         f"{'/'.join(k)}: {tuple(leaves[k].shape)} vs {tuple(v.shape)}"
         for k, v in expected.items()
@@ -178,52 +169,3 @@ def export_diffusers(
     config = diffusers_config(fields, shapes)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
-
-
-def load_run_params(src: str | os.PathLike, source: str = "params", step: int | None = None):
-    """`(params, model fields, description)` of a sora_jax checkpoint: a run workdir (its
-    checkpoints/, or one checkpoints/<step>) or an `import_diffusers` output.
-
-    The model fields come from the run's saved config (`checkpoints/<step>/config`, or the
-    workdir's config.json) or from `model_config.json`; parameters are restored onto the
-    first local device, shaped by the checkpoint's own metadata.
-    """
-    from sora_jax.run import checkpoint as ckpt_lib
-
-    directory, found = ckpt_lib.resolve_checkpoint(src)
-    step = found if step is None else step
-    model_cfg = _saved_model_config(pathlib.Path(src), directory, step)
-    fields = dit_lib.model_fields(model_cfg)
-    saved = ckpt_lib.saved_shapes(directory, step, source)
-    device = jax.local_devices()[0]
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    abstract: dict = {}
-    for name, shape in saved.items():
-        leaf = jax.ShapeDtypeStruct(tuple(shape), jnp.float32, sharding=sharding)
-        set_path(abstract, tuple(name.split("/")), leaf)
-    wrapped: dict = {}
-    set_path(wrapped, tuple(source.split("/")), abstract)
-    restored, _ = ckpt_lib.restore_params(directory, wrapped, step)
-    params = get_path(restored, tuple(source.split("/")))
-    return params, fields, f"{directory}/{step} ({source})"
-
-
-def _saved_model_config(src: pathlib.Path, directory: pathlib.Path, step: int) -> dict:
-    """`config.model` of a checkpoint: saved with it, or the workdir's config.json, or the
-    `model_config.json` of an import."""
-    from sora_jax.run import checkpoint as ckpt_lib
-
-    saved = ckpt_lib.saved_config(directory, step)
-    if saved and "model" in saved:
-        return saved["model"]
-    for d in dict.fromkeys([src.expanduser().absolute(), directory.parent]):
-        if (d / MODEL_CONFIG_FILE).is_file():
-            return json.loads((d / MODEL_CONFIG_FILE).read_text())["model"]
-        if (d / "config.json").is_file():
-            cfg = json.loads((d / "config.json").read_text())
-            if "model" in cfg:
-                return cfg["model"]
-    raise FileNotFoundError(
-        f"no model config for {directory}/{step}: expected the checkpoint's saved config, "
-        f"the run's config.json or an import's {MODEL_CONFIG_FILE}"
-    )

@@ -289,6 +289,36 @@ def _flatten(tree, prefix=""):
             yield key, v
 
 
+def write_init_checkpoint(out: str | os.PathLike, params: dict) -> pathlib.Path:
+    """Writes a plain parameter tree as step 0 of `OUT/checkpoints` (`{'params': params}`),
+    which `--init_from=OUT` (`load_for_init`, source 'params') reads: parameters made
+    outside training, e.g. by `python -m sora_jax.wan import`.
+
+    The tree's numpy leaves are replaced, in place and one at a time, by jax arrays: Orbax
+    copies numpy leaves while saving (a second copy of the model), but not jax ones.
+    """
+
+    def to_device(tree: dict) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                to_device(value)
+            else:
+                tree[key] = jax.device_put(value)
+
+    to_device(params)
+
+    directory = pathlib.Path(out).absolute() / "checkpoints"
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{directory} is not empty: choose a new --out")
+    mngr = manager(directory, async_save=False, max_to_keep=None)
+    try:
+        save(mngr, 0, {"params": params}, {})
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    return directory
+
+
 # --- LoRA runs: the recorded base, and merged parameters for sampling --------------------
 
 LORA_BASE_FILE = "lora_base.json"

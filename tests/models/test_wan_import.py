@@ -25,9 +25,11 @@ import pytest
 from flax import linen as nn
 from safetensors.numpy import load_file, save_file
 
+from sora_jax import wan as wan_cli
 from sora_jax.models import dit as dit_lib
-from sora_jax.models import layers, rope, wan_export
+from sora_jax.models import layers, rope, wan_export, wan_names
 from sora_jax.models import wan_import as wan
+from sora_jax.models.safetensors_io import get_path, set_path
 from sora_jax.run import checkpoint as ckpt_lib
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "wan_dit"
@@ -124,9 +126,9 @@ def test_every_tensor_changes_the_output():
     io = _io()
     args = (io["latents"], io["timestep"] / 1000, io["text"])
     base, _ = _forward(params, fields, shapes, *args)
-    for r in wan.name_map(fields["num_layers"], True, False):
+    for r in wan_names.name_map(fields["num_layers"], True, False):
         broken = jax.tree.map(np.copy, params)
-        wan.set_path(broken, r.path, np.zeros_like(wan.get_path(params, r.path)) + 0.5)
+        set_path(broken, r.path, np.zeros_like(get_path(params, r.path)) + 0.5)
         out, _ = _forward(broken, fields, shapes, *args)
         assert np.abs(out - base).max() > 1e-4, f"{r.name} does not affect the output"
 
@@ -175,10 +177,10 @@ def test_export_refuses_non_wan_models():
 
 
 def test_import_writes_init_from_checkpoint(tmp_path):
-    resolved = wan.import_diffusers(TINY, tmp_path, scan_layers=True)
+    resolved = wan_cli.import_diffusers(TINY, tmp_path, scan_layers=True)
     assert resolved["model"]["preset"] is None  # tiny sizes match no preset
     assert resolved["data"] == {"latent_channels": 4, "cond_channels": 0, "text_dim": 32}
-    saved = json.loads((tmp_path / wan.MODEL_CONFIG_FILE).read_text())
+    saved = json.loads((tmp_path / wan_cli.MODEL_CONFIG_FILE).read_text())
     assert saved["model"] == resolved["model"]
     # The resolved config builds the model whose tree the trainer restores into.
     model = dit_lib.build_model(saved["model"], in_channels=4, text_dim=32)
@@ -200,7 +202,7 @@ def test_import_writes_init_from_checkpoint(tmp_path):
     want, _, _, _ = wan.load_diffusers(TINY, scan_layers=True)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded), want)
     # Export straight from the checkpoint directory (fields from model_config.json).
-    params, fields, _ = wan_export.load_run_params(tmp_path)
+    params, fields, _ = wan_cli.load_run_params(tmp_path)
     out = tmp_path / "export"
     wan_export.export_diffusers(params, fields, out)
     again, _, _, _ = wan.load_diffusers(out, scan_layers=True)
@@ -231,7 +233,7 @@ def test_report_names_every_problem(tmp_path):
 
 def test_preset_must_match(tmp_path):
     with pytest.raises(ValueError, match="preset 'wan2_1_1_3b'.*dim: preset 1536, checkpoint 32"):
-        wan.import_diffusers(TINY, tmp_path, preset="wan2_1_1_3b")
+        wan_cli.import_diffusers(TINY, tmp_path, preset="wan2_1_1_3b")
     assert not (tmp_path / "checkpoints").exists()  # failed before writing anything
 
 
@@ -247,23 +249,24 @@ def test_wan2_1_1_3b_preset_maps_onto_published_tensors(scan_layers):
     }
     preset = dit_lib.model_fields({"preset": "wan2_1_1_3b", "scan_layers": scan_layers})
     abstract = wan.abstract_params(preset, wan.WanShapes(16, 16, 4096))
-    leaves = wan._leaf_paths(abstract)
+    leaves = wan_names.leaf_paths(abstract)
     ours = {}
-    for r in wan.name_map(30, True, scan_layers):
+    for r in wan_names.name_map(30, True, scan_layers):
         shape = tuple(leaves[r.path].shape)
-        ours[r.name] = wan.hf_shape(
+        ours[r.name] = wan_names.hf_shape(
             r.kind, shape[1:] if scan_layers and r.layer is not None else shape, (1, 2, 2)
         )
     assert sorted(set(published) - set(ours)) == [] and sorted(set(ours) - set(published)) == []
     assert {k: v for k, v in ours.items() if published[k] != v} == {}
-    wan._check_covered(wan.name_map(30, True, scan_layers), leaves)  # no extra params either
+    # No extra params either.
+    wan_names.check_covered(wan_names.name_map(30, True, scan_layers), leaves)
     assert sum(int(np.prod(s.shape)) for s in leaves.values()) == doc["num_params"]
 
 
 def test_cli_import(tmp_path):
     out = tmp_path / "init"
     proc = subprocess.run(
-        [sys.executable, "-m", "sora_jax.models.wan_import", f"--src={TINY}", f"--out={out}"],
+        [sys.executable, "-m", "sora_jax.wan", "import", f"--src={TINY}", f"--out={out}"],
         capture_output=True,
         text=True,
         timeout=300,
