@@ -11,8 +11,9 @@ only LoRA factors train; the base's checkpoint is recorded in the workdir and re
 resume (checkpoints hold the factors, not the base).
 
 Failures (sora_jax/training/resilience.py): a non-finite update is skipped and counted;
-`training.max_consecutive_skips` in a row roll the parameters back to the last good
-checkpoint while the data moves on past the bad window; SIGTERM saves and exits cleanly;
+`training.max_consecutive_skips` in a row roll the parameters back to the newest checkpoint
+before the streak's first step while the data moves on (training/rollback.py; no periodic
+checkpoint is saved inside a streak); SIGTERM saves and exits cleanly;
 a step that stalls far beyond the median ends the process with a stack dump.
 """
 
@@ -165,6 +166,7 @@ def train(
     skips = resilience.SkipTracker(opts.max_consecutive_skips)
     peak = perf.peak_flops(mesh.devices.flat[0])
     window: list[tuple[str, dict]] = []  # (bucket, on-device metrics) since the last log
+    pending: list[tuple[int, Any]] = []  # (step, on-device skip flag) not yet counted
     wait_s = ckpt_block_s = 0.0
     t_log = time.perf_counter()
     last_loss, preempted, rollbacks = float("nan"), False, 0
@@ -203,6 +205,7 @@ def train(
                 state, metrics = compiled[host["bucket"]](state, inputs)
             window.append((host["bucket"], metrics))
             done = step + 1
+            pending.append((done, metrics["train/skipped"]))
             if profile and done == profile[-1]:
                 jax.block_until_ready(metrics)
                 jax.profiler.stop_trace()
@@ -222,10 +225,11 @@ def train(
                     scalars["perf/mfu"] = flops / (dt * mesh.devices.size * peak)
                 scalars["data/wait_ms"] = 1e3 * wait_s / len(fetched)
                 scalars["perf/checkpoint_block_s"] = ckpt_block_s
-                if any(skips.record(int(m["train/skipped"])) for _, m in fetched):
+                if rollback.account(pending, skips):  # every step counted, streaks exact
                     with jax.set_mesh(mesh):
                         state = rollback.rollback(mngr, abstract, state, done, skips)
                     rollbacks += 1
+                if rollbacks:
                     scalars["train/rollbacks"] = rollbacks
                 writer.write(done, scalars)
                 mngr.check_for_errors()  # a failed background save surfaces here, not never
@@ -242,10 +246,22 @@ def train(
 
             # Checkpoint (and stop cleanly when preempted).
             preempted = preemption.should_stop(done)
-            if done % config.checkpoint_every_steps == 0 or done == config.total_steps or preempted:
-                t0 = time.perf_counter()
-                ckpt_lib.save(mngr, done, state, pipeline.get_state(), config_json)
-                ckpt_block_s += time.perf_counter() - t0
+            last_step = done == config.total_steps
+            if done % config.checkpoint_every_steps == 0 or last_step or preempted:
+                if rollback.account(pending, skips):
+                    with jax.set_mesh(mesh):
+                        state = rollback.rollback(mngr, abstract, state, done, skips)
+                    rollbacks += 1
+                if skips.consecutive and not (last_step or preempted):
+                    # Not a good state to come back to, and it would push good ones out.
+                    log.warning(
+                        "checkpoint %d not saved: inside a run of %d non-finite updates "
+                        "(from step %d)", done, skips.consecutive, skips.start,
+                    )  # fmt: skip
+                else:
+                    t0 = time.perf_counter()
+                    ckpt_lib.save(mngr, done, state, pipeline.get_state(), config_json)
+                    ckpt_block_s += time.perf_counter() - t0
             if preempted:
                 print(f"preempted: saved step {done} in {mngr.directory}; exiting", flush=True)
                 break

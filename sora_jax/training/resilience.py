@@ -9,8 +9,9 @@
   it writes every thread's stack to stderr and the log directory and exits the process
   with `WATCHDOG_EXIT_CODE`, so a hung collective or a stuck input pipeline ends the job
   with a diagnosis instead of burning the reservation.
-- `SkipTracker`: counts consecutive non-finite (skipped) updates; after `limit` in a row
-  the loop rolls back to the last good checkpoint and moves the data past the window.
+- `SkipTracker`: counts non-finite (skipped) updates step by step; after `limit` in a row
+  the loop rolls back to the newest checkpoint before the streak's first step
+  (training/rollback.py) while the data moves on.
 """
 
 from __future__ import annotations
@@ -145,18 +146,36 @@ class Watchdog:
 
 
 class SkipTracker:
-    """Consecutive skipped (non-finite) updates; `record` says when to roll back."""
+    """Skipped (non-finite) updates, step by step: the total, the current streak and, once
+    `limit` came in a row, the streak that calls for a rollback.
+
+    Steps are recorded one by one in order, every step of a metrics window (never stopping
+    at the first trigger), so `total` counts every skipped update and `start` is the exact
+    first step of the current streak, also when it began in an earlier window.
+    """
 
     def __init__(self, limit: int):
-        self.limit = int(limit)
-        self.consecutive = 0
+        self.limit = int(limit)  # 0 disables the rollback
+        self.consecutive = 0  # length of the current streak
+        self.start: int | None = None  # first step of the current streak
         self.total = 0
+        # (first, last) step of the streak that reached `limit`, until `rolled_back()`.
+        self.tripped: tuple[int, int] | None = None
 
-    def record(self, skipped: int) -> bool:
-        """Adds one step's skip count (0 or 1); True when `limit` skips came in a row."""
+    def record(self, step: int, skipped: int) -> bool:
+        """Adds step `step`'s skip flag (0 or 1); True once a streak reached `limit` (and
+        until `rolled_back`)."""
         if skipped:
+            if not self.consecutive:
+                self.start = step
             self.consecutive += 1
             self.total += 1
+            if self.tripped is None and self.limit > 0 and self.consecutive >= self.limit:
+                self.tripped = (self.start, step)
         else:
-            self.consecutive = 0
-        return self.limit > 0 and self.consecutive >= self.limit
+            self.consecutive, self.start = 0, None
+        return self.tripped is not None
+
+    def rolled_back(self) -> None:
+        """The state went back to before the tripped streak: a new streak starts afresh."""
+        self.tripped, self.consecutive, self.start = None, 0, None

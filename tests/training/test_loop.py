@@ -102,6 +102,50 @@ def test_nan_batches_are_skipped_and_a_run_of_them_rolls_back(dataset, tmp_path,
     assert m[12]["train/loss"] < m[1]["train/loss"]
 
 
+def _poison(monkeypatch, steps):
+    """NaN latents in the batches of the given steps (counted after the step, as metrics)."""
+    real = pipeline_lib.to_global_batch
+
+    def poisoned(host, mesh, **kw):
+        if host["step"] + 1 in steps:
+            host = dict(host, latents=np.full_like(host["latents"], np.nan))
+        return real(host, mesh, **kw)
+
+    monkeypatch.setattr(pipeline_lib, "to_global_batch", poisoned)
+
+
+@pytest.mark.parametrize(
+    "bad, limit, restored, unsaved",
+    [
+        # One window (5-8): the limit is reached at step 6 (the rollback comes at once, at
+        # checkpoint 6, which then holds the restored parameters); step 7 is skipped after
+        # it and counted. The streak starts at 5, so checkpoint 4 is restored.
+        ((5, 6, 7), 2, 4, ()),
+        # A streak from window 5-8 into 9-12 (steps 7, 8, 9): checkpoint 8 would lie inside
+        # it and is not saved; the rollback goes to 6.
+        ((7, 8, 9), 3, 6, (8,)),
+    ],
+)
+def test_rollback_with_long_windows_counts_every_skip_and_restores_before_the_streak(
+    dataset, tmp_path, monkeypatch, capsys, bad, limit, restored, unsaved
+):
+    work = _workdir(tmp_path, dataset)
+    _poison(monkeypatch, bad)
+    config = tiny(log_every_steps=4, checkpoint_every_steps=2, checkpoint_max_to_keep=20)
+    config.training.max_consecutive_skips = limit
+    summary = loop.train(config, work)
+    out = capsys.readouterr().out
+    assert summary["skipped_updates"] == len(bad) and summary["rollbacks"] == 1
+    assert (
+        f"rollback: steps {bad[0]}-{bad[limit - 1]} skipped; parameters of step {restored}" in out
+    )
+    m = {x["step"]: x for x in _metrics(work)}
+    assert sum(m[s]["train/skipped"] for s in (4, 8, 12)) == len(bad)
+    saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert set(saved) == {2, 4, 6, 8, 10, 12} - set(unsaved)
+    assert summary["final_step"] == 12
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
     straight, resumed = _workdir(tmp_path, dataset, "a"), _workdir(tmp_path, dataset, "b")

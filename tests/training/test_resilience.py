@@ -56,6 +56,11 @@ def test_watchdog_is_quiet_while_steps_keep_coming():
 
 def test_skip_tracker_counts_consecutive_skips_only():
     t = resilience.SkipTracker(limit=3)
-    assert [t.record(s) for s in (1, 1, 0, 1, 1)] == [False] * 5
-    assert t.record(1) and t.total == 5
-    assert not resilience.SkipTracker(limit=0).record(1)  # 0 disables the rollback
+    flags = (1, 1, 0, 1, 1)
+    assert [t.record(step, s) for step, s in enumerate(flags, 1)] == [False] * 5
+    assert (t.consecutive, t.start) == (2, 4)
+    assert t.record(6, 1) and t.total == 5 and t.tripped == (4, 6)
+    assert t.record(7, 1) and t.total == 6 and t.tripped == (4, 6)  # counted after the trigger
+    t.rolled_back()
+    assert not t.record(8, 1) and (t.start, t.consecutive, t.total) == (8, 1, 7)
+    assert not resilience.SkipTracker(limit=0).record(1, 1)  # 0 disables the rollback
