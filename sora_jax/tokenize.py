@@ -22,6 +22,7 @@ import sys
 from absl import flags
 
 from sora_jax import entry
+from sora_jax.data import previews, tokenization
 
 MODE = flags.DEFINE_enum("mode", "run", ["run", "inspect"], "Tokenize, or inspect a dataset.")
 BATCH = flags.DEFINE_integer("batch_size", 16, "Clips encoded per batch.")
@@ -48,23 +49,19 @@ def parse_part(text: str) -> tuple[int, int]:
 def main(argv):
     del argv
     if MODE.value == "inspect":
-        from sora_jax.data import inspect as inspect_lib
-
         if not DATASET.value:
             print(
                 "error: --mode=inspect needs --dataset=DIR (a tokenized dataset)", file=sys.stderr
             )
             sys.exit(2)
         config = entry.CONFIG.value  # optional: its tokenizer decodes the previews
-        report = inspect_lib.inspect(
+        report = previews.inspect(
             DATASET.value, output=OUTPUT.value, per_bucket=PREVIEWS.value, config=config
         )
-        print(inspect_lib.format_report(report))
+        print(previews.format_report(report))
         return
     entry.require(entry.WORKDIR, "workdir")
     config = entry.loaded_config()
-    from sora_jax.data import tokenization
-
     index = count = None
     if PART.value:
         try:

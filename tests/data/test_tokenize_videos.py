@@ -22,8 +22,7 @@ from PIL import Image
 from sora_jax import config as config_lib
 from sora_jax import video_io
 from sora_jax.data import buckets as buckets_lib
-from sora_jax.data import inspect as inspect_lib
-from sora_jax.data import records, shards, tokenization
+from sora_jax.data import previews, records, shards, tokenization
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import video_fixtures as fx  # noqa: E402
@@ -226,8 +225,8 @@ def test_sigkill_and_rerun_gives_the_uninterrupted_shards(media, tmp_path):
 
 def test_inspect_reports_buckets_and_writes_decoded_previews(tokenized, tmp_path):
     out, summary = tokenized
-    report = inspect_lib.inspect(out, output=tmp_path / "previews", per_bucket=2)
-    text = inspect_lib.format_report(report)
+    report = previews.inspect(out, output=tmp_path / "previews", per_bucket=2)
+    text = previews.format_report(report)
     for name, b in summary["buckets"].items():
         assert report["buckets"][name]["count"] == b["count"]
         if b["count"]:

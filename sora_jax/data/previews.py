@@ -1,4 +1,5 @@
-"""What a tokenized dataset holds, as the model will see it (`tokenize --mode=inspect`).
+"""Previews of a tokenized dataset: what it holds, as the model will see it
+(`tokenize --mode=inspect`).
 
 `inspect(dataset_dir)` reads the manifest, every bucket's record count, the frame-rate
 and caption-length statistics of its first `STATS_RECORDS` records, and `rejects.jsonl`; it decodes
