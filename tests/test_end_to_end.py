@@ -8,7 +8,13 @@ import subprocess
 import sys
 
 import av
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from sora_jax import config as config_lib
+from sora_jax.data import pipeline as pipeline_lib
+from sora_jax.diffusion import validation
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIG = "--config=experiments/demo.py:tiny"
@@ -65,8 +71,10 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     result = json.loads(out.strip().splitlines()[-1])
     report = json.loads((work / "eval" / "40.json").read_text())
     assert result["n"] == report["scores"]["n"] == 8
-    assert 0.0 <= report["scores"]["both"] <= 1.0
+    assert report["scores"]["nonfinite_videos"] == 0
     assert report["protocol"]["sampling"]["num_steps"] == 8
+    # Prompt adherence is not asserted above chance: 40 tiny steps do not learn the caption
+    # (the same colours are measured in samples of an untrained model: the noise's).
 
     # The validation-loss evaluator: the trainer eval hook's numbers, from the entry point.
     out = run("evaluate", work, "--config.evaluate.type=val_loss")
@@ -74,3 +82,29 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert report["type"] == "val_loss"
     assert np.isfinite(report["scores"]["val_loss/5x16x16"])
     assert "val_loss_t=0.5/5x16x16" in report["scores"]
+
+    # The run learned something: its validation loss is well under the loss of predicting
+    # zero velocity on the same batch and noise, which is exactly what an untrained model
+    # scores (the DiT's output layer starts at zero). On this batch: untrained 1.976 at
+    # every t; 1.733 after the 40 steps (EMA 0.99 weights, a third of the way from init).
+    loss = report["scores"]["val_loss/5x16x16"]
+    zero = zero_velocity_loss(work, report["protocol"], "5x16x16")
+    assert loss < 0.95 * zero, (loss, zero)
+
+
+def zero_velocity_loss(work, protocol, bucket):
+    """The validation loss of `v = 0` on the batch, noise and times that `protocol` (a
+    val_loss report's) records: `mean |eps - x_0|^2` over the generated frames."""
+    config = config_lib.load_run_config(work)
+    pipe = pipeline_lib.from_config(config, work, data_parallel=1)
+    try:
+        host = pipe.batch_at(protocol["batches"][bucket]["step"])
+    finally:
+        pipe.close()
+    batch = {k: np.asarray(host[k]) for k in ("latents", "text", "text_mask")}
+    zero = validation.validation_loss(
+        lambda params, x_t, *args: jnp.zeros_like(x_t), {}, batch,
+        jax.random.key(protocol["noise_seed"]), config.diffusion, 1.0, protocol["times"],
+        task=protocol["task"],
+    )  # fmt: skip
+    return float(zero["loss"])
