@@ -5,8 +5,9 @@
 
 Writes 4096 records shaped like `experiments/demo.py`'s (bucket 5x16x16: latents
 [5, 8, 8, 12] float16 + first-frame latents [1, 8, 8, 12], text [8, 64] float32, mask [8],
-caption, source id, fps, frame count, as sora_jax.data.tokenization writes them) into
-uncompressed ArrayRecord shards of 1024, then reads global batches of 32 through
+caption, source id, fps, frame count, as sora_jax.data.tokenization writes them; shapes and
+the manifest's tokenizer and text encoder entries come from the demo config's own
+encoders) into uncompressed ArrayRecord shards of 1024, then reads global batches of 32 through
 `sora_jax.data.pipeline.Pipeline` (one process, the trainer's fields) for each
 `worker_count/prefetch` setting, and prints samples/s, MB/s and the ratio to what the demo
 step consumes (0.26–0.28 s/step at batch 32 on the 2-core CPU, docs/perf.md). The issue
@@ -21,12 +22,14 @@ import tempfile
 
 import numpy as np
 
-from sora_jax.data import benchmark, shards
+from sora_jax import config as config_lib
+from sora_jax.data import benchmark, buckets, shards
 from sora_jax.data import pipeline as pipeline_lib
+from sora_jax.models import text as text_lib
+from sora_jax.models import tokenizer as tokenizer_lib
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUCKET = "5x16x16"
-LATENT = (5, 8, 8, 12)  # [T', H', W', C] of the demo's bucket (pixels tokenizer, s2d 2)
-TEXT = (8, 64)  # [S, D_text] of the demo's hash-words encoder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,19 +43,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def write_dataset(root: pathlib.Path, records: int, per_shard: int = 1024) -> None:
-    """`records` random records of the demo's shapes and dtypes, plus a manifest."""
+def demo_manifest() -> dict:
+    """The manifest fields of a dataset tokenized with `experiments/demo.py` (tokenizer,
+    text encoder and BUCKET's latent shape), without its buckets' files and counts."""
+    config = config_lib.load_config(f"{ROOT}/experiments/demo.py")
+    tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
+    text = text_lib.build_text_encoder(config.text_encoder)
+    b = buckets.bucket_by_name(config.data, BUCKET)
+    return {
+        "tokenizer": tokenizer.manifest_entry(),
+        "text_encoder": {
+            **text.manifest_entry(),
+            "embed": text_lib.embed_mode(config.text_encoder),
+        },
+        "buckets": {BUCKET: {"shape": list(tokenizer.latent_shape(b.frames, b.height, b.width))}},
+    }
+
+
+def write_dataset(root: pathlib.Path, records: int, per_shard: int = 1024) -> dict:
+    """`records` random records of the demo's shapes and dtypes, plus a manifest (returned)."""
+    manifest = demo_manifest()
+    latent = tuple(manifest["buckets"][BUCKET]["shape"])  # [T', H', W', C]
+    text = (manifest["text_encoder"]["max_length"], manifest["text_encoder"]["dim"])  # [S, D]
     rng = np.random.default_rng(0)
     for k in range(-(-records // per_shard)):
         with shards.ShardWriter(root, BUCKET, k) as writer:
             for i in range(k * per_shard, min(records, (k + 1) * per_shard)):
-                latents = rng.standard_normal(LATENT).astype(np.float16)
+                latents = rng.standard_normal(latent).astype(np.float16)
                 writer.write(
                     {
                         "latents": latents,
                         "first_frame_latents": latents[:1],
-                        "text": rng.standard_normal(TEXT).astype(np.float32),
-                        "text_mask": np.arange(TEXT[0]) < 6,
+                        "text": rng.standard_normal(text).astype(np.float32),
+                        "text_mask": np.arange(text[0]) < 6,
                         "caption": "a red square moving left slowly",
                         "source_id": f"synthetic/{i}",
                         "fps": 8.0,
@@ -60,30 +83,27 @@ def write_dataset(root: pathlib.Path, records: int, per_shard: int = 1024) -> No
                     }
                 )
     files = shards.completed_shards(root, BUCKET)
-    shards.write_manifest(
-        root,
-        {
-            "buckets": {
-                BUCKET: {
-                    "shape": list(LATENT),
-                    "count": records,
-                    "files": [str(f.relative_to(root)) for f in files],
-                }
-            }
-        },
+    manifest["buckets"][BUCKET].update(
+        count=records, files=[str(f.relative_to(root)) for f in files]
     )
+    shards.write_manifest(root, manifest)
+    return manifest
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(args.dir or tmp)
-        if not (root / shards.MANIFEST).is_file():
-            write_dataset(root, args.records)
+        if (root / shards.MANIFEST).is_file():
+            manifest = shards.read_manifest(root)
+        else:
+            manifest = write_dataset(root, args.records)
+        latent, count = manifest["buckets"][BUCKET]["shape"], manifest["buckets"][BUCKET]["count"]
+        text = [manifest["text_encoder"]["max_length"], manifest["text_encoder"]["dim"]]
         demo = args.batch / args.step_s  # samples/s the demo's training step consumes
         print(
             f"demo step consumes {demo:.0f} samples/s (batch {args.batch} / {args.step_s} s); "
-            f"{args.records} records of latents {list(LATENT)} float16 + text {list(TEXT)}"
+            f"{count} records of latents {latent} float16 + text {text}"
         )
         print(
             f"{'workers':>7} {'prefetch':>8} {'samples/s':>10} {'MB/s':>7} {'ms/batch':>8} "
