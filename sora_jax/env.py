@@ -39,6 +39,8 @@ from absl import app, flags, logging
 
 from sora_jax import config as config_lib
 from sora_jax import entry
+from sora_jax.parallel import distributed
+from sora_jax.parallel import mesh as mesh_lib
 
 flags.adopt_module_key_flags(entry)  # --workdir, --config and the multi-process flags
 CHECK_CLUSTER = flags.DEFINE_bool(
@@ -242,8 +244,6 @@ def check_cluster(workdir: str | None, mesh_config=None, echo=print) -> list[str
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sora_jax.parallel import mesh as mesh_lib
-
     me, count = jax.process_index(), jax.process_count()
     tag = f"[process {me}/{count} {socket.gethostname()}]"
     errors: list[str] = []
@@ -327,8 +327,6 @@ def check_cluster(workdir: str | None, mesh_config=None, echo=print) -> list[str
 
 
 def _initialize(explicit_only: bool) -> None:
-    from sora_jax.parallel import distributed
-
     mode = entry.DISTRIBUTED.value
     given = any(f.value is not None for f in (entry.COORDINATOR, entry.NUM_PROCESSES))
     if explicit_only and not given and mode != "auto":

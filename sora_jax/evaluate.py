@@ -16,6 +16,8 @@ import json
 from absl import flags
 
 from sora_jax import entry
+from sora_jax.evaluation import evaluators
+from sora_jax.evaluation import requests as requests_lib
 
 STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 CFG = flags.DEFINE_float("cfg", None, "Guidance scale (default: sample.cfg_scale).")
@@ -35,9 +37,6 @@ def main(argv):
     del argv
     entry.require(entry.WORKDIR, "workdir")
     config = entry.loaded_config(from_workdir=True)
-    from sora_jax.evaluation import evaluators
-    from sora_jax.evaluation import requests as requests_lib
-
     s = config.sample
     options = requests_lib.SampleOptions.from_config(s, cfg_scale=CFG.value, num_steps=STEPS.value)
     report = evaluators.evaluate(

@@ -27,12 +27,9 @@ import shlex
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sora_jax.config import ConfigError
-
-if TYPE_CHECKING:
-    from sora_jax.sweeping import Job
 
 # The checkout's launch/ scripts (next to the sora_jax package).
 LAUNCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "launch"
@@ -63,6 +60,22 @@ class Options:
     gke_accelerator: str = ""
     gke_tpu_topology: str = ""
     gke_runs_pvc: str = "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One training run of a sweep (sora_jax.sweeping.expand makes them)."""
+
+    name: str
+    overrides: dict[str, Any]
+    workdir: str
+    # The full training command: python -m sora_jax.train --config=SPEC --workdir=... FLAGS.
+    command: tuple[str, ...]
+    # `--config` of the command, and the flags after --workdir (common flags, then overrides).
+    spec: str = ""
+    flags: tuple[str, ...] = ()
+    # total_steps of the job's resolved config: its final checkpoint is checkpoints/<this>.
+    total_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,8 @@ import sys
 from absl import flags
 
 from sora_jax import entry
+from sora_jax.evaluation import generate
+from sora_jax.evaluation import requests as requests_lib
 
 PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
 PROMPTS = flags.DEFINE_string(
@@ -58,9 +60,6 @@ def main(argv):
     del argv
     entry.require(entry.WORKDIR, "workdir")
     config = entry.loaded_config(from_workdir=True)
-    from sora_jax.evaluation import generate
-    from sora_jax.evaluation import requests as requests_lib
-
     s = config.sample
     try:
         options = requests_lib.SampleOptions.from_config(

@@ -20,6 +20,7 @@ import sys
 from absl import app, flags
 
 from sora_jax import config as config_lib
+from sora_jax import launchers, sweeping
 
 SPEC = flags.DEFINE_string("config", None, "Experiment file with get_sweep, e.g. FILE.py:ARG.")
 ROOT = flags.DEFINE_string("workdir_root", None, "Directory holding sweep.json and the workdirs.")
@@ -53,8 +54,6 @@ GKE_PVC = flags.DEFINE_string("gke_runs_pvc", "runs", "gke: PVC mounted at /runs
 
 
 def _options():
-    from sora_jax import launchers
-
     return launchers.Options(
         launch_dir=LAUNCH_DIR.value or launchers.Options.launch_dir,
         processes=PROCESSES.value,
@@ -75,8 +74,6 @@ def _options():
 
 def main(argv):
     common_flags = argv[1:]  # everything after `--`
-    from sora_jax import launchers, sweeping
-
     if not ROOT.value:
         _fail("--workdir_root is required")
     if STATUS.value:

@@ -23,7 +23,6 @@ jobs and starts the others again, and `sora_jax.train` resumes each from its che
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -42,6 +41,7 @@ from ml_collections import config_flags
 
 from sora_jax import config as config_lib
 from sora_jax import launchers
+from sora_jax.launchers import Job
 
 MANIFEST = "sweep.json"
 
@@ -65,20 +65,6 @@ def zip_(*axes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if len(lengths) > 1:
         raise ValueError(f"sweeping.zip_ needs axes of equal length, got {sorted(lengths)}")
     return [dict(itertools.chain.from_iterable(d.items() for d in combo)) for combo in zip(*axes)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Job:
-    name: str
-    overrides: dict[str, Any]
-    workdir: str
-    # The full training command: python -m sora_jax.train --config=SPEC --workdir=... FLAGS.
-    command: tuple[str, ...]
-    # `--config` of the command, and the flags after --workdir (common flags, then overrides).
-    spec: str = ""
-    flags: tuple[str, ...] = ()
-    # total_steps of the job's resolved config: its final checkpoint is checkpoints/<this>.
-    total_steps: int = 0
 
 
 def job_name(overrides: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ Re-running the same command in the same workdir resumes from the latest checkpoi
 allocation and prints tokens, FLOPs and per-device memory per bucket (fails when a bucket
 does not fit; sora_jax/training/plan.py). `--mode=data_benchmark` runs only the input
 pipeline and prints samples/s and MB/s next to what the step consumes
-(sora_jax/data/benchmark.py).
+(sora_jax/training/data_benchmark.py).
 Outputs (docs/formats.md): WORKDIR/config.json, command.txt, env.json, metrics.jsonl,
 tensorboard/, checkpoints/<step>/.
 """
@@ -20,6 +20,7 @@ from absl import flags
 
 from sora_jax import config as config_lib
 from sora_jax import entry
+from sora_jax.training import data_benchmark, loop, plan
 
 flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
 MODE = flags.DEFINE_enum(
@@ -45,8 +46,6 @@ def main(argv):
     entry.require(entry.WORKDIR, "workdir")
     config = entry.loaded_config()
     if MODE.value == "plan":
-        from sora_jax.training import plan
-
         try:
             plan.plan(config, memory_gb=PLAN_MEMORY_GB.value)
         except plan.PlanError as e:
@@ -54,13 +53,9 @@ def main(argv):
             sys.exit(1)
         return
     if MODE.value == "data_benchmark":
-        from sora_jax.data import benchmark
-
-        benchmark.data_benchmark(config, entry.WORKDIR.value)
+        data_benchmark.data_benchmark(config, entry.WORKDIR.value)
         return
     config_lib.write_run_files(entry.WORKDIR.value, config, sys.argv)
-    from sora_jax.training import loop
-
     summary = loop.train(config, entry.WORKDIR.value, init_from=INIT_FROM.value or "")
     print(json.dumps(summary, indent=2))
 

@@ -53,6 +53,8 @@ def dataset_table(dataset_dir: str | os.PathLike) -> pd.DataFrame:
 
 def read_records(dataset_dir: str | os.PathLike, bucket: str, n: int = 8) -> list[dict]:
     """The first `n` records of a bucket, decoded (latents, text, caption, ...)."""
+    # Imported here: grain, records and the tokenizer load JAX, which the other helpers
+    # (metrics, configs, plots) do without, so a notebook that only plots starts quickly.
     import grain
 
     from sora_jax.data import records
@@ -75,7 +77,7 @@ def dataset_tokenizer(
     """The tokenizer that made a dataset, to decode its latents: from `config` (a run's
     config), else from WORKDIR/config.json when the dataset is a run's default WORKDIR/data;
     its hash must match the manifest's."""
-    from sora_jax.models import tokenizer as tokenizer_lib
+    from sora_jax.models import tokenizer as tokenizer_lib  # loads JAX: see read_records
 
     dataset_dir = repo_path(dataset_dir)
     want = shards.read_manifest(dataset_dir)["tokenizer"]

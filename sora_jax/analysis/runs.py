@@ -235,6 +235,8 @@ def load_params(
     `ema`: True = the EMA named by the saved config's `sample.ema_decay` (else the first
     EMA kept); a float = the EMA of that decay; False = the raw parameters.
     """
+    # Imported here: JAX and Orbax take seconds to load, and reading metrics, configs and
+    # sweeps (the rest of this module) needs neither.
     import jax
 
     from sora_jax.run import checkpoint as ckpt_lib

@@ -23,6 +23,7 @@ import numpy as np
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import video_files as vf
 from sora_jax.data.buckets import Bucket
+from sora_jax.data.clips import Clip, check_caption
 
 
 class TFDSSource:
@@ -86,8 +87,6 @@ class TFDSSource:
             ) from e
 
     def clips(self, index: int, timers: dict[str, float] | None = None):
-        from sora_jax.data.sources import Clip, check_caption
-
         example = self.ds[index]
         caption = check_caption(self._caption(example), self.input_id(index))
         frames = np.asarray(example[self.key])

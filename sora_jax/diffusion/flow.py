@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from sora_jax.config import ConfigError
 from sora_jax.diffusion import conditioning
 
 # Purposes folded into a step's key, so every random stream is independent of the others.
@@ -179,8 +180,6 @@ def loss_weight(u: jax.Array, config) -> jax.Array:
 
 def check_config(config, model_cfg, latent_channels: int | None = None) -> None:
     """Raises a ConfigError naming every bad field of `diffusion` (and `model.cond_channels`)."""
-    from sora_jax.config import ConfigError
-
     errors = []
     if config.time_sampling not in TIME_SAMPLINGS:
         errors.append(

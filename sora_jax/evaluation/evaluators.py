@@ -45,7 +45,7 @@ import numpy as np
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import synthetic
 from sora_jax.diffusion import validation
-from sora_jax.evaluation import adherence, frechet, generate, metrics
+from sora_jax.evaluation import adherence, features, frechet, generate, metrics
 from sora_jax.evaluation import requests as requests_lib
 from sora_jax.evaluation.val_loss import ValidationLoss
 from sora_jax.models import tokenizer as tokenizer_lib
@@ -222,8 +222,6 @@ _FEATURE_FNS: dict[tuple, Callable] = {}
 
 
 def _feature_fn(config):
-    from sora_jax.evaluation import features
-
     key = (
         config.evaluate.get("fvd_features", "random_conv"),
         config.evaluate.get("fvd_weights", ""),

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from sora_jax.evaluation import i3d
+
 RANDOM_CONV_SEED = 0
 
 
@@ -52,8 +54,6 @@ def random_conv(config) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def i3d_features(config) -> Callable[[np.ndarray], np.ndarray]:
-    from sora_jax.evaluation import i3d
-
     variables = i3d.load_weights(config.evaluate.get("fvd_weights", ""))
     size = int(config.evaluate.get("fvd_resize", 224))
     resize = jax.jit(_resize, static_argnums=1)

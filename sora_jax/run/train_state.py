@@ -24,6 +24,8 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from sora_jax.models import lora as lora_lib
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -64,8 +66,6 @@ def make_init_fn(
     def init(rng):
         params = model.init(rng, *example_inputs)["params"]
         if lora is not None and lora.enabled:
-            from sora_jax.models import lora as lora_lib
-
             factors = lora_lib.init(jax.random.fold_in(rng, 1), params, lora)
             return TrainState(
                 step=jnp.zeros((), jnp.int32),

@@ -13,10 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from sora_jax.data import benchmark as benchmark_lib
 from sora_jax.data import mixture, shards
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import schedule as schedule_lib
+from sora_jax.training import data_benchmark as benchmark_lib
 
 S, D = 4, 8  # text tokens, text width
 FIELDS = ("latents", "text", "text_mask", "id")
