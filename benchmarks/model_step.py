@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sora_jax.models import build_model, flops
+from sora_jax.training import perf
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
         # XLA's cost analysis counts a while-loop body once, not once per layer.
         result["xla_tflop_per_step"] = "n/a with --scan (counts one layer)"
     if args.peak_tflops:
-        result["mfu"] = flops.mfu(model_flops / b, b, step_s, 1, args.peak_tflops * 1e12)
+        result["mfu"] = perf.mfu(model_flops, step_s, 1, args.peak_tflops * 1e12)
     for key, value in result.items():
         print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
     return result

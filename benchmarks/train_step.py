@@ -27,7 +27,6 @@ from absl import app, flags
 from flax import linen as nn
 
 from sora_jax import config as config_lib
-from sora_jax.models import flops
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
@@ -117,15 +116,13 @@ def benchmark(config) -> float:
             state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         seconds = time.perf_counter() - t0
-    text_len = geometry["text_encoder"]["max_length"]
-    train_flops = flops.train_flops_per_sample(config.model, bucket_plan.tokens, text_len)
     peak = PEAK.value * 1e12 if PEAK.value else perf.peak_flops(mesh.devices.flat[0])
     result = perf.throughput(
         steps=STEPS.value,
         seconds=seconds,
-        global_batch=first.global_batch,
-        tokens_per_sample=bucket_plan.tokens,
-        train_flops_per_sample=train_flops,
+        samples=STEPS.value * first.global_batch,
+        tokens=STEPS.value * first.global_batch * bucket_plan.tokens,
+        flops=STEPS.value * bucket_plan.model_tflops_per_step * 1e12,  # LoRA counted
         devices=mesh.devices.size,
         peak=peak,
     )

@@ -167,7 +167,7 @@ def train(
     peak = perf.peak_flops(mesh.devices.flat[0])
     window: list[tuple[str, dict]] = []  # (bucket, on-device metrics) since the last log
     pending: list[tuple[int, Any]] = []  # (step, on-device skip flag) not yet counted
-    wait_s = ckpt_block_s = 0.0
+    wait_s = ckpt_block_s = eval_s = 0.0  # of the window, subtracted from its time (perf.py)
     t_log = time.perf_counter()
     last_loss, preempted, rollbacks = float("nan"), False, 0
     progress = tqdm(
@@ -215,16 +215,20 @@ def train(
                 fetched = [(b, jax.device_get(m)) for b, m in window]
                 dt = time.perf_counter() - t_log
                 scalars = metrics_lib.window_scalars(fetched, TIME_BINS)
-                flops = sum(plan_of[b].model_tflops_per_step * 1e12 for b, _ in fetched)
-                samples = sum(plan_of[b].global_batch for b, _ in fetched)
-                tokens = sum(plan_of[b].global_batch * plan_of[b].tokens for b, _ in fetched)
-                scalars["perf/steps_per_s"] = len(fetched) / dt
-                scalars["perf/samples_per_s"] = samples / dt
-                scalars["perf/tokens_per_s"] = tokens / dt
-                if peak:
-                    scalars["perf/mfu"] = flops / (dt * mesh.devices.size * peak)
+                scalars.update(
+                    perf.throughput(
+                        steps=len(fetched),
+                        seconds=dt,
+                        samples=sum(plan_of[b].global_batch for b, _ in fetched),
+                        tokens=sum(plan_of[b].global_batch * plan_of[b].tokens for b, _ in fetched),
+                        flops=sum(plan_of[b].model_tflops_per_step * 1e12 for b, _ in fetched),
+                        devices=mesh.devices.size,
+                        peak=peak,
+                        eval_s=eval_s,
+                        checkpoint_block_s=ckpt_block_s,
+                    )
+                )
                 scalars["data/wait_ms"] = 1e3 * wait_s / len(fetched)
-                scalars["perf/checkpoint_block_s"] = ckpt_block_s
                 if rollback.account(pending, skips):  # every step counted, streaks exact
                     with jax.set_mesh(mesh):
                         state = rollback.rollback(mngr, abstract, state, done, skips)
@@ -235,14 +239,17 @@ def train(
                 mngr.check_for_errors()  # a failed background save surfaces here, not never
                 last_loss = scalars["train/loss"]
                 progress.set_postfix(loss=f"{last_loss:.4f}")
-                window, wait_s, ckpt_block_s, t_log = [], 0.0, 0.0, time.perf_counter()
+                window, t_log = [], time.perf_counter()
+                wait_s = ckpt_block_s = eval_s = 0.0
             progress.update(1)
             watchdog.beat(step)
 
             # Eval hooks.
             if config.eval_every_steps > 0 and done % config.eval_every_steps == 0:
+                jax.block_until_ready(state)  # the step's own compute is training time
+                t0 = time.perf_counter()
                 writer.write(done, evaluator(state, done))
-                t_log = time.perf_counter()  # evaluation time is not training throughput
+                eval_s += time.perf_counter() - t0  # reported, and not training time
 
             # Checkpoint (and stop cleanly when preempted).
             preempted = preemption.should_stop(done)
@@ -259,6 +266,7 @@ def train(
                         "(from step %d)", done, skips.consecutive, skips.start,
                     )  # fmt: skip
                 else:
+                    jax.block_until_ready(state)  # the step's own compute is training time
                     t0 = time.perf_counter()
                     ckpt_lib.save(mngr, done, state, pipeline.get_state(), config_json)
                     ckpt_block_s += time.perf_counter() - t0

@@ -1,9 +1,26 @@
-"""Throughput accounting: tokens/s, samples/s and MFU (docs/design.md, Performance accounting).
+"""Throughput and MFU: the one place they are computed (docs/design.md, Performance
+accounting; the FLOP formula of a model is sora_jax/models/flops.py).
 
-    MFU = 3F · global_batch / (step_time · devices · peak)
+Per metrics window of `n` steps (the steps since the previous metrics line):
 
-with F from sora_jax.models.flops and `peak` the dense bfloat16 (TPU, GPU) or float32 (CPU)
-FLOP/s of one device from `PEAK_TFLOPS`, matched by `device_kind` substring.
+    wall     = time from the previous metrics line to this one
+    eval_s   = perf/eval_s: the in-loop evaluation (the clock starts once the step is done)
+    ckpt_s   = perf/checkpoint_block_s: time the loop blocked in checkpoint saves (the
+               state ready first; the asynchronous write after that is not counted)
+    train_s  = wall - eval_s - ckpt_s        (steps, data waiting and host overhead)
+
+    perf/step_time_s    = train_s / n
+    perf/steps_per_s    = n / train_s
+    perf/samples_per_s  = Σ_steps global_batch / train_s
+    perf/tokens_per_s   = Σ_steps global_batch · tokens / train_s
+    perf/model_tflops_per_s_per_device = Σ_steps FLOPs / (train_s · devices) / 1e12
+    perf/mfu            = Σ_steps FLOPs / (train_s · devices · peak)
+
+with a step's FLOPs `global_batch · train FLOPs per sample` (models/flops.py: 3F, or 2F plus
+the LoRA terms for a LoRA run) and `peak` the dense bfloat16 (TPU, GPU) or float32 (CPU)
+FLOP/s of one device from `PEAK_TFLOPS`, matched by `device_kind` substring. So `perf/mfu`
+is the utilization of the training steps alone: evaluation and checkpoint blocking are
+reported beside it, never inside it.
 """
 
 from __future__ import annotations
@@ -37,27 +54,38 @@ def peak_flops(device: jax.Device | None = None) -> float | None:
     return None
 
 
+def mfu(flops: float, seconds: float, devices: int, peak: float) -> float:
+    """Model FLOPs utilization of `flops` model FLOPs done in `seconds` on `devices`."""
+    return flops / (seconds * devices * peak)
+
+
 def throughput(
     *,
     steps: int,
     seconds: float,
-    global_batch: int,
-    tokens_per_sample: int,
-    train_flops_per_sample: float,
+    samples: int,
+    tokens: int | None,
+    flops: float | None,
     devices: int,
     peak: float | None,
+    eval_s: float = 0.0,
+    checkpoint_block_s: float = 0.0,
 ) -> dict[str, float]:
-    """`perf/*` metrics of `steps` steps that took `seconds` of wall time."""
-    step_time = seconds / steps
+    """`perf/*` metrics of `steps` steps (of `samples` samples, `tokens` tokens and `flops`
+    model FLOPs together) in a window of `seconds` wall time that includes `eval_s` of
+    evaluation and `checkpoint_block_s` of checkpoint blocking (module docstring)."""
+    train_s = max(seconds - eval_s - checkpoint_block_s, 1e-9)
     out = {
-        "perf/step_time_s": step_time,
-        "perf/steps_per_s": 1.0 / step_time,
-        "perf/samples_per_s": global_batch / step_time,
-        "perf/tokens_per_s": global_batch * tokens_per_sample / step_time,
-        "perf/model_tflops_per_s_per_device": (
-            train_flops_per_sample * global_batch / step_time / devices / 1e12
-        ),
+        "perf/step_time_s": train_s / steps,
+        "perf/steps_per_s": steps / train_s,
+        "perf/samples_per_s": samples / train_s,
+        "perf/eval_s": eval_s,
+        "perf/checkpoint_block_s": checkpoint_block_s,
     }
-    if peak:
-        out["perf/mfu"] = train_flops_per_sample * global_batch / (step_time * devices * peak)
+    if tokens is not None:
+        out["perf/tokens_per_s"] = tokens / train_s
+    if flops is not None:
+        out["perf/model_tflops_per_s_per_device"] = flops / train_s / devices / 1e12
+        if peak:
+            out["perf/mfu"] = mfu(flops, train_s, devices, peak)
     return out

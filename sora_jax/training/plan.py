@@ -28,13 +28,16 @@ import ml_collections
 from flax import linen as nn
 
 from sora_jax.data import buckets as buckets_lib
+from sora_jax.data import mixture
 from sora_jax.models import flops as flops_lib
+from sora_jax.models import lora as lora_lib
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
+from sora_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +110,6 @@ class StepShape:
 def config_step_shapes(config, manifest: dict, data_parallel: int) -> list[StepShape]:
     """The steps a config trains, without reading data: each bucket of `data.buckets` with
     its global batch by the pipeline's precedence (docs/data_pipeline.md)."""
-    from sora_jax.data import mixture
-
     out = []
     for b in buckets_lib.buckets_from_config(config.data):
         shape = tuple(manifest["buckets"][b.name]["shape"])
@@ -168,7 +169,7 @@ class BucketPlan:
     latent_shape: tuple[int, ...]
     tokens: int
     global_batch: int
-    model_tflops_per_step: float  # 3F x global batch, models/flops.py
+    model_tflops_per_step: float  # training FLOPs (3F, LoRA less) x global batch, models/flops.py
     xla_tflops_per_step: float | None  # XLA's cost analysis of the compiled step
     argument_gb: float  # per device
     output_gb: float
@@ -197,6 +198,7 @@ def compile_steps(
     """
     compiled, plans = {}, []
     text_len = manifest["text_encoder"]["max_length"]
+    lora = lora_lib.LoraConfig.from_config(config.get("lora"))
     for step in steps:
         batch = abstract_batch(manifest, step, mesh)
         t0 = time.perf_counter()
@@ -205,7 +207,9 @@ def compile_steps(
         compile_s = time.perf_counter() - t0
         compiled[step.key] = exe
         tokens = flops_lib.tokens_per_sample(config.model, step.shape)
-        train_flops = flops_lib.train_flops_per_sample(config.model, tokens, text_len)
+        train_flops = flops_lib.train_flops_per_sample(
+            config.model, tokens, text_len, lora=lora, global_batch=step.global_batch
+        )
         mem = exe.memory_analysis()
         cost = exe.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -250,7 +254,10 @@ def format_plan(plans: list[BucketPlan], mesh, limit_gb: float | None) -> str:
             f"{p.global_batch:>6} {p.model_tflops_per_step:>11.3f} {p.argument_gb:>9.3f} "
             f"{p.temp_gb:>9.3f} {p.output_gb:>8.3f} {p.peak_gb:>9.3f} {p.compile_s:>9.1f}"
         )
-    lines.append("  (memory per device from XLA's memory_analysis; TFLOP/step = 3F x batch)")
+    lines.append(
+        "  (memory per device from XLA's memory_analysis; TFLOP/step = training FLOPs x batch: "
+        "3F, or 2F + the targeted kernels' gradients for LoRA, models/flops.py)"
+    )
     return "\n".join(lines)
 
 
@@ -275,8 +282,6 @@ def plan(
 ) -> list[BucketPlan]:
     """Compiles the train step for every bucket without data or allocation; prints the
     table and raises PlanError when a bucket exceeds `memory_gb` (default: by device kind)."""
-    from sora_jax.training import step as step_lib
-
     validate_lib.validate(config)
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)

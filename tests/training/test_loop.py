@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -25,7 +26,7 @@ from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
-from sora_jax.training import loop, plan
+from sora_jax.training import eval_hook, loop, perf, plan
 from sora_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -144,6 +145,53 @@ def test_rollback_with_long_windows_counts_every_skip_and_restores_before_the_st
     saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
     assert set(saved) == {2, 4, 6, 8, 10, 12} - set(unsaved)
     assert summary["final_step"] == 12
+
+
+def test_throughput_covers_the_timed_steps_only(dataset, tmp_path, monkeypatch):
+    """A clock that moves 1 s per batch, 100 s per evaluation and 50 s per checkpoint save:
+    every window's step time is then ~1 s, whether an evaluation (at 2, 4, 6, 8) or a
+    checkpoint (at 3, 6) fell inside it or not, and eval and checkpoint time are reported
+    beside it."""
+    offset = [0.0]
+    real_clock = time.perf_counter
+    monkeypatch.setattr(
+        loop, "time", types.SimpleNamespace(perf_counter=lambda: real_clock() + offset[0])
+    )
+    real_batch, real_save = pipeline_lib.to_global_batch, ckpt_lib.save
+
+    def slow_batch(*a, **kw):
+        offset[0] += 1.0
+        return real_batch(*a, **kw)
+
+    def slow_save(*a, **kw):
+        offset[0] += 50.0
+        return real_save(*a, **kw)
+
+    def slow_eval(self, state, step):
+        offset[0] += 100.0
+        return {"eval/fake": 1.0}
+
+    monkeypatch.setattr(pipeline_lib, "to_global_batch", slow_batch)
+    monkeypatch.setattr(ckpt_lib, "save", slow_save)
+    monkeypatch.setattr(eval_hook.Evaluator, "__call__", slow_eval)
+    work = _workdir(tmp_path, dataset)
+    config = tiny(total_steps=8, log_every_steps=4, eval_every_steps=2, checkpoint_every_steps=3)
+    loop.train(config, work)
+    rows = {m["step"]: m for m in _metrics(work) if "perf/steps_per_s" in m}
+    assert sorted(rows) == [4, 8]
+    for m in rows.values():
+        assert 1.0 <= 1 / m["perf/steps_per_s"] < 2.0, m  # 1 s fake + the real step
+        assert m["perf/step_time_s"] == pytest.approx(1 / m["perf/steps_per_s"])
+        # MFU from the same time: FLOPs / (step time x devices x peak).
+        flops = m["perf/model_tflops_per_s_per_device"] * 1e12
+        assert m["perf/mfu"] == pytest.approx(flops / perf.peak_flops())
+    # Window 1-4 holds the evaluation at 2 and the checkpoint at 3; window 5-8 the
+    # evaluations at 4 (after the line of step 4) and 6 and the checkpoint at 6 (those at
+    # 8 come after the line of step 8). The fake time plus the real one (the first save
+    # initializes Orbax for seconds).
+    assert 100 <= rows[4]["perf/eval_s"] < 130 and 200 <= rows[8]["perf/eval_s"] < 230
+    assert 50 <= rows[4]["perf/checkpoint_block_s"] < 80
+    assert 50 <= rows[8]["perf/checkpoint_block_s"] < 80
 
 
 @pytest.mark.slow
