@@ -8,7 +8,7 @@ receives the artifact of sora_jax.models.vae_artifact (weights, config, norm, ha
 `tokenizer.name='vae'`, `tokenizer.path=DIR` loads; the CLI prints the load report.
 
 Config. `base_dim, z_dim, dim_mult, num_res_blocks, temperal_downsample` map onto
-`VAEConfig` with `norm='l2'` (Wan's RMS norm formula, `vae.RMSNorm`); `latents_mean`,
+`VAEConfig` with `norm='l2'` (Wan's RMS norm formula, `vae_layers.RMSNorm`); `latents_mean`,
 `latents_std` become norm.json, so `encode` gives `(mean - latents_mean) / latents_std`,
 what Wan pipelines feed the transformer. Variants sora_jax's VAE does not have (Wan 2.2's
 `is_residual`, `patch_size`, attention in down blocks, a separate decoder width, a first
