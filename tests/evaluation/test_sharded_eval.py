@@ -16,6 +16,7 @@ from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import synthetic
 from sora_jax.diffusion import flow, validation
 from sora_jax.evaluation import adherence, evaluators, generate
+from sora_jax.evaluation import items as items_lib
 from sora_jax.evaluation import requests as requests_lib
 
 SAMPLE_OPTION_NAMES = {f.name for f in dataclasses.fields(requests_lib.SampleOptions)}
@@ -23,11 +24,11 @@ SAMPLE_OPTION_NAMES = {f.name for f in dataclasses.fields(requests_lib.SampleOpt
 
 def test_shard_ranges_are_contiguous_and_cover_every_item():
     for n, count in [(10, 3), (7, 7), (2, 4), (96, 8)]:
-        blocks = [evaluators.shard_range(n, p, count) for p in range(count)]
+        blocks = [items_lib.shard_range(n, p, count) for p in range(count)]
         assert [i for b in blocks for i in b] == list(range(n))
         assert all(b.step == 1 for b in blocks)
     with pytest.raises(ValueError, match="process_index=3"):
-        evaluators.shard_range(10, 3, 3)
+        items_lib.shard_range(10, 3, 3)
 
 
 @pytest.fixture(scope="module")
