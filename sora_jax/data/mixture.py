@@ -33,6 +33,7 @@ import grain
 import numpy as np
 
 from sora_jax.data import shards
+from sora_jax.data.global_batch import RowLayout, process_blocks
 
 # What the manifests of mixed datasets must agree on: the model reads all of them.
 AGREED_SECTIONS = ("tokenizer", "text_encoder")
@@ -246,6 +247,7 @@ def resolve(
     patch_size: Sequence[int] = (1, 1, 1),
     data_parallel: int | None = None,
     process_count: int = 1,
+    layout: RowLayout | None = None,
     expected: Mapping[str, Any] | None = None,
     strict: bool = False,
 ) -> Table:
@@ -253,9 +255,11 @@ def resolve(
 
     A weighted bucket with no records, or fewer than one global batch, is left out (weight
     0, listed in `Table.left_out`); a dataset's remaining buckets share its weight. With
-    `strict` each is an error instead. Raises ValueError / FileNotFoundError naming the
-    dataset, bucket and field, and the fix.
+    `strict` each is an error instead. Every global batch must split into the blocks of
+    `layout` (default: one block per process, `process_count`). Raises ValueError /
+    FileNotFoundError naming the dataset, bucket and field, and the fix.
     """
+    layout = layout or process_blocks(0, process_count)
     ds_list = as_datasets(datasets)
     manifests = [_read(d, expected) for d in ds_list]
     for d, m in zip(ds_list[1:], manifests[1:]):
@@ -300,7 +304,7 @@ def resolve(
             batch_from=batch_from,
         )
         if live:
-            reason = _check_bucket(spec, process_count, data_parallel, tokens_per_device, strict)
+            reason = _check_bucket(spec, layout, data_parallel, tokens_per_device, strict)
             if reason:
                 left_out.append(LeftOut(key, spec.count, float(raw), spec.global_batch, reason))
                 raw = 0.0
@@ -352,7 +356,7 @@ def _nothing_left(d: Dataset, manifest: dict, mode, left_out: list[LeftOut], sev
 
 def _check_bucket(
     b: BucketSpec,
-    process_count: int,
+    layout: RowLayout,
     data_parallel: int | None,
     tokens_per_device: int,
     strict: bool = True,
@@ -373,11 +377,17 @@ def _check_bucket(
             f"of it would be empty; raise data.tokens_per_device to >= {b.tokens} or give "
             "the bucket weight 0"
         )
-    if b.global_batch <= 0 or b.global_batch % process_count:
+    if b.global_batch <= 0 or b.global_batch % layout.shards:
+        if not layout.axes:
+            raise ValueError(
+                f"bucket {b.key!r}: global batch {b.global_batch} (from {b.batch_from}) must be "
+                f"a positive multiple of the process count {layout.shards}, since every "
+                "process reads the same number of its rows; change that field"
+            )
         raise ValueError(
             f"bucket {b.key!r}: global batch {b.global_batch} (from {b.batch_from}) must be a "
-            f"positive multiple of the process count {process_count}, since every process "
-            "reads the same number of its rows; change that field"
+            f"positive multiple of {layout.where()}, since every batch shard holds the same "
+            "number of rows; change that field or the mesh"
         )
     if data_parallel and b.global_batch % data_parallel:
         raise ValueError(

@@ -7,22 +7,23 @@ bucket. Which datasets and buckets take part, their weights and each bucket's gl
 drawn for a step sets the step's batch: different buckets may have different batch sizes,
 every step has one shape.
 
-Records of bucket `b` (`n_b` records, global batch `G_b`, `P` processes, host batch
-`G_b / P`): epoch `e` of the bucket is a grain global shuffle of its ArrayRecord files,
-seeded from `(seed, b, e)`, so every epoch has its own permutation `π_e`.
+Records of bucket `b` (reader.py): epoch `e` is a grain global shuffle `π_e` of its
+ArrayRecord files seeded from `(seed, b, e)`. **Remainder rule**: each epoch is truncated
+to `E_b = ⌊n_b / G_b⌋` global batches; the `n_b mod G_b` records at the end of `π_e` are
+skipped in that epoch (different records each epoch, since `π_e` changes). Global batch
+`j` of the epoch is `π_e[j G_b : (j + 1) G_b]`.
 
-**Remainder rule.** Each epoch's permutation is truncated to `E_b = ⌊n_b / G_b⌋` global
-batches: the `n_b mod G_b` records at the end of `π_e` are skipped in that epoch
-(different records each epoch, since `π_e` changes). Global batch `j` of the epoch is
-`π_e[j G_b : (j + 1) G_b]`; process `p` reads the contiguous block of rows
-`[p G_b/P, (p + 1) G_b/P)` of it, so processes read disjoint records, and a global batch
-(its records and their order, hence every per-row random number of the step) does not
-depend on `P`.
+**Which rows a process reads** follows the mesh (global_batch.py): the batch is sharded
+over `('data', 'fsdp')`, and a process reads the rows of the batch shards its devices
+hold. When a `context` or `tensor` group spans processes, the processes sharing a batch
+shard read the same rows; without a mesh (one process, or `layout` not given) process `p`
+of `P` reads rows `[p G_b/P, (p + 1) G_b/P)`. Rows are a pure function of the step and
+the row index, so a global batch does not depend on the process count or the layout.
 
 The `k`-th time bucket `b` is drawn is its batch `k`: epoch `k // E_b`, batch
 `k mod E_b`. `k` is the number of steps before `s` that drew `b`, derived from the
 schedule, so the pipeline's whole state is the next step: a batch is a pure function of
-`(datasets, seed, weights, G_b, P, p, s)`, whatever `worker_count` and `prefetch` are.
+`(datasets, seed, weights, G_b, rows, s)`, whatever `worker_count` and `prefetch` are.
 
 **Changing the process count on restore** (elastic continuation). The state holds no
 per-process position, so a run saved with `P` processes and restored with `P'` continues
@@ -43,94 +44,25 @@ import os
 import queue
 import sys
 import threading
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import grain
 import jax
 
-from sora_jax.data import bucket_table, mixture, records, tokenization
+from sora_jax.data import bucket_table, mixture, tokenization
+from sora_jax.data import global_batch as rows_lib
 from sora_jax.data.global_batch import to_global_batch as to_global_batch
-from sora_jax.data.schedule import Schedule, hash_ints
+from sora_jax.data.reader import BatchReader
 from sora_jax.data.schedule import bucket_schedule as bucket_schedule
 from sora_jax.data.schedule import check_schedule_agreement as check_schedule_agreement
 from sora_jax.models import text as text_lib
+from sora_jax.parallel import mesh as mesh_lib
 
 log = logging.getLogger(__name__)
 
 # Steps addressable by the pipeline's step-indexed grain dataset (effectively unbounded).
 _MAX_STEPS = sys.maxsize // 2
-
-
-class _Select:
-    """Decodes a record and keeps `fields`, checking them (picklable for grain workers)."""
-
-    def __init__(self, bucket: str, fields: Sequence[str], shape: Sequence[int]):
-        self.bucket, self.fields, self.shape = bucket, tuple(fields), tuple(shape)
-
-    def __call__(self, data: bytes) -> dict[str, Any]:
-        record = records.decode_record(data)
-        missing = [f for f in self.fields if f not in record]
-        if missing:
-            raise ValueError(
-                f"records of bucket {self.bucket!r} lack fields {missing} (they have "
-                f"{sorted(record)}): drop them from the pipeline's fields or re-tokenize"
-            )
-        latents = record.get("latents")
-        if "latents" in self.fields and tuple(latents.shape) != self.shape:
-            raise ValueError(
-                f"a record of bucket {self.bucket!r} has latents {latents.shape}, the "
-                f"manifest says {list(self.shape)}: the dataset is corrupt, re-tokenize it"
-            )
-        return {f: record[f] for f in self.fields}
-
-
-class _BatchReader:
-    """`step -> host batch`: a pure function of the step (shared by grain's threads)."""
-
-    def __init__(
-        self, buckets: list[mixture.BucketSpec], sources: list, *, seed, index, count, fields
-    ):
-        self.buckets, self.sources, self.seed, self.fields = buckets, sources, seed, tuple(fields)
-        self.index, self.count = index, count
-        self.schedule = Schedule(seed, [b.weight for b in buckets])
-        # bucket index -> (k_0, e_0): draw k >= k_0 reads epoch e_0 + (k - k_0) // E_b.
-        self.base: dict[int, tuple[int, int]] = {}
-        self._epochs: dict[int, tuple[int, grain.MapDataset]] = {}
-
-    def epoch_and_batch(self, b: int, k: int) -> tuple[int, int]:
-        """Epoch and batch index of bucket `b`'s `k`-th draw."""
-        k0, e0 = self.base.get(b, (0, 0))
-        assert k >= k0, f"draw {k} of bucket {self.buckets[b].key!r} precedes its base {k0}"
-        epoch, j = divmod(k - k0, self.buckets[b].batches_per_epoch)
-        return e0 + epoch, j
-
-    def epoch_dataset(self, b: int, epoch: int) -> grain.MapDataset:
-        """Bucket `b`'s host batches in `epoch`: shuffle → remainder rule → shard → batch."""
-        cached = self._epochs.get(b)
-        if cached is not None and cached[0] == epoch:
-            return cached[1]
-        spec = self.buckets[b]
-        epoch_seed = int(hash_ints(self.seed, zlib.crc32(spec.key.encode()), epoch)) >> 32
-        ds = grain.MapDataset.source(self.sources[b]).shuffle(seed=epoch_seed)
-        ds = ds[: spec.batches_per_epoch * spec.global_batch]  # remainder rule
-        ds = ds.map(_Select(spec.key, self.fields, spec.shape))  # lazy: only rows read
-        # Process i holds rows [i g, (i + 1) g) of every global batch (g = G / P): the
-        # processes' host batches concatenate, in process order, to the same global batch
-        # (and the same per-row noise in the step) whatever the process count.
-        ds = ds.batch(spec.global_batch // self.count, drop_remainder=True)
-        ds = ds[self.index :: self.count]
-        self._epochs[b] = (epoch, ds)
-        return ds
-
-    def __call__(self, step: int) -> dict[str, Any]:
-        b, k = self.schedule.locate(step)
-        epoch, j = self.epoch_and_batch(b, k)
-        batch = dict(self.epoch_dataset(b, epoch)[j])
-        batch["bucket"] = self.buckets[b].key
-        batch["step"] = step
-        return batch
 
 
 def _fill(source: Iterator[Any], out: queue.Queue, stop: threading.Event) -> None:
@@ -156,7 +88,9 @@ def _fill(source: Iterator[Any], out: queue.Queue, stop: threading.Event) -> Non
 class Pipeline:
     """Iterator of host-local batches, one bucket per global step, resumable by step.
 
-    Each `next()` returns `{field: np.ndarray[G_b / P, ...], 'bucket': str, 'step': int}`.
+    Each `next()` returns `{field: np.ndarray[rows, ...], 'bucket': str, 'step': int,
+    'layout': RowLayout}`: the rows of the global batch that `layout` names (its blocks of
+    the batch shards: global_batch.py), by default `G_b / P` rows, block `p` of `P`.
     With `prefetch > 0` a background thread keeps up to `prefetch` batches ready; with
     `worker_count > 0` grain reads that many steps in parallel threads. Neither changes
     any batch. Call `close()` (or use `with`) to stop the threads.
@@ -184,6 +118,7 @@ class Pipeline:
         fields: Sequence[str] | None = None,  # default: step_fields(manifest)
         process_index: int | None = None,
         process_count: int | None = None,
+        layout: rows_lib.RowLayout | None = None,  # default: process_blocks(index, count)
         prefetch: int = 2,
         worker_count: int = 0,
         strict_buckets: bool = False,
@@ -197,6 +132,7 @@ class Pipeline:
             raise ValueError(f"process_index {process_index} not in [0, {self.process_count})")
         if self.prefetch < 0 or self.worker_count < 0:
             raise ValueError(f"prefetch {prefetch} and worker_count {worker_count} must be >= 0")
+        self.layout = layout or rows_lib.process_blocks(self.process_index, self.process_count)
         table = mixture.resolve(
             dataset_dir,
             bucket_weights=bucket_weights,
@@ -206,6 +142,7 @@ class Pipeline:
             patch_size=patch_size,
             data_parallel=data_parallel,
             process_count=self.process_count,
+            layout=self.layout,
             expected=expected_manifest,
             strict=strict_buckets,
         )
@@ -216,13 +153,8 @@ class Pipeline:
         self.dataset_dir = self.datasets[0].dir
         self.bucket_weights = {b.key: b.weight for b in self.buckets}
         sources = [mixture.open_source(b) if b.weight > 0 else None for b in self.buckets]
-        self._reader = _BatchReader(
-            self.buckets,
-            sources,
-            seed=self.seed,
-            index=self.process_index,
-            count=self.process_count,
-            fields=self.fields,
+        self._reader = BatchReader(
+            self.buckets, sources, seed=self.seed, layout=self.layout, fields=self.fields
         )
         self._next_step = 0
         self._source: Iterator[dict[str, Any]] | None = None
@@ -260,9 +192,10 @@ class Pipeline:
     def report(self) -> str:
         """What the run will read: per bucket records, weight, batch, tokens, epoch length;
         the buckets left out or merged, and the record totals (bucket_table.py)."""
-        return bucket_table.report(
+        table = bucket_table.report(
             self.table, seed=self.seed, processes=self.process_count, strict=self.strict_buckets
         )
+        return table + (f"\n  {self.layout.describe()}" if self.process_count > 1 else "")
 
     def decisions(self) -> dict[str, Any]:
         """Every bucket's fate and the record totals (WORKDIR/data_buckets.json)."""
@@ -406,14 +339,26 @@ def step_fields(manifest: dict[str, Any]) -> tuple[str, ...]:
     return ("latents", *text_lib.record_fields(manifest["text_encoder"]))
 
 
-def from_config(config, workdir: str | os.PathLike, *, data_parallel: int, **kwargs) -> Pipeline:
+def from_config(
+    config, workdir: str | os.PathLike, *, data_parallel: int, mesh=None, **kwargs
+) -> Pipeline:
     """The trainer's pipeline: `config.data` read as docs/data_pipeline.md describes.
 
     `data_parallel` is the mesh's `data x fsdp` size (the batch is sharded over those).
-    Checks every dataset against the model's tokenizer and text encoder first; process 0
-    writes every bucket's fate to WORKDIR/data_buckets.json.
+    With several processes each reads the rows its devices of `mesh` hold (default: the
+    mesh of `config.mesh`, as the trainer builds it; global_batch.py), unless `kwargs`
+    set `layout` or `process_index`. Checks every dataset against the model's tokenizer
+    and text encoder first; process 0 writes every bucket's fate to
+    WORKDIR/data_buckets.json.
     """
     args = bucket_table.pipeline_args(config, tokenization.dataset_dir(config, workdir))
+    if jax.process_count() > 1 and not {"layout", "process_index"} & set(kwargs):
+        layout = rows_lib.row_layout(mesh or mesh_lib.create_mesh(config.mesh))
+        if layout.shards != data_parallel:
+            raise ValueError(
+                f"data_parallel={data_parallel} is not the mesh's data x fsdp = {layout.shards}"
+            )
+        kwargs["layout"] = layout
     pipe = Pipeline(
         **args,
         seed=config.seed,

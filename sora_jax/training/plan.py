@@ -157,6 +157,19 @@ def check_batch(batch: dict[str, Any], expected: dict[str, Any], bucket: str) ->
     want = {k: (tuple(v.shape), jnp.dtype(v.dtype)) for k, v in expected.items()}
     if got != want:
         diff = {k: f"{got.get(k)} != compiled {want.get(k)}" for k in want if got.get(k) != want[k]}
+        same_rows = lambda k: got.get(k) and got[k][0][1:] == want[k][0][1:]  # noqa: E731
+        if all(same_rows(k) and got[k][1] == want[k][1] for k in diff):  # only the batch rows
+            sharding = getattr(next(iter(expected.values())), "sharding", None)
+            spec, mesh = getattr(sharding, "spec", None), getattr(sharding, "mesh", None)
+            axes = spec[0] if spec else ("data", "fsdp")
+            sizes = dict(mesh.shape) if mesh is not None else "of the run"
+            raise ValueError(
+                f"a batch of bucket {bucket!r} does not match the step compiled for it: {diff}; "
+                "this process built a different share of the batch than the mesh needs: rows "
+                f"are split over mesh axes {axes} of the mesh {sizes}, and every process must "
+                "hold the rows of its devices' batch shards (data/global_batch.py: build the "
+                "pipeline and to_global_batch from the same mesh)"
+            )
         raise ValueError(
             f"a batch of bucket {bucket!r} does not match the step compiled for it: {diff}; "
             "the dataset's shards disagree with the config (re-tokenize, or fix data.buckets)"
