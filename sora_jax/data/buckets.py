@@ -103,7 +103,7 @@ def grid(
       resolutions: name -> side of the square of the same area, e.g. `{'256px': 256}`.
       aspect_ratios: name -> width / height, e.g. `{'1:1': 1.0, '16:9': 16 / 9, '9:16': 9 / 16}`.
       frames: pixel frame counts, each obeying the tokenizer's frame rule (1 + 4k for the
-        causal VAE; `config.validate` checks).
+        causal VAE; `sora_jax.run.validate` checks).
       multiple: sides are rounded to multiples of this: the tokenizer's spatial stride times
         the patch size (16 for a VAE of stride 8 with patch 2).
 
