@@ -1,12 +1,84 @@
-"""Benchmark scripts run as `python benchmarks/NAME.py`, which puts benchmarks/ first on
-sys.path: a script named like a standard-library module would replace it for every other
-script (a `tokenize.py` there broke jax's import of `linecache`)."""
+"""Every script in benchmarks/ runs to the end on a tiny setting and prints its figures.
 
+The scripts run as a user runs them, `python benchmarks/NAME.py ...`, each in its own
+process on one CPU device, with the tests' persistent compilation cache. They measure
+nothing here: the test only checks that each still starts, runs and reports (a benchmark
+that is only run by hand breaks silently when the library changes under it).
+
+Run as `python benchmarks/NAME.py`, benchmarks/ comes first on sys.path: a script named like
+a standard-library module would replace it for every other script (a `tokenize.py` there
+broke jax's import of `linecache`).
+"""
+
+import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
+import pytest
+
+from sora_jax import config as config_lib
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+NUMBER = r"-?[\d.]+(?:e[-+]?\d+)?"
+
+# script -> (tiny-setting arguments, patterns its output must hold: the figures it reports).
+# {run} is a trained tiny run (the `sample_run` fixture), {tmp} a fresh directory.
+TINY = {
+    "checkpoint.py": (
+        ["--config=experiments/demo.py:tiny", "--steps=1", "--saves=1"],
+        [
+            rf"step time\s+{NUMBER} ms",
+            rf"save blocking\s+{NUMBER} ms",
+            rf"blocking / step\s+{NUMBER}",
+        ],
+    ),
+    "data_pipeline.py": (
+        ["--records=64", "--batch=8", "--seconds=0.2", "--settings=0/0"],
+        [rf"\n\s*0\s+0\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
+    ),
+    "flow_toy.py": (
+        [
+            "--steps=4",
+            "--batch=4",
+            "--samples=2",
+            "--sample_steps=2",
+            "--probe_at=",
+            "--cfg_scales=1",
+        ],
+        [rf'"final_loss": {NUMBER}', rf'"cfg_1": {{\s*"accuracy": {NUMBER}'],
+    ),
+    "model_step.py": (
+        ["--latent=2x4x4", "--channels=4", "--text_len=8", "--text_dim=16", "--steps=1"],
+        [rf"step_ms: {NUMBER}", rf"achieved_tflops: {NUMBER}"],
+    ),
+    "sample.py": (
+        ["--workdir={run}"],
+        [rf"denoise\s+{NUMBER} ms", rf"total\s+{NUMBER} ms\s+\({NUMBER} samples/s\)"],
+    ),
+    "synthetic_clips.py": (
+        ["--clips=5", "--shapes=5x16x16"],
+        [rf"5x16x16\s+5\s+{NUMBER}\s+{NUMBER}"],
+    ),
+    "tokenize_job.py": (
+        ["--videos=2", "--size=32x32", "--frames=12", "--batch=4"],
+        [rf'"clips_per_s": {NUMBER}', r'"split_s": {'],
+    ),
+    "tokenizer.py": (
+        ["--preset=tiny", "--clip=5x16x16", "--iters=1"],
+        [rf"encode\s+{NUMBER} ms/call\s+{NUMBER} frames/s", rf"decode\s+{NUMBER} ms/call"],
+    ),
+    "train_step.py": (
+        ["--config=experiments/demo.py:tiny", "--steps=1"],
+        [rf"perf/step_time_s: {NUMBER}", rf"perf/samples_per_s: {NUMBER}"],
+    ),
+    "vae_quality.py": (
+        ["--config=experiments/vae.py:tiny,steps=2", "--workdir={tmp}/vae"],
+        [rf"PSNR model\s+{NUMBER} dB", rf"PSNR blurred_mean\s+{NUMBER} dB"],
+    ),
+}
 
 
 def test_no_benchmark_shadows_the_standard_library():
@@ -15,10 +87,41 @@ def test_no_benchmark_shadows_the_standard_library():
     assert not set(names) & sys.stdlib_module_names, set(names) & sys.stdlib_module_names
 
 
-def test_a_benchmark_script_starts():
+def test_every_benchmark_has_a_tiny_setting():
+    assert sorted(TINY) == sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+
+
+def _env() -> dict[str, str]:
+    """The tests' environment less the 8 fake devices (a user's CPU has one), with the
+    persistent compilation cache of tests/conftest.py."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "JAX_PLATFORMS": "cpu"}
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = flags.strip()
+    env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".jax_cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env
+
+
+@pytest.fixture(scope="module")
+def sample_run(tiny_run, tmp_path_factory):
+    """A copy of conftest's trained tiny run with the run files a training run's workdir
+    holds (config.json), which `loop.train` alone does not write."""
+    work, config = tiny_run
+    copy = tmp_path_factory.mktemp("benchmark_run") / "run"
+    shutil.copytree(work, copy)
+    config_lib.write_run_files(copy, config, ["tests/conftest.py::tiny_run"])
+    return copy
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_benchmark_runs_on_a_tiny_setting_and_reports(script, tmp_path, request):
+    args, figures = TINY[script]
+    run = request.getfixturevalue("sample_run") if any("{run}" in a for a in args) else ""
+    args = [a.format(run=run, tmp=tmp_path) for a in args]
     proc = subprocess.run(
-        [sys.executable, "benchmarks/tokenizer.py", "--help"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, f"benchmarks/{script}", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env(),
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "--clip" in proc.stdout
+    assert proc.returncode == 0, f"{script} {args} failed:\n{proc.stdout}\n{proc.stderr}"
+    for pattern in figures:
+        assert re.search(pattern, proc.stdout), f"{script}: no {pattern!r} in\n{proc.stdout}"
