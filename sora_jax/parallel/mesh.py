@@ -10,7 +10,7 @@ CPU (no rules: every constraint is a no-op) or sharded over a pod.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import ml_collections
@@ -84,20 +84,38 @@ def mesh_shape(
     return {a: ici[a] * dcn[a] for a in AXES}
 
 
-def config_errors(mesh_config: ml_collections.ConfigDict, global_batch_size: int) -> list[str]:
-    """The `mesh` section against this machine's devices and the global batch: the sizes
-    fill the devices, and the batch splits over the batch shards `data x fsdp`."""
+def config_errors(
+    mesh_config: ml_collections.ConfigDict,
+    global_batch_size: int,
+    bucket_batches: Mapping[str, int] | None = None,
+) -> list[str]:
+    """The `mesh` section against this machine's devices and the global batches: the sizes
+    fill the devices, and every global batch (`data.global_batch_size`, and each explicit
+    `data.buckets.<b>.global_batch_size` in `bucket_batches`) splits into equal rows over
+    the batch shards `data x fsdp`, each of which one or several processes hold
+    (data/global_batch.py)."""
     try:
         shape = mesh_shape(mesh_config, device_count=None)
     except ValueError as e:
         return [str(e)]
     batch_shards = shape["data"] * shape["fsdp"]
-    if global_batch_size % batch_shards:
-        return [
-            f"data.global_batch_size={global_batch_size} is not divisible by "
-            f"the batch shards data x fsdp = {batch_shards} of the mesh; change one of them"
-        ]
-    return []
+    sizes = " x ".join(
+        f"mesh.{f}_{a}={int(mesh_config.get(f'{f}_{a}', 1))}"
+        for a in ("data", "fsdp")
+        for f in ("ici", "dcn")
+        if int(mesh_config.get(f"{f}_{a}", 1)) != 1
+    )
+    fields = {"data.global_batch_size": global_batch_size}
+    fields.update(
+        {f"data.buckets.{b}.global_batch_size": g for b, g in (bucket_batches or {}).items()}
+    )
+    return [
+        f"{field}={g} is not divisible by the batch shards data x fsdp = {batch_shards} of "
+        f"the mesh ({sizes or 'all 1'}; sizes {shape}): its rows cannot be split over them; "
+        "change one of them"
+        for field, g in fields.items()
+        if g % batch_shards
+    ]
 
 
 def create_mesh(

@@ -42,7 +42,14 @@ def validate(config: ConfigDict) -> None:
     bucket_errors, bucket_tokens = _bucket_errors(config)
     errors.extend(bucket_errors)
     errors.extend(dit.config_errors(config.model))
-    errors.extend(mesh_lib.config_errors(config.mesh, config.data.global_batch_size))
+    explicit = {b: e.get("global_batch_size", 0) for b, e in config.data.buckets.items()}
+    errors.extend(
+        mesh_lib.config_errors(
+            config.mesh,
+            config.data.global_batch_size,
+            bucket_batches={b: g for b, g in explicit.items() if g},  # rows over batch shards
+        )
+    )
     errors.extend(
         context_lib.config_errors(
             config.model.get("context_parallel", "none"),

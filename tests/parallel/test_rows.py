@@ -4,6 +4,8 @@ process, the pipeline's reads under those layouts against one process's global b
 and the global arrays built from them. tests/parallel/test_multiprocess.py runs the same
 layouts as real processes."""
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -161,3 +163,29 @@ def test_check_batch_names_the_share_and_the_mesh(devices):
     shape = {"latents": jax.ShapeDtypeStruct((4, 5), np.float32)}
     with pytest.raises(ValueError, match="shards disagree with the config"):
         plan.check_batch(shape, want, "a")
+
+
+def test_validation_and_plan_refuse_rows_that_do_not_split(devices):
+    """A batch whose rows cannot be split over the batch shards is refused before anything
+    compiles (`--mode=plan` validates first), naming the fields and the mesh."""
+    from sora_jax import config as config_lib
+    from sora_jax.run import validate as validate_lib
+    from sora_jax.training import plan
+
+    config = config_lib.load_config(f"{pathlib.Path(__file__).parents[2]}/experiments/demo.py:tiny")
+    config.mesh.ici_tensor = 2  # data fills the rest: 4 batch shards
+    config.data.global_batch_size = 6
+    with config.data.buckets["5x16x16"].unlocked():
+        config.data.buckets["5x16x16"].global_batch_size = 2
+    for check in (validate_lib.validate, plan.plan):
+        with pytest.raises(config_lib.ConfigError) as e:
+            check(config)
+        text = str(e.value)
+        assert "data.global_batch_size=6 is not divisible by the batch shards" in text
+        assert "data.buckets.5x16x16.global_batch_size=2" in text
+        assert "mesh.ici_data=-1" in text and "'tensor': 2" in text
+    config.data.global_batch_size = 4  # context 8 on 2 hosts: 1 shard, any batch splits
+    config.mesh.ici_tensor, config.mesh.ici_context = 1, 8
+    with config.data.buckets["5x16x16"].unlocked():
+        config.data.buckets["5x16x16"].global_batch_size = 1
+    validate_lib.validate(config)
