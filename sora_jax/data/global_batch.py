@@ -15,6 +15,7 @@ process `p` of `P` block `p` of `P`: the split pipeline.py always had.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,7 +128,7 @@ def to_global_batch(
         ]
     batch_axes = tuple(batch_axes)
     have = host_batch.get("layout") or process_blocks(jax.process_index(), jax.process_count())
-    need = row_layout(mesh, batch_axes) if jax.process_count() > 1 else None
+    need = _this_process(mesh, batch_axes) if jax.process_count() > 1 else None
     sharding = NamedSharding(mesh, P(batch_axes))
     shards_per_batch = int(np.prod([mesh.shape[a] for a in batch_axes]))
     out = dict(host_batch)
@@ -162,6 +163,12 @@ def to_global_batch(
             (rows, *local.shape[1:]), sharding, _rows_of(local, position, rows)
         )
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _this_process(mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...]) -> RowLayout:
+    """`row_layout` of this process, once per mesh (to_global_batch runs every step)."""
+    return row_layout(mesh, batch_axes)
 
 
 def _rows_of(local: np.ndarray, position: np.ndarray, rows: int):

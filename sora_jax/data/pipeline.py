@@ -25,16 +25,16 @@ The `k`-th time bucket `b` is drawn is its batch `k`: epoch `k // E_b`, batch
 schedule, so the pipeline's whole state is the next step: a batch is a pure function of
 `(datasets, seed, weights, G_b, rows, s)`, whatever `worker_count` and `prefetch` are.
 
-**Changing the process count on restore** (elastic continuation). The state holds no
-per-process position, so a run saved with `P` processes and restored with `P'` continues
-at the same global step with the same global batches, split `P'` ways: the records of
-every later global step are exactly those of an uninterrupted run (their order within
-the global batch follows the split). If a bucket's global batch or record count changed
-instead (a token budget over another number of devices, a re-tokenized bucket), its
-position inside the current epoch has no equivalent: that bucket restarts at the next
-epoch, with a warning naming it (`epoch_base` in the state, `(k_0, e_0)`: draw `k ≥ k_0`
-reads epoch `e_0 + (k - k_0) // E_b`); the other buckets continue exactly. A changed seed
-or weights changes the whole schedule, so `set_state` refuses it.
+**Changing the process count or the mesh on restore** (elastic continuation). The state
+holds no per-process position, so a run saved with `P` processes and restored with `P'`
+(or onto a mesh whose context groups span processes) continues at the same global step
+with the same global batches, split as the new row layout says: the records of every
+later global step are exactly those of an uninterrupted run. If a bucket's global batch
+or record count changed instead (a token budget over another number of devices, a
+re-tokenized bucket), its position inside the current epoch has no equivalent: that
+bucket restarts at the next epoch, with a warning naming it (`epoch_base` in the state,
+`(k_0, e_0)`: draw `k ≥ k_0` reads epoch `e_0 + (k - k_0) // E_b`); the other buckets
+continue exactly. A changed seed or weights changes the whole schedule, so `set_state` refuses it.
 """
 
 from __future__ import annotations
