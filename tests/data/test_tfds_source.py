@@ -10,7 +10,7 @@ import pytest
 from sora_jax import config as config_lib
 from sora_jax.data import records, tokenization
 
-tfds = pytest.importorskip("tensorflow_datasets")
+tfds = pytest.importorskip("tensorflow_datasets", reason="pip install -e '.[tfds]'")
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

