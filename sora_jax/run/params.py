@@ -10,6 +10,7 @@ import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 from sora_jax.models import dit, surgery
@@ -48,7 +49,9 @@ def init_from(state, abstract_state, path: str, opts, mesh, *, patch=None, workd
                 workdir, report["checkpoint"], opts.init_from_source, tuple(opts.init_from_allow)
             )
         return state.replace(base=params)
-    ema = {k: params for k in state.ema}  # EMA starts at the loaded weights, as at init
+    # The EMA starts at the loaded weights, as at init, in buffers of its own: the train
+    # step donates the state, and one buffer donated twice is an error.
+    ema = {k: jax.tree.map(jnp.copy, params) for k in state.ema}
     return state.replace(params=params, ema=ema)
 
 

@@ -258,6 +258,20 @@ def test_resume_with_another_model_width_is_refused(dataset, tmp_path):
         loop.train(tiny(total_steps=8, **{"model.dim": 32, "model.mlp_dim": 128}), work)
 
 
+def test_init_from_starts_a_run_from_another_runs_parameters(dataset, tmp_path, capsys):
+    """Through the loop: the EMA gets buffers of its own (the step donates the state; the
+    same buffer donated twice was an error), and the first step starts from the weights."""
+    first = _workdir(tmp_path, dataset, "first")
+    loop.train(tiny(total_steps=8), first)
+    second = _workdir(tmp_path, dataset, "second")
+    summary = loop.train(tiny(total_steps=1), second, init_from=str(first))
+    assert "init_from" in capsys.readouterr().out and summary["final_step"] == 1
+    loaded = _saved_state(first, 8)["params"]
+    # EMA after one step: 0.99 loaded + 0.01 (loaded + an update at warmup's lr = 0).
+    one_step = _saved_state(second, 1)["ema"]["decay_0p99"]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one_step, loaded)
+
+
 def test_checkpoint_from_8_devices_continues_on_4_2_and_1(dataset, tmp_path, devices):
     """Elastic restore: the restore target is built from the current mesh."""
     work = _workdir(tmp_path, dataset)
