@@ -3,7 +3,7 @@ r"""Held-out reconstruction PSNR of the trained VAE tokenizer against blurred ba
     python benchmarks/vae_quality.py --config=experiments/vae.py --workdir=runs/vae
     python benchmarks/vae_quality.py --config=experiments/vae.py --workdir=runs/vae --eval_only
 
-Trains with `sora_jax.training.vae.train_vae` (resuming in WORKDIR; `--eval_only` reuses
+Trains with `sora_jax.training.loop.train` (resuming in WORKDIR; `--eval_only` reuses
 WORKDIR/tokenizer), then scores the held-out clips (indices N .. N + data.eval_clips - 1
 of the synthetic set, never trained on) by mean per-clip PSNR, pixels in [-1, 1] with
 peak-to-peak 2 (the PSNR of [0, 1] pixels):
@@ -28,6 +28,7 @@ import numpy as np
 
 from sora_jax import config as config_lib
 from sora_jax.models import vae_artifact
+from sora_jax.training import loop
 from sora_jax.training import vae as vae_training
 
 
@@ -53,7 +54,7 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     if not args.eval_only:
-        summary = vae_training.train_vae(config, args.workdir)
+        summary = loop.train(config, args.workdir)  # model.name='causal_vae'
         print(json.dumps(summary, indent=2))
     train_s = time.perf_counter() - start
     path = pathlib.Path(config.export.dir or pathlib.Path(args.workdir) / "tokenizer")

@@ -4,7 +4,7 @@ Train, export WORKDIR/tokenizer/ and print held-out PSNR against the blurred-mea
 
     python benchmarks/vae_quality.py --config=experiments/vae.py --workdir=runs/vae
 
-The library call is `sora_jax.training.vae.train_vae(get_config(arg), workdir)`; a DiT
+The library call is `sora_jax.training.loop.train(get_config(arg), workdir)`; a DiT
 experiment then uses the artifact with `tokenizer.name='vae'`, `tokenizer.path=
 'runs/vae/tokenizer'`. Variants: `tiny` (tests: 16x16 pixels, 5 frames, the tiny preset,
 seconds), `steps=N`, `res=R` (pixels, square), `frames=T` (1 + 4k), `preset=wan2_1`

@@ -1,5 +1,7 @@
 """The training loop, top to bottom: config → mesh → data → state → restore → compile →
-steps (metrics, eval hooks, checkpoints).
+steps (metrics, eval hooks, checkpoints), the same for every model: a model family
+(training/families.py: the DiT; training/vae.py: the causal VAE) supplies its data, state,
+compiled step, evaluation and end-of-run export, and every guarantee below holds for all.
 
 Re-running the same command in the same workdir resumes from the latest committed
 checkpoint that reads back, with the data pipeline at the same position: the continuation
@@ -13,8 +15,8 @@ resume (checkpoints hold the factors, not the base).
 Failures (sora_jax/training/resilience.py): a non-finite update is skipped and counted;
 `training.max_consecutive_skips` in a row roll the parameters back to the newest checkpoint
 before the streak's first step while the data moves on (training/rollback.py; no periodic
-checkpoint is saved inside a streak); SIGTERM saves and exits cleanly;
-a step that stalls far beyond the median ends the process with a stack dump.
+checkpoint is saved inside a streak); SIGTERM saves and exits cleanly; a step that stalls
+far beyond the median ends the process with a stack dump.
 """
 
 from __future__ import annotations
@@ -33,14 +35,12 @@ from tqdm import tqdm
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import checkpoint as ckpt_lib
-from sora_jax.run import params as params_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
-from sora_jax.training import eval_hook, perf, resilience, resume, rollback
+from sora_jax.training import families, perf, resilience, resume, rollback, vae
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import plan as plan_lib
-from sora_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +61,15 @@ def _host_log(workdir: pathlib.Path) -> logging.Handler:
     return handler
 
 
-def _train_vae(config, workdir, **unused):
-    from sora_jax.training import vae as vae_training  # trains on pixels, not on shards
-
-    return vae_training.train_vae(config, workdir)
-
-
-# Trainers other than the DiT loop below, by `model.name` (a registry, not an if/elif chain).
-TRAINERS = {"causal_vae": _train_vae}
+# Model families by `model.name` (a registry, not an if/elif chain); any other name is a
+# VideoDiT (models/dit.py checks it).
+FAMILIES = {"causal_vae": vae.VAE}
 
 
 def train(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, init_from: str = ""
 ) -> dict[str, Any]:
     """Trains (or resumes) a run in `workdir`; returns a summary of the run."""
-    if config.model.name in TRAINERS:
-        return TRAINERS[config.model.name](config, workdir, init_from=init_from)
     workdir = pathlib.Path(workdir)
 
     # --- Config -------------------------------------------------------------------------
@@ -89,19 +82,15 @@ def train(
     mesh = mesh_lib.create_mesh(config.mesh)
     rules = mesh_lib.logical_rules(config.mesh)
     log.info("mesh %s", dict(mesh.shape))
+    family = FAMILIES.get(config.model.name, families.DiT)(config, workdir, mesh, rules)
 
     # --- Data ---------------------------------------------------------------------------
-    # Datasets, weights and per-bucket global batches from config.data; every manifest is
-    # checked against the model's tokenizer and text encoder (docs/data_pipeline.md).
-    pipeline = pipeline_lib.from_config(
-        config, workdir, data_parallel=mesh.shape["data"] * mesh.shape["fsdp"]
-    )
-    manifest = pipeline.manifest  # the shared tokenizer / text encoder, buckets by name
-    print(pipeline.report(), flush=True)
+    data = family.data()  # next(data): a host batch; get_state/set_state in checkpoints
+    print(data.report(), flush=True)
     check_every = config.data.get("schedule_check_every_steps", 100)
 
     # --- State --------------------------------------------------------------------------
-    model, tx, init_fn, abstract, shardings = setup.setup_state(config, manifest, mesh, rules)
+    init_fn, abstract, shardings = family.state()
     mngr = ckpt_lib.manager(
         workdir / "checkpoints",
         max_to_keep=config.checkpoint_max_to_keep,
@@ -119,47 +108,19 @@ def train(
                 f"no checkpoint in {mngr.directory} restores (all failed, see the warnings): "
                 "move the directory away to start afresh, or fix the files"
             )
-    lora = abstract.base is not None  # LoRA: checkpoints hold the factors, not the base
     if restored is not None:
         state, data_state, start = restored
-        if lora:
-            base = params_lib.lora_base(workdir, init_fn, abstract, shardings, mesh, rules, config)
-            state = state.replace(base=base)
-        pipeline.set_state(data_state)
+        state = family.resumed(state, init_fn, abstract, shardings)  # e.g. a LoRA base
+        data.set_state(data_state)
         metrics_lib.truncate_after(workdir, start)
         print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
     else:
-        if lora and not init_from:
-            raise ValueError(
-                f"lora.rank={config.lora.rank} fine-tunes a trained model, but no base was "
-                "given: pass --init_from=BASE_RUN (or training.init_from), or set lora.rank=0"
-            )
-        state = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed)
-        start = 0
-        if init_from:
-            state = params_lib.init_from(
-                state, abstract, init_from, opts, mesh, patch=model.patch_size, workdir=workdir
-            )
-    state = setup.place_text_encoder(state, config, shardings)
-    n_params = state_lib.param_count(state.params)
-    if lora:
-        n_base = state_lib.param_count(state.base)
-        print(f"model: {n_base:,} frozen + {n_params:,} LoRA parameters", flush=True)
-    else:
-        print(f"model: {n_params:,} parameters", flush=True)
+        state, start = family.fresh(init_fn, abstract, init_from), 0
+    state = family.place(state, shardings)  # frozen parts read onto the mesh
+    print(family.describe(state), flush=True)
 
     # --- Compile ------------------------------------------------------------------------
-    jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)
-    # One executable per bucket, compiled now (or loaded from the persistent cache): a
-    # batch that does not fit its bucket's executable fails loudly instead of recompiling.
-    shapes = plan_lib.pipeline_step_shapes(pipeline)
-    compiled, plans = plan_lib.compile_steps(
-        jitted, abstract, manifest, shapes, config, mesh, rules
-    )
-    expected = {s.key: plan_lib.abstract_batch(manifest, s, mesh) for s in shapes}
-    plan_of = {p.bucket: p for p in plans}
-    log.info("compiled %d bucket(s) in %.1f s", len(plans), sum(p.compile_s for p in plans))
-    evaluator = eval_hook.Evaluator(config, workdir, pipeline, model, mesh, manifest)
+    steps = family.compile(abstract, shardings)  # bucket -> CompiledStep, before step one
 
     # --- Loop ---------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir)
@@ -188,21 +149,20 @@ def train(
     ):
         for step in range(start, config.total_steps):
             if step == start or (check_every > 0 and step % check_every == 0):
-                # Every process derives the same bucket and batch for this step, or all stop
-                # here with a named error instead of hanging in a mismatched collective.
-                pipeline_lib.check_schedule_agreement(pipeline, step)
+                family.check_schedule(step)  # all processes agree on the next batch
             if profile and step == profile[0]:
                 jax.profiler.start_trace(str(workdir / "profile"))
 
             # Step.
             t0 = time.perf_counter()
-            host = next(pipeline)
-            batch = pipeline_lib.to_global_batch(host, mesh, fields=pipeline.fields)
+            host = next(data)
+            batch = pipeline_lib.to_global_batch(host, mesh, fields=data.fields)
             wait_s += time.perf_counter() - t0
-            inputs = {k: batch[k] for k in pipeline.fields}
-            plan_lib.check_batch(inputs, expected[host["bucket"]], host["bucket"])
+            inputs = {k: batch[k] for k in data.fields}
+            bucket = steps[host["bucket"]]
+            plan_lib.check_batch(inputs, bucket.batch, host["bucket"])
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = compiled[host["bucket"]](state, inputs)
+                state, metrics = bucket.executable(state, inputs)
             window.append((host["bucket"], metrics))
             done = step + 1
             pending.append((done, metrics["train/skipped"]))
@@ -215,24 +175,10 @@ def train(
                 fetched = [(b, jax.device_get(m)) for b, m in window]
                 dt = time.perf_counter() - t_log
                 scalars = metrics_lib.window_scalars(fetched, TIME_BINS)
-                scalars.update(
-                    perf.throughput(
-                        steps=len(fetched),
-                        seconds=dt,
-                        samples=sum(plan_of[b].global_batch for b, _ in fetched),
-                        tokens=sum(plan_of[b].global_batch * plan_of[b].tokens for b, _ in fetched),
-                        flops=sum(plan_of[b].model_tflops_per_step * 1e12 for b, _ in fetched),
-                        devices=mesh.devices.size,
-                        peak=peak,
-                        eval_s=eval_s,
-                        checkpoint_block_s=ckpt_block_s,
-                    )
-                )
+                scalars.update(_throughput(fetched, steps, dt, eval_s, ckpt_block_s, mesh, peak))
                 scalars["data/wait_ms"] = 1e3 * wait_s / len(fetched)
-                if rollback.account(pending, skips):  # every step counted, streaks exact
-                    with jax.set_mesh(mesh):
-                        state = rollback.rollback(mngr, abstract, state, done, skips)
-                    rollbacks += 1
+                state, rolled = rollback.settle(pending, skips, mngr, abstract, state, done)
+                rollbacks += rolled
                 if rollbacks:
                     scalars["train/rollbacks"] = rollbacks
                 writer.write(done, scalars)
@@ -248,17 +194,15 @@ def train(
             if config.eval_every_steps > 0 and done % config.eval_every_steps == 0:
                 jax.block_until_ready(state)  # the step's own compute is training time
                 t0 = time.perf_counter()
-                writer.write(done, evaluator(state, done))
+                writer.write(done, family.evaluate(state, done))
                 eval_s += time.perf_counter() - t0  # reported, and not training time
 
             # Checkpoint (and stop cleanly when preempted).
             preempted = preemption.should_stop(done)
             last_step = done == config.total_steps
             if done % config.checkpoint_every_steps == 0 or last_step or preempted:
-                if rollback.account(pending, skips):
-                    with jax.set_mesh(mesh):
-                        state = rollback.rollback(mngr, abstract, state, done, skips)
-                    rollbacks += 1
+                state, rolled = rollback.settle(pending, skips, mngr, abstract, state, done)
+                rollbacks += rolled
                 if skips.consecutive and not (last_step or preempted):
                     # Not a good state to come back to, and it would push good ones out.
                     log.warning(
@@ -268,16 +212,17 @@ def train(
                 else:
                     jax.block_until_ready(state)  # the step's own compute is training time
                     t0 = time.perf_counter()
-                    ckpt_lib.save(mngr, done, state, pipeline.get_state(), config_json)
+                    ckpt_lib.save(mngr, done, state, data.get_state(), config_json)
                     ckpt_block_s += time.perf_counter() - t0
             if preempted:
                 print(f"preempted: saved step {done} in {mngr.directory}; exiting", flush=True)
                 break
     watchdog.close()
     progress.close()
-    pipeline.close()
+    data.close()
     mngr.wait_until_finished()
     mngr.close()
+    extra = {} if preempted else family.finish(state, writer, start)  # e.g. the VAE export
     writer.close()
     logging.getLogger().removeHandler(host_log)
     host_log.close()
@@ -285,9 +230,27 @@ def train(
         "workdir": str(workdir),
         "final_step": int(jax.device_get(state.step)),
         "final_loss": last_loss,
-        "parameters": n_params,
+        "parameters": state_lib.param_count(state.params),
         "checkpoint": str(workdir / "checkpoints"),
         "preempted": preempted,
         "skipped_updates": skips.total,
         "rollbacks": rollbacks,
+        **extra,
     }
+
+
+def _throughput(fetched, steps, seconds, eval_s, ckpt_block_s, mesh, peak) -> dict[str, float]:
+    """`perf/*` of a window's steps (training/perf.py), from each bucket's compiled step."""
+    run = [steps[b] for b, _ in fetched]
+    counted = lambda f: None if any(f(s) is None for s in run) else sum(f(s) for s in run)  # noqa: E731
+    return perf.throughput(
+        steps=len(run),
+        seconds=seconds,
+        samples=sum(s.global_batch for s in run),
+        tokens=counted(lambda s: None if s.tokens is None else s.global_batch * s.tokens),
+        flops=counted(lambda s: s.flops),
+        devices=mesh.devices.size,
+        peak=peak,
+        eval_s=eval_s,
+        checkpoint_block_s=ckpt_block_s,
+    )

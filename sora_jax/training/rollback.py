@@ -33,6 +33,14 @@ def account(pending: list[tuple[int, Any]], skips: resilience.SkipTracker) -> bo
     return skips.tripped is not None
 
 
+def settle(pending, skips, mngr, abstract_state, state, done: int) -> tuple[Any, int]:
+    """`account` for the pending steps, then `rollback` when due: `(state, rollbacks done:
+    0 or 1)`. Call it inside the mesh's context."""
+    if not account(pending, skips):
+        return state, 0
+    return rollback(mngr, abstract_state, state, done, skips), 1
+
+
 def rollback(mngr, abstract_state, state, done: int, skips: resilience.SkipTracker) -> Any:
     """Parameters and optimizer state of the newest checkpoint before the tripped streak's
     first step; the step counter (and the data, which moved on) stay at `done`."""

@@ -10,22 +10,22 @@ The step minimizes, on clips `x [B, T, H, W, 3]` in [-1, 1],
 where `x_hat` decodes `z = mean + exp(logvar / 2) eps`, `eps` drawn from
 `fold_in(key(seed), step)` (docs/design.md, Decisions), so a resumed run draws the same noise.
 
-`train_vae(config, workdir)` reads like training/loop.py: mesh -> data -> state -> restore
--> compile -> loop (metrics, eval, checkpoints) -> export. Data are synthetic clips
+The family `VAE` plugs into the one training loop (training/loop.py, by `model.name=
+'causal_vae'`), so a VAE run has every guarantee of a DiT run: resume from the newest
+readable checkpoint, refusal of a structure-changing resume, `--init_from`, non-finite
+updates skipped and rolled back, SIGTERM save-and-exit, the watchdog. Data are synthetic clips
 (sora_jax.data.synthetic) rendered on the fly: global row `p = step · B + i` is training
 clip `perm_e[p mod N]`, `perm_e` a permutation drawn from `(data.source.seed, epoch e)`,
-so batches depend on the step alone and a checkpoint needs no iterator state. Held-out
+so batches depend on the step alone and a checkpoint's data state is that step. Held-out
 clips are indices `N .. N + data.eval_clips - 1` of the same seed, never trained on. The
-end writes WORKDIR/tokenizer/ (export_tokenizer) with latent statistics measured on
-`export.norm_clips` training clips.
+end of a run (not a preempted one) writes WORKDIR/tokenizer/ (export_tokenizer) with latent
+statistics measured on `export.norm_clips` training clips.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import time
 from typing import Any
 
 import jax
@@ -34,18 +34,15 @@ import ml_collections
 import numpy as np
 import optax
 from flax import linen as nn
-from tqdm import tqdm
 
-from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import synthetic
 from sora_jax.models import vae as vae_lib
 from sora_jax.models import vae_artifact
 from sora_jax.parallel import mesh as mesh_lib
-from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
-from sora_jax.training import metrics as metrics_lib
+from sora_jax.training import families
 from sora_jax.training.step import apply_update, step_key
 
 # The VAE config check lives with the other config checks (sora_jax/run/validate.py).
@@ -76,7 +73,7 @@ def render(data: ml_collections.ConfigDict, indices) -> np.ndarray:
             ]
             for i in indices
         ]
-    )
+    ).astype(np.float32, copy=False)
 
 
 def host_batch(config: ml_collections.ConfigDict, step: int) -> dict[str, np.ndarray]:
@@ -191,111 +188,114 @@ def export_params(config, state):
     return state.ema[key]
 
 
-# --- The driver -------------------------------------------------------------------------
+# --- The family: what the shared loop (training/loop.py) trains ------------------------
 
 
-def train_vae(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains (or resumes) the VAE in `workdir`, exports WORKDIR/tokenizer; a summary."""
-    workdir = pathlib.Path(workdir)
+class Clips:
+    """The training clips as the loop's data source: the batch of step `n` is
+    `host_batch(config, n)`, so the state to save is the next step alone."""
 
-    # --- Config -------------------------------------------------------------------------
-    cfg = validate_config(config)
+    fields = ("video",)
 
-    # --- Mesh ---------------------------------------------------------------------------
-    mesh = mesh_lib.create_mesh(config.mesh)
-    rules = mesh_lib.logical_rules(config.mesh)
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config, self.step = config, 0
+        d = config.data
+        self.key = f"{d.frames}x{d.height}x{d.width}"  # the one bucket, named as the DiT's
 
-    # --- State --------------------------------------------------------------------------
-    model = vae_lib.CausalVAE(cfg)
-    tx = optimizer_lib.make_optimizer(config.optimizer, config.total_steps)
-    init_fn = make_init_fn(cfg, tx, tuple(config.optimizer.ema_decays))
-    abstract, shardings = state_lib.abstract_state(init_fn, mesh, rules)
-    mngr = ckpt_lib.manager(workdir / "checkpoints", max_to_keep=config.checkpoint_max_to_keep)
+    def __next__(self) -> dict[str, Any]:
+        batch = host_batch(self.config, self.step)
+        out = {**batch, "bucket": self.key, "step": self.step}
+        self.step += 1
+        return out
 
-    # --- Restore ------------------------------------------------------------------------
-    if mngr.latest_step() is not None:
-        with jax.set_mesh(mesh):
-            state, _, start = ckpt_lib.restore(mngr, abstract)
-        metrics_lib.truncate_after(workdir, start)
-        print(f"resumed from {workdir / 'checkpoints'} at step {start}", flush=True)
-    else:
-        state, start = state_lib.create_sharded_state(init_fn, mesh, rules, config.seed), 0
-    n_params = state_lib.param_count(state.params)
-    print(f"VAE: {n_params:,} parameters, compression {cfg.temporal}x{cfg.spatial}x{cfg.spatial}")
+    def get_state(self) -> dict[str, int]:
+        return {"step": self.step}
 
-    # --- Compile ------------------------------------------------------------------------
-    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
-    jitted = jax.jit(
-        make_vae_train_step(model, tx, config, schedule),
-        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-        out_shardings=(shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    def set_state(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
 
-    # --- Loop ---------------------------------------------------------------------------
-    writer = metrics_lib.MetricsWriter(workdir)
-    window, t_log, wait_ms, last = [], time.perf_counter(), 0.0, {}
-    progress = tqdm(total=config.total_steps, initial=start, desc="train vae", unit="step")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for step in range(start, config.total_steps):
-            t0 = time.perf_counter()
-            batch = pipeline_lib.to_global_batch(host_batch(config, step), mesh, fields=("video",))
-            wait_ms += 1e3 * (time.perf_counter() - t0)
-            with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, metrics = jitted(state, batch)
-            window.append(metrics)
-            done = step + 1
-            progress.update(1)
-            if done % config.log_every_steps == 0 or done == config.total_steps:
-                fetched = jax.device_get(window)
-                dt = time.perf_counter() - t_log
-                last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1]}
-                last["train/skipped"] = float(sum(m["train/skipped"] for m in fetched))
-                last["perf/steps_per_s"] = len(window) / dt
-                last["perf/clips_per_s"] = len(window) * config.data.global_batch_size / dt
-                last["data/wait_ms"] = wait_ms / len(window)
-                every = config.eval_every_steps
-                if every and done % every == 0 and done < config.total_steps:  # end: below
-                    last.update(evaluate(config, cfg, export_params(config, state)))
-                writer.write(done, last)
-                progress.set_postfix(loss=f"{last['train/loss']:.4f}")
-                window, t_log, wait_ms = [], time.perf_counter(), 0.0
-            if done % config.checkpoint_every_steps == 0 or done == config.total_steps:
-                ckpt_lib.save(mngr, done, state, {"step": done})
-    progress.close()
-    mngr.wait_until_finished()
-    mngr.close()
-
-    # --- Export -------------------------------------------------------------------------
-    params = jax.device_get(export_params(config, state))
-    scores = evaluate(config, cfg, params)
-    if start < config.total_steps:  # a run resumed after its end has this line already
-        writer.write(config.total_steps, scores)
-    writer.close()
-    norm_idx = range(config.export.norm_clips)
-    norm = vae_artifact.measure_norm(
-        cfg,
-        params,
-        (render(config.data, norm_idx[i : i + 16]) for i in range(0, len(norm_idx), 16)),
-    )
-    out = pathlib.Path(config.export.dir or workdir / "tokenizer")
-    info = {
-        "steps": config.total_steps,
-        "data": json.loads(config.data.to_json_best_effort()),
-        "norm_clips": config.export.norm_clips,
-        **scores,
-    }
-    digest = ""
-    if jax.process_index() == 0:
-        digest = vae_artifact.export_tokenizer(
-            out, params, cfg, norm, name=config.export.name, info=info
+    def report(self) -> str:
+        d = self.config.data
+        return (
+            f"data: synthetic clips {self.key} (seed {d.source.seed}), {d.source.num_clips} "
+            f"training clips, {d.eval_clips} held out, global batch {d.global_batch_size}"
         )
-    return {
-        "workdir": str(workdir),
-        "final_step": int(jax.device_get(state.step)),
-        "final_loss": last.get("train/loss", float("nan")),
-        "parameters": n_params,
-        "tokenizer": str(out),
-        "hash": digest,
-        **scores,
-    }
+
+    def close(self) -> None:
+        pass
+
+
+class VAE(families.Family):
+    """The causal VAE on rendered clips; after the last step it exports WORKDIR/tokenizer
+    (or `export.dir`) with latent statistics of `export.norm_clips` training clips."""
+
+    def data(self):
+        self.cfg = vae_lib.config_from_model(self.config.model)
+        self.clips = Clips(self.config)
+        return self.clips
+
+    def state(self):
+        self.model = vae_lib.CausalVAE(self.cfg)
+        self.tx = optimizer_lib.make_optimizer(self.config.optimizer, self.config.total_steps)
+        init_fn = make_init_fn(self.cfg, self.tx, tuple(self.config.optimizer.ema_decays))
+        abstract, shardings = state_lib.abstract_state(init_fn, self.mesh, self.rules)
+        return init_fn, abstract, shardings
+
+    def describe(self, state) -> str:
+        cfg = self.cfg
+        return (
+            f"VAE: {state_lib.param_count(state.params):,} parameters, compression "
+            f"{cfg.temporal}x{cfg.spatial}x{cfg.spatial}"
+        )
+
+    def compile(self, abstract, shardings) -> dict[str, families.CompiledStep]:
+        config, mesh = self.config, self.mesh
+        schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
+        jitted = jax.jit(
+            make_vae_train_step(self.model, self.tx, config, schedule),
+            in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+            out_shardings=(shardings, mesh_lib.replicated(mesh)),
+            donate_argnums=(0,),
+        )
+        d = config.data
+        shape = (d.global_batch_size, d.frames, d.height, d.width, 3)
+        batch = {
+            "video": jax.ShapeDtypeStruct(
+                shape, jnp.float32, sharding=mesh_lib.batch_sharding(mesh)
+            )
+        }
+        with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules):
+            exe = jitted.lower(abstract, batch).compile()
+        step = families.CompiledStep(exe, batch, d.global_batch_size, tokens=None, flops=None)
+        return {self.clips.key: step}
+
+    def evaluate(self, state, step: int) -> dict[str, float]:
+        if step >= self.config.total_steps:
+            return {}  # the end is measured once, by `finish`, on the exported weights
+        return evaluate(self.config, self.cfg, export_params(self.config, state))
+
+    def finish(self, state, writer, start: int) -> dict[str, Any]:
+        config, cfg = self.config, self.cfg
+        params = jax.device_get(export_params(config, state))
+        scores = evaluate(config, cfg, params)
+        if start < config.total_steps:  # a run resumed after its end has this line already
+            writer.write(config.total_steps, scores)
+        norm_idx = range(config.export.norm_clips)
+        norm = vae_artifact.measure_norm(
+            cfg,
+            params,
+            (render(config.data, norm_idx[i : i + 16]) for i in range(0, len(norm_idx), 16)),
+        )
+        out = pathlib.Path(config.export.dir or self.workdir / "tokenizer")
+        info = {
+            "steps": config.total_steps,
+            "data": json.loads(config.data.to_json_best_effort()),
+            "norm_clips": config.export.norm_clips,
+            **scores,
+        }
+        digest = ""
+        if jax.process_index() == 0:
+            digest = vae_artifact.export_tokenizer(
+                out, params, cfg, norm, name=config.export.name, info=info
+            )
+        return {"tokenizer": str(out), "hash": digest, **scores}

@@ -16,8 +16,8 @@ from flax import linen as nn
 from sora_jax.config import ConfigError
 from sora_jax.models import tokenizer, vae, vae_artifact
 from sora_jax.run import validate as validate_lib
+from sora_jax.training import loop
 from sora_jax.training import metrics as metrics_lib
-from sora_jax.training import vae as vae_training
 
 TINY = vae.PRESETS["tiny"]  # 8x spatial, 4x temporal
 # Two levels and no extra residual blocks: a decoder halo (4) smaller than the test latents.
@@ -205,7 +205,7 @@ def _experiment(arg):
     return module.get_config(arg)
 
 
-def test_train_vae_reduces_loss_and_exports(tmp_path):
+def test_training_the_vae_reduces_loss_and_exports(tmp_path):
     config = _experiment("tiny,steps=12")
     config.model.preset = None  # SMALL: the tiny preset's train step compiles for a minute
     for field, value in vars(SMALL).items():
@@ -215,7 +215,7 @@ def test_train_vae_reduces_loss_and_exports(tmp_path):
     config.optimizer.lr = 3e-3
     config.data.eval_clips = 8
     config.export.norm_clips = 8
-    summary = vae_training.train_vae(config, tmp_path)
+    summary = loop.train(config, tmp_path)  # the shared loop, by model.name
     losses = [m["train/loss"] for m in metrics_lib.read_metrics(tmp_path) if "train/loss" in m]
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.8 * losses[0], losses
     assert np.isfinite(summary["eval/psnr"])
