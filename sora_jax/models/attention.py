@@ -6,6 +6,12 @@ Every attention in the model (video self-attention, text cross-attention) calls 
 function, so it is the seam where kernels (cuDNN flash, Pallas splash) and context-parallel
 strategies (Ulysses all-to-all, ring attention over `jax.shard_map`) plug in (docs/parallelism.md).
 
+Kernels (`impl`): 'blockwise' (sora_jax/models/blockwise_attention.py: pure JAX, blocked
+over queries and keys with an online softmax, memory linear in L; the portable default),
+'xla' (dense einsums that materialize the float32 scores `[B, N, L, S]`: the reference),
+'cudnn' (fused flash attention on NVIDIA GPUs, bfloat16/float16), 'splash' (Pallas, TPU).
+'auto' picks cuDNN for half precision on GPUs, splash on TPUs, and 'blockwise' elsewhere.
+
 Context parallelism: `context_parallel='ulysses' | 'ring'` computes self-attention with the
 video tokens split over the mesh axis `context` (sora_jax/parallel/context.py, where the
 maths is), and `'queries'` cross-attention with only the queries split; each reduces to the
@@ -26,15 +32,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from sora_jax.models import blockwise_attention as blockwise_lib
 from sora_jax.parallel import context as context_lib
 
-IMPLS = ("xla", "cudnn", "splash", "auto")
+IMPLS = ("blockwise", "xla", "cudnn", "splash", "auto")
 # cuDNN's fused attention only takes half-precision inputs.
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None) -> str:
-    """The concrete implementation for `impl` ('auto' picks by platform and dtype)."""
+    """The concrete implementation for `impl`. 'auto' picks by platform and dtype: a fused
+    kernel where one applies (cuDNN for half precision on GPUs, splash on TPUs), else the
+    memory-efficient 'blockwise' (CPUs, float32 on GPUs)."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is unknown; choose one of {IMPLS}")
     if impl != "auto":
@@ -44,7 +53,7 @@ def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None) -> st
         return "cudnn"
     if backend == "tpu":
         return "splash"
-    return "xla"
+    return "blockwise"
 
 
 def xla_attention(q, k, v, mask=None):
@@ -69,11 +78,27 @@ def xla_attention(q, k, v, mask=None):
     return (out / jnp.transpose(norm, (0, 2, 1))[..., None]).astype(v.dtype)
 
 
+def blockwise_attention(q, k, v, mask=None):
+    """`blockwise_attention.blockwise_attention` behind the common `(q, k, v, mask)` call.
+
+    A mask without head and query axes (`[B|1, 1, 1, S]`: key padding, the text mask) goes
+    in as `kv_mask [B|1, S]`; any other mask is passed dense and sliced per block.
+    """
+    if mask is None:
+        return blockwise_lib.blockwise_attention(q, k, v)
+    mask = jnp.asarray(mask, bool)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # -> [B|1, N|1, L|1, S|1]
+    if mask.shape[1] == 1 and mask.shape[2] == 1:
+        kv_mask = jnp.broadcast_to(mask[:, 0, 0, :], (mask.shape[0], k.shape[1]))
+        return blockwise_lib.blockwise_attention(q, k, v, kv_mask=kv_mask)
+    return blockwise_lib.blockwise_attention(q, k, v, mask=mask)
+
+
 def _cudnn(q, k, v, mask=None):
     if jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
         raise ValueError(
             f"attention impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; set "
-            "model.dtype='bfloat16' or use attention_impl='auto' (falls back to 'xla')"
+            "model.dtype='bfloat16' or use attention_impl='auto' (falls back to 'blockwise')"
         )
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
 
@@ -186,10 +211,15 @@ def _splash(q, k, v, mask=None):
     return fn(q, k, v, mask)
 
 
-_IMPL_FNS = {"xla": xla_attention, "cudnn": _cudnn, "splash": _splash}
+_IMPL_FNS = {
+    "blockwise": blockwise_attention,
+    "xla": xla_attention,
+    "cudnn": _cudnn,
+    "splash": _splash,
+}
 # Per-device kernels for context-parallel strategies, which run them inside their own
 # `jax.shard_map` (so splash here is the kernel itself, not its shard_map wrapper).
-_LOCAL_FNS = {"xla": xla_attention, "cudnn": _cudnn, "splash": splash_attention}
+_LOCAL_FNS = {**_IMPL_FNS, "splash": splash_attention}
 
 
 def dot_product_attention(q, k, v, mask=None, impl: str = "xla", *, context_parallel="none"):

@@ -1,4 +1,7 @@
-"""`dot_product_attention` against `jax.nn.dot_product_attention` (the independent reference)."""
+"""`dot_product_attention` against `jax.nn.dot_product_attention` (the independent reference).
+
+The blockwise kernel's own tests (gradients, JVPs, structured masks, memory) are in
+test_blockwise_attention.py."""
 
 import functools
 
@@ -15,6 +18,10 @@ from sora_jax.parallel import mesh as mesh_lib
 
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 ours_xla = jit(functools.partial(attention.dot_product_attention, impl="xla"))
+ours = {  # the dense reference path and the memory-efficient one (what 'auto' picks on CPU)
+    impl: jit(functools.partial(attention.dot_product_attention, impl=impl))
+    for impl in ("xla", "blockwise")
+}
 reference = jit(functools.partial(jax.nn.dot_product_attention, implementation="xla"))
 
 
@@ -31,27 +38,29 @@ def _mask(key, shape):
     return mask.at[..., 0].set(True)  # every query row keeps at least one key
 
 
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
 @pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 7), (2, 4, 12, 7), (1, 1, 12, 7)])
 @pytest.mark.parametrize("self_attention", [False, True])
-def test_xla_matches_jax_reference(mask_shape, self_attention):
+def test_matches_jax_reference(impl, mask_shape, self_attention):
     q, k, v = _qkv(jax.random.key(0), lk=12 if self_attention else 7)
     if mask_shape is not None and self_attention:
         mask_shape = (*mask_shape[:-1], 12)
     mask = None if mask_shape is None else _mask(jax.random.key(1), mask_shape)
-    ours = ours_xla(q, k, v, mask)
+    out = ours[impl](q, k, v, mask)
     ref = reference(q, k, v, mask=mask)
-    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_fully_masked_rows_are_zero_and_masked_keys_get_no_weight():
+@pytest.mark.parametrize("impl", ["xla", "blockwise"])
+def test_fully_masked_rows_are_zero_and_masked_keys_get_no_weight(impl):
     q, k, v = _qkv(jax.random.key(2))
     mask = jnp.ones((2, 1, 1, 7), bool).at[0].set(False).at[1, ..., 3:].set(False)
-    out = ours_xla(q, k, v, mask)
+    out = ours[impl](q, k, v, mask)
     assert np.all(np.isfinite(out))
     np.testing.assert_array_equal(out[0], 0.0)  # sample 0 has no valid key at all
     # Replacing masked keys/values with garbage changes nothing.
     k2, v2 = k.at[:, 3:].set(1e3), v.at[:, 3:].set(-1e3)
-    np.testing.assert_array_equal(ours_xla(q, k2, v2, mask), out)
+    np.testing.assert_array_equal(ours[impl](q, k2, v2, mask), out)
 
 
 def test_bfloat16_close_to_float32():
@@ -63,14 +72,17 @@ def test_bfloat16_close_to_float32():
 
 
 def test_impl_selection_and_errors():
+    # Fused kernels where they apply; the memory-efficient blockwise kernel everywhere else.
     assert attention.resolve_impl("auto", jnp.bfloat16, backend="gpu") == "cudnn"
-    assert attention.resolve_impl("auto", jnp.float32, backend="gpu") == "xla"
-    assert attention.resolve_impl("auto", jnp.bfloat16, backend="cpu") == "xla"
+    assert attention.resolve_impl("auto", jnp.float32, backend="gpu") == "blockwise"
+    assert attention.resolve_impl("auto", jnp.bfloat16, backend="cpu") == "blockwise"
     assert attention.resolve_impl("auto", jnp.float32, backend="tpu") == "splash"
     q, k, v = _qkv(jax.random.key(4))
-    np.testing.assert_array_equal(
+    np.testing.assert_allclose(
         attention.dot_product_attention(q, k, v, impl="auto"),
         attention.dot_product_attention(q, k, v, impl="xla"),
+        atol=1e-5,
+        rtol=1e-5,
     )
     with pytest.raises(ValueError, match="choose one of"):
         attention.dot_product_attention(q, k, v, impl="flash")
