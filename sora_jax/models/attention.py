@@ -78,20 +78,27 @@ def xla_attention(q, k, v, mask=None):
     return (out / jnp.transpose(norm, (0, 2, 1))[..., None]).astype(v.dtype)
 
 
-def blockwise_attention(q, k, v, mask=None):
-    """`blockwise_attention.blockwise_attention` behind the common `(q, k, v, mask)` call.
-
-    A mask without head and query axes (`[B|1, 1, 1, S]`: key padding, the text mask) goes
-    in as `kv_mask [B|1, S]`; any other mask is passed dense and sliced per block.
-    """
+def _blockwise_masks(mask, k) -> dict:
+    """A `(q, k, v, mask)` mask as the blockwise kernel's arguments: one without head and
+    query axes (`[B|1, 1, 1, S]`: key padding, the text mask) as `kv_mask [B|1, S]`, any
+    other passed dense (sliced per block)."""
     if mask is None:
-        return blockwise_lib.blockwise_attention(q, k, v)
+        return {}
     mask = jnp.asarray(mask, bool)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # -> [B|1, N|1, L|1, S|1]
     if mask.shape[1] == 1 and mask.shape[2] == 1:
-        kv_mask = jnp.broadcast_to(mask[:, 0, 0, :], (mask.shape[0], k.shape[1]))
-        return blockwise_lib.blockwise_attention(q, k, v, kv_mask=kv_mask)
-    return blockwise_lib.blockwise_attention(q, k, v, mask=mask)
+        return dict(kv_mask=jnp.broadcast_to(mask[:, 0, 0, :], (mask.shape[0], k.shape[1])))
+    return dict(mask=mask)
+
+
+def blockwise_attention(q, k, v, mask=None):
+    """`blockwise_attention.blockwise_attention` behind the common `(q, k, v, mask)` call."""
+    return blockwise_lib.blockwise_attention(q, k, v, **_blockwise_masks(mask, k))
+
+
+def blockwise_attention_with_lse(q, k, v, mask=None):
+    """`(o [B, L, N, E], lse [B, N, L])` of the blockwise kernel: what ring attention merges."""
+    return blockwise_lib.blockwise_attention_with_lse(q, k, v, **_blockwise_masks(mask, k))
 
 
 def _cudnn(q, k, v, mask=None):
@@ -220,6 +227,10 @@ _IMPL_FNS = {
 # Per-device kernels for context-parallel strategies, which run them inside their own
 # `jax.shard_map` (so splash here is the kernel itself, not its shard_map wrapper).
 _LOCAL_FNS = {**_IMPL_FNS, "splash": splash_attention}
+# What ring attention runs per K/V block: the blockwise kernel with its log-sum-exp (the
+# fused kernels return no softmax statistics to merge); the dense reference 'xla' keeps
+# the ring's own einsum step (sora_jax/parallel/context.py).
+_LSE_FNS = {"blockwise": blockwise_attention_with_lse, "xla": None}
 
 
 def dot_product_attention(q, k, v, mask=None, impl: str = "xla", *, context_parallel="none"):
@@ -248,7 +259,13 @@ def dot_product_attention(q, k, v, mask=None, impl: str = "xla", *, context_para
         )
     if context_parallel != "none" and context_lib.context_degree() > 1:
         out = context_lib.context_parallel_attention(
-            q, k, v, mask, mode=context_parallel, attend=_LOCAL_FNS[impl]
+            q,
+            k,
+            v,
+            mask,
+            mode=context_parallel,
+            attend=_LOCAL_FNS[impl],
+            attend_lse=_LSE_FNS.get(impl, blockwise_attention_with_lse),
         )
     else:
         out = _IMPL_FNS[impl](q, k, v, mask)

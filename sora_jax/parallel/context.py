@@ -10,7 +10,7 @@ bring them together, both exact (the same numbers as full attention, up to float
 split for a head split with an all-to-all, attends locally, and trades back:
 
     q, k, v  [B, Lc, N, E] --all_to_all--> [B, L_pad, N / C, E]
-    o = attend(q, k, v, mask)              [B, L_pad, N / C, E]   (any kernel: xla, cudnn, splash)
+    o = attend(q, k, v, mask)              [B, L_pad, N / C, E]   (any kernel: blockwise, cudnn, …)
     o        [B, L_pad, N / C, E] --all_to_all--> [B, Lc, N, E]
 
 Four all-to-alls per attention, each moving 1/C of a tensor; N (heads per tensor shard)
@@ -32,13 +32,26 @@ from m_{-1} = f32 min, z_{-1} = 0, acc_{-1} = 0. By induction acc_i = Σ exp(s -
 z_i = Σ exp(s - m_i) over the blocks seen so far, so o = softmax(s) v over all keys. A
 masked key's exp(min - m_i) underflows to exactly 0 once any real key has been seen
 (and a block seen before it is wiped by corr = exp(min - m_i) = 0), as in `xla_attention`.
-m is a constant to autodiff (`stop_gradient`): o does not depend on it. The forward pass
-holds one K/V block per device (two while the next arrives) and O(Lc²) scores per head;
-the C - 1 block passes can overlap the previous block's matmuls. Gradients are plain
-autodiff through the unrolled steps (ppermute transposes to the reverse permute): each
-step is rematerialized, so the backward keeps no scores, but it does keep the C K/V blocks
-it saw (this device's heads of the whole K/V). A custom VJP that passes K/V round the ring
-again in the backward (as the Ring Attention paper does) would remove that; not done here.
+m is a constant to autodiff (`stop_gradient`): o does not depend on it. This einsum step
+holds O(Lc²) scores per head; it is what the ring runs with the dense reference kernel
+(`attention_impl='xla'`).
+
+With any other kernel the caller passes `attend_lse(q, k_j, v_j, keep) -> (o_j, lse_j)`, a
+memory-efficient kernel that also returns each row's log-sum-exp over the block's keys
+(models/blockwise_attention.py: scores in small tiles, never `[Lc, Lc]`), and the ring
+merges the blocks by their log-sum-exps, the same online softmax one level up:
+
+    lse_i = logaddexp(lse_{i-1}, lse_j)                        [B, N, Lc]
+    o_i   = exp(lse_{i-1} - lse_i) o_{i-1} + exp(lse_j - lse_i) o_j
+
+(a row that keeps no key in a block has o_j = 0 and lse_j = f32 min, so it gets weight 0
+there). The forward pass holds one K/V block per device (two while the next arrives); the
+C - 1 block passes can overlap the previous block's matmuls. Gradients are plain autodiff
+through the unrolled steps (ppermute transposes to the reverse permute): the einsum step
+is rematerialized and the kernel keeps only its inputs and (o_j, lse_j), so the backward
+keeps no scores, but it does keep the C K/V blocks it saw (this device's heads of the whole
+K/V). A custom VJP that passes K/V round the ring again in the backward (as the Ring
+Attention paper does) would remove that; not done here.
 
 **Queries only** ('queries', for cross-attention): q keeps its sequence split, k and v
 (the short text) are whole on every device; no communication.
@@ -53,6 +66,7 @@ Without a mesh, or with a `context` axis of size 1, `context_degree()` is 1 and 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -68,6 +82,8 @@ MODES = (*STRATEGIES, "queries")
 _MIN = float(jnp.finfo(jnp.float32).min)
 
 Attend = Callable[..., jax.Array]  # (q, k, v, mask) -> o, all per device
+# (q, k, v, mask) -> (o [B, L, N, E], lse [B, N, L] float32), per device
+AttendLSE = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def config_errors(
@@ -257,9 +273,11 @@ def _ring_step(q, k, v, keep, m, z, acc):
     return m_new, z, corr * acc + pv
 
 
-def _ring_body(q, k, v, mask, *, c: int):
+def _ring_body(q, k, v, mask, *, c: int, attend_lse: AttendLSE | None = None):
     """One device's ring attention. q, k, v `[B, Lc, N, E]`; mask `[B|1, N|1, Lc|1, L_pad]`
     (keys over the whole padded sequence, sliced per step) or None. -> `[B, Lc, N, E]`."""
+    if attend_lse is not None:
+        return _ring_body_lse(q, k, v, mask, c=c, attend_lse=attend_lse)
     b, lq, n, e = q.shape
     lc = k.shape[1]
     index = jax.lax.axis_index(AXIS)
@@ -281,11 +299,39 @@ def _ring_body(q, k, v, mask, *, c: int):
     return jnp.transpose(acc / z, (0, 2, 1, 3)).astype(v.dtype)  # [B, N, Lc, E] -> [B, Lc, N, E]
 
 
-def ring_attention(q, k, v, mask=None, *, attend: Attend | None = None) -> jax.Array:
+def _ring_body_lse(q, k, v, mask, *, c: int, attend_lse: AttendLSE):
+    """`_ring_body` with a kernel that returns the log-sum-exp: blocks merged by their lse."""
+    lc = k.shape[1]
+    index = jax.lax.axis_index(AXIS)
+    perm = [(j, (j + 1) % c) for j in range(c)]  # block j moves to device j + 1
+    o = lse = None
+    for i in range(c):  # unrolled, as in _ring_body
+        keep = None
+        if mask is not None:
+            src = (index - i) % c  # the block this device holds at step i
+            keep = jax.lax.dynamic_slice_in_dim(mask, src * lc, lc, axis=3)
+        o_j, lse_j = attend_lse(q, k, v, keep)  # [B, Lc, N, E], [B, N, Lc]
+        o_j = o_j.astype(jnp.float32)
+        if o is None:
+            o, lse = o_j, lse_j
+        else:
+            lse_new = jnp.logaddexp(lse, lse_j)
+            weight = lambda x, lse_new=lse_new: jnp.transpose(jnp.exp(x - lse_new), (0, 2, 1))
+            o = weight(lse)[..., None] * o + weight(lse_j)[..., None] * o_j  # [B, Lc, N, E]
+            lse = lse_new
+        if i < c - 1:
+            k, v = jax.lax.ppermute((k, v), AXIS, perm)
+    return o.astype(v.dtype)
+
+
+def ring_attention(
+    q, k, v, mask=None, *, attend: Attend | None = None, attend_lse: AttendLSE | None = None
+) -> jax.Array:
     """Self-attention `[B, L, N, E]` with K/V blocks passed round the `context` ring.
 
-    The per-block maths is the online softmax of the module docstring (einsums with
-    float32 statistics); `attend` is accepted for a uniform signature and not used, since
+    Per block: `attend_lse` (a kernel returning `(o_j, lse_j)`) merged by log-sum-exp, or
+    without one the einsum online softmax of the module docstring (float32 statistics,
+    `[Lc, Lc]` scores per step). `attend` is accepted for a uniform signature and not used:
     a fused kernel would have to return its softmax statistics to be combined.
     """
     del attend
@@ -294,11 +340,12 @@ def ring_attention(q, k, v, mask=None, *, attend: Attend | None = None) -> jax.A
     q, k, v, mask = _pad_self_attention(q, k, v, mask, c)
     lp = q.shape[1]
     qkv_spec = P(batch, AXIS, heads, None)
+    body = functools.partial(_ring_body, c=c, attend_lse=attend_lse)
     if mask is None:
-        fn = lambda q, k, v: _ring_body(q, k, v, None, c=c)
+        fn = lambda q, k, v: body(q, k, v, None)
         args, specs = (q, k, v), (qkv_spec,) * 3
     else:  # the query dimension split like q, the key dimension whole (sliced per step)
-        fn = lambda q, k, v, mask: _ring_body(q, k, v, mask, c=c)
+        fn = body
         args = (q, k, v, mask)
         specs = (qkv_spec,) * 3 + (_mask_spec(mask, (b, n, lp, lp), (batch, heads, AXIS, None)),)
     out = _shard_map(fn, specs, qkv_spec)(*args)
@@ -334,8 +381,16 @@ def query_sharded_attention(q, k, v, mask=None, *, attend: Attend) -> jax.Array:
 _FNS = {"ulysses": ulysses_attention, "ring": ring_attention, "queries": query_sharded_attention}
 
 
-def context_parallel_attention(q, k, v, mask, *, mode: str, attend: Attend) -> jax.Array:
-    """`o [B, L, N, E]` by strategy `mode` (one of MODES except 'none') over `context`."""
+def context_parallel_attention(
+    q, k, v, mask, *, mode: str, attend: Attend, attend_lse: AttendLSE | None = None
+) -> jax.Array:
+    """`o [B, L, N, E]` by strategy `mode` (one of MODES except 'none') over `context`.
+
+    `attend` is the per-device kernel; `attend_lse`, one that also returns the log-sum-exp,
+    is what the ring merges its blocks with (None: the ring's own einsum step).
+    """
     if mode not in _FNS:
         raise ValueError(f"context_parallel={mode!r} is unknown; choose one of {MODES}")
+    if mode == "ring":
+        return ring_attention(q, k, v, mask, attend=attend, attend_lse=attend_lse)
     return _FNS[mode](q, k, v, mask, attend=attend)

@@ -149,6 +149,38 @@ def test_ulysses_runs_the_splash_kernel_per_device(devices):
     _assert_close(ours, _value_and_grads(q, k, v, w, mask, "reference"), atol=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+@pytest.mark.parametrize(
+    "tokens, mesh, valid",
+    [
+        (81, "context2", (None, -5)),  # padded to 82
+        (80, "context4", (None, -25)),  # sample 1's last ring block has no valid key
+        (75, "data2_context2_tensor2", "general"),  # a per-head, per-query mask
+    ],
+)
+def test_blockwise_kernel_per_device(devices, strategy, tokens, mesh, valid):
+    """impl='blockwise': Ulysses runs it on whole sequences; ring runs it on each K/V block
+    and merges the blocks by their log-sum-exps (a block with no valid key gets weight 0)."""
+    q, k, v, w = _qkv(tokens, seed=5)
+    if valid == "general":
+        mask = np.random.default_rng(6).random((B, N, tokens, tokens)) < 0.5
+        mask = jnp.asarray(mask | np.eye(tokens, dtype=bool))
+    else:
+        mask = _key_mask(tokens, valid)
+    with jax.set_mesh(_mesh(MESHES[mesh])):
+        ours = _value_and_grads(q, k, v, w, mask, strategy, impl="blockwise")
+    _assert_close(ours, _value_and_grads(q, k, v, w, mask, "reference"))
+
+
+def test_cross_attention_with_the_blockwise_kernel(devices):
+    q, k, v, w = _qkv(75, s=7, seed=7)
+    mask = _key_mask(7, valid=(-3, -7))  # sample 1: no valid text token
+    with jax.set_mesh(_mesh(MESHES["data2_context2_tensor2"])):
+        ours = _value_and_grads(q, k, v, w, mask, "queries", impl="blockwise")
+    _assert_close(ours, _value_and_grads(q, k, v, w, mask, "none"))
+    np.testing.assert_array_equal(ours[0][1], 0.0)
+
+
 def test_without_context_axis_is_the_plain_kernel(devices):
     q, k, v, _ = _qkv(16)
     plain = attention.dot_product_attention(q, k, v, impl="xla")
@@ -245,19 +277,24 @@ def single_device():
 
 
 @pytest.mark.parametrize(
-    "strategy, sizes, collective, scan",
+    "strategy, sizes, collective, scan, impl",
     [
-        ("ring", (2, 1, 2, 2), "collective-permute", False),
+        ("ring", (2, 1, 2, 2), "collective-permute", False, "xla"),
         # Stacked blocks under nn.scan with full remat: shard_map inside scan and checkpoint.
-        ("ulysses", (1, 2, 4, 1), "all-to-all", True),
+        ("ulysses", (1, 2, 4, 1), "all-to-all", True, "xla"),
+        # The blockwise kernel per ring block, merged by log-sum-exp, inside scan and remat.
+        ("ring", (1, 1, 4, 1), "collective-permute", True, "blockwise"),
     ],
 )
-def test_video_dit_matches_single_device(devices, single_device, strategy, sizes, collective, scan):
+def test_video_dit_matches_single_device(
+    devices, single_device, strategy, sizes, collective, scan, impl
+):
     """Output and parameter gradients of the sharded model with context parallelism (27
-    tokens: padded) equal the single-device model's; the compiled program really has the
-    strategy's collectives."""
+    tokens: padded) equal the single-device model's (dense 'xla' kernel); the compiled
+    program really has the strategy's collectives."""
     args, params, v_ref, grads_ref = single_device
     fields = dict(context_parallel=strategy, scan_layers=scan, remat="full" if scan else "none")
+    fields["attention_impl"] = impl
     model = build_model({**SMALL, **fields}, C, D_TEXT)
     if scan:
         params = dit.stack_layers(params, SMALL["num_layers"])
