@@ -111,6 +111,8 @@ def to_global_batch(
     mesh: jax.sharding.Mesh,
     batch_axes: Sequence[str] = BATCH_AXES,
     fields: Sequence[str] | None = None,
+    *,
+    need: RowLayout | None = None,
 ) -> dict[str, Any]:
     """Host batches of every process -> global `jax.Array`s sharded over `batch_axes`.
 
@@ -118,7 +120,9 @@ def to_global_batch(
     pipeline; without one, block `p` of `P` for process `p`). Each local device gets the
     rows of its batch shard (replicated over the other mesh axes); a process lacking rows
     its devices need is an error naming the mesh axes. `fields` defaults to every numeric
-    array; other entries ('bucket', 'step', 'layout') pass through unchanged.
+    array; other entries ('bucket', 'step', 'layout') pass through unchanged. `need`, the
+    rows this process's devices hold, defaults to `row_layout(mesh)` with several
+    processes (tests pass one to check a simulated process).
     """
     if fields is None:
         fields = [
@@ -128,7 +132,8 @@ def to_global_batch(
         ]
     batch_axes = tuple(batch_axes)
     have = host_batch.get("layout") or process_blocks(jax.process_index(), jax.process_count())
-    need = _this_process(mesh, batch_axes) if jax.process_count() > 1 else None
+    if need is None and jax.process_count() > 1:
+        need = _this_process(mesh, batch_axes)
     sharding = NamedSharding(mesh, P(batch_axes))
     shards_per_batch = int(np.prod([mesh.shape[a] for a in batch_axes]))
     out = dict(host_batch)

@@ -134,6 +134,20 @@ def test_a_batch_not_splitting_over_the_shards_is_refused(dataset, devices):
         _pipe(dataset, global_batch_size=6, layout=layouts[0], process_count=2)
 
 
+def test_a_process_lacking_rows_of_its_devices_is_named(dataset, devices):
+    """Rows read for process blocks (each process half the batch) on a context-8 mesh,
+    where each process's devices hold every row: the error names the rows and the axes."""
+    mesh, layouts = _layouts(devices, "context8")
+    host = _pipe(dataset, process_index=1, process_count=2).batch_at(0)
+    with pytest.raises(ValueError) as e:
+        rows_lib.to_global_batch(host, mesh, fields=FIELDS, need=layouts[1])
+    text = str(e.value)
+    assert "different share of the batch than the mesh needs" in text
+    assert "holds rows [4, 8) of 8 (2 blocks, one per process)" in text
+    assert "hold rows [0, 8) (the 1 batch shards of mesh axes data x fsdp; mesh axes " in text
+    assert "['context'] span processes)" in text
+
+
 def test_state_restores_onto_another_layout(dataset, devices):
     """A state saved by 2 processes with blocks per process restores onto the context-8
     layout (each process all rows) and continues with the same global batches."""
