@@ -203,3 +203,15 @@ def test_validation_and_plan_refuse_rows_that_do_not_split(devices):
     with config.data.buckets["5x16x16"].unlocked():
         config.data.buckets["5x16x16"].global_batch_size = 1
     validate_lib.validate(config)
+
+
+def test_a_batch_smaller_than_the_process_count(dataset, devices):
+    """Context 8 over 2 hosts: a global batch of 1, the same row on both processes."""
+    _, layouts = _layouts(devices, "context8")
+    whole = _pipe(dataset, global_batch_size=1)
+    hosts = [_pipe(dataset, global_batch_size=1, layout=lay, process_count=2) for lay in layouts]
+    for s in range(4):
+        ids = [h.batch_at(s)["id"] for h in hosts]
+        assert ids[0].shape == (1,) and ids[0] == ids[1] == whole.batch_at(s)["id"]
+    with pytest.raises(ValueError, match="positive multiple of the process count 2"):
+        _pipe(dataset, global_batch_size=1, process_index=0, process_count=2)  # no mesh
