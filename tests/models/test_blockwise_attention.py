@@ -200,8 +200,16 @@ def test_compiled_temporaries_are_a_small_fraction_of_the_dense_path_at_8k_token
     assert blockwise < 0.1 * dense, (blockwise, dense)
 
 
+def _loss_grads_jvp(model, params, x, t, text, text_mask, w):
+    apply = lambda p, x, t: model.apply({"params": p}, x, t, text, text_mask)
+    loss_grads = jax.value_and_grad(lambda p: jnp.sum(apply(p, x, t) * w))(params)
+    jvp = jax.jvp(functools.partial(apply, params), (x, t), (w, jnp.ones_like(t)))[1]
+    return loss_grads, jvp
+
+
 def test_video_dit_blockwise_matches_xla():
-    """The tiny VideoDiT's loss and every parameter gradient: 'blockwise' equals 'xla'."""
+    """The tiny VideoDiT's loss, every parameter gradient and its JVP along (x_t, t) (what
+    consistency distillation differentiates): 'blockwise' equals 'xla'."""
     small = dict(name="video_dit", preset="tiny", num_layers=2, dim=32, num_heads=4, mlp_dim=64)
     rng = np.random.default_rng(4)
     x = _normal(rng, 2, 3, 6, 6, 4)  # 27 tokens
@@ -216,10 +224,12 @@ def test_video_dit_blockwise_matches_xla():
             params = nn.meta.unbox(model.init(jax.random.key(0), x, t, text, text_mask)["params"])
             # Random (not zero-initialized) output projections, so attention reaches the loss.
             params = jax.tree.map(lambda a: a + 0.1 * _normal(rng, *a.shape), params)
-        loss = lambda p, m=model: jnp.sum(m.apply({"params": p}, x, t, text, text_mask) * w)
-        results[impl] = jit(jax.value_and_grad(loss))(params)
-    (loss_x, grads_x), (loss_b, grads_b) = results["xla"], results["blockwise"]
+        results[impl] = jit(functools.partial(_loss_grads_jvp, model))(
+            params, x, t, text, text_mask, w
+        )
+    ((loss_x, grads_x), jvp_x), ((loss_b, grads_b), jvp_b) = results["xla"], results["blockwise"]
     np.testing.assert_allclose(loss_b, loss_x, rtol=1e-5)
+    np.testing.assert_allclose(jvp_b, jvp_x, atol=1e-4, rtol=1e-4)
     for (path, g), g_ref in zip(
         jax.tree.leaves_with_path(grads_b), jax.tree.leaves(grads_x), strict=True
     ):
