@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
@@ -23,8 +24,6 @@ class MetricsWriter:
         if self.active:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                from tensorboardX import SummaryWriter
-
                 self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:

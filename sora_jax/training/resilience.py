@@ -29,6 +29,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,6 @@ class Preemption:
             return self._flag.is_set()
         if step % self.sync_every_steps:
             return False
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.asarray(self._flag.is_set()))
         return bool(np.any(flags))
 
