@@ -57,6 +57,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     c.data.buckets = ml_collections.ConfigDict(table)
     c.data.tokenize.fps = arg.fps
+    # Inputs held out from training, by a hash of their id (docs/tokenize.md, "Held-out
+    # split"): about this fraction goes to DATASET/holdout/, where the val_loss,
+    # reconstruction and fvd evaluators read it; 0 = none. tiny: a handful of files, so more.
+    c.data.tokenize.holdout_fraction = 0.2 if arg.tiny else 0.05
     # Sparse buckets: the tokenizer demotes their clips to a fuller bucket of the same aspect
     # ratio (data.tokenize.min_bucket_clips, -1 = one global batch), and the trainer leaves
     # out what stays under one batch, reporting it; data.strict_buckets=True makes it an error.

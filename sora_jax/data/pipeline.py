@@ -50,7 +50,7 @@ from typing import Any
 import grain
 import jax
 
-from sora_jax.data import bucket_table, mixture, tokenization
+from sora_jax.data import bucket_table, holdout, mixture, tokenization
 from sora_jax.data import global_batch as rows_lib
 from sora_jax.data.global_batch import to_global_batch as to_global_batch
 from sora_jax.data.reader import BatchReader
@@ -147,6 +147,9 @@ class Pipeline:
             strict=strict_buckets,
         )
         self.table, self.strict_buckets = table, bool(strict_buckets)
+        leaked = [f for b in table.buckets for f in b.files if f.startswith(f"{holdout.HOLDOUT}/")]
+        if leaked:  # the manifest's `buckets` never list them (holdout.py): a hand-edited one
+            raise ValueError(f"held-out shards {leaked[:3]} are listed as training data")
         self.datasets, self.buckets, self.unused = table.datasets, table.buckets, table.unused
         self.manifest = table.manifest  # tokenizer, text encoder; buckets by plain name
         self.fields = tuple(fields or step_fields(self.manifest))

@@ -22,6 +22,10 @@ directory is refused instead of mixing two datasets. Bad inputs never stop the j
 becomes a line of `rejects.jsonl` (sora_jax.data.video_files.REASONS); the job fails
 (`RejectLimitError`, after writing everything) only when the rejected fraction of the
 inputs exceeds `data.tokenize.max_reject_fraction`.
+
+With `data.tokenize.holdout_fraction` > 0 the units write the clips of held-out inputs
+(holdout.py: a hash of the input's id) to `holdout/<bucket>/…` instead, and the manifest
+lists them in its `holdout` section only; the split is part of `_units/job.json`.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import ml_collections
 from tqdm import tqdm
 
 from sora_jax.data import buckets as buckets_lib
-from sora_jax.data import demotion, shards, sources, units
+from sora_jax.data import demotion, holdout, shards, sources, units
 from sora_jax.data.units import UNITS as UNITS
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
@@ -89,6 +93,9 @@ def _job_record(config, source, options, per_unit, tokenizer, text_encoder) -> d
         "text_encoder": text_encoder.hash,
         "min_bucket_clips": demotion.thresholds(config, [b.name for b in bucket_list]),
     }
+    fraction, seed = holdout.options(config)
+    if fraction > 0:  # absent without a split, as in jobs written before the option
+        job["holdout"] = {"fraction": fraction, "seed": seed, "rule": holdout.RULE}
     embed = text_lib.embed_mode(config.text_encoder)
     if embed != "tokenize":  # absent for embeddings, as in jobs written before the option
         job["text_embed"] = embed
@@ -136,6 +143,11 @@ def _assemble(out, bucket_list, markers, demoted, tokenizer, text_encoder, job) 
     }
     if demoted:
         manifest["demotion"] = demotion.manifest_entry(demoted)
+    if "holdout" in job:
+        split = job["holdout"]
+        manifest["holdout"] = holdout.manifest_entry(
+            out, markers, bucket_list, tokenizer, split["fraction"], split["seed"]
+        )
     for b in bucket_list:
         files = [
             str(shards.shard_path(out, b.name, m["unit"]).relative_to(out))
@@ -185,6 +197,7 @@ def run(
     num_units = -(-len(source) // per_unit)
     mine = [u for u in range(num_units) if u % process_count == process_index]
     todo = [u for u in mine if not units.unit_marker(out, u).exists()]
+    held_out = holdout.predicate(source, *holdout.options(config))
     work = {u: range(u * per_unit, min((u + 1) * per_unit, len(source))) for u in todo}
     encoder = units.Encoder(
         tokenizer, text_encoder, batch_size, text_lib.embed_mode(config.text_encoder)
@@ -202,7 +215,7 @@ def run(
     totals: Counter = Counter()
     for u, inputs in work.items():
         marker = units.run_unit(
-            out, u, inputs, source, bucket_list, encoder, timers, progress, totals
+            out, u, inputs, source, bucket_list, encoder, timers, progress, totals, held_out
         )
         written.update(marker["counts"])
         rejected += len(marker["rejects"])
@@ -285,6 +298,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         counts = {n: b["count"] for n, b in summary["buckets"].items()}
         mode = summary.get("training", {}).get("bucket_weights", "buckets")
         lines += demotion.advice(counts, batches, mode)
+        split = summary.get("holdout")
+        if split:
+            held = sum(b["count"] for b in split["buckets"].values())
+            lines.append(
+                f"held out (data.tokenize.holdout_fraction={split['fraction']}): {held} clip(s) "
+                f"of {split['inputs']} input(s) in holdout/, never trained on: "
+                + ", ".join(f"{n} {b['count']}" for n, b in split["buckets"].items())
+            )
         by_reason = summary.get("rejects_by_reason") or {}
         lines.append(
             f"rejected inputs: {summary['rejects']}"

@@ -3,7 +3,9 @@ one shard per bucket plus the unit's marker `_units/<unit:05d>.json`.
 
 The marker holds the unit's input range, its clip counts per bucket, the input of every
 clip per bucket (`inputs_by_bucket`: input indices, one per clip, in order; the
-demotion pass, demotion.py, re-cuts the inputs of sparse buckets from it) and its rejects.
+demotion pass, demotion.py, re-cuts the inputs of sparse buckets from it) and its rejects;
+with a held-out split (holdout.py) also `holdout_counts` and `holdout_inputs_by_bucket`, the
+same for the clips of held-out inputs, written to `holdout/<bucket>/<bucket>-<unit>.…`.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import json
 import pathlib
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
 from sora_jax.data import buckets as buckets_lib
+from sora_jax.data import holdout as holdout_lib
 from sora_jax.data import shards, sources
 from sora_jax.data.video_files import Reject
 from sora_jax.models import tokenizer as tokenizer_lib
@@ -99,30 +102,37 @@ def run_unit(
     timers: dict[str, float],
     progress=None,
     totals: Counter | None = None,
+    held_out: Callable[[int], bool] | None = None,
 ) -> dict[str, Any]:
     """Tokenizes one unit and writes its shards and marker; returns the marker. `inputs` is
-    a range (a unit of the job) or any list of input indices (the demotion pass)."""
+    a range (a unit of the job) or any list of input indices (the demotion pass). The clips
+    of inputs for which `held_out(i)` is true go to the held-out split's shards instead."""
+    splits = {False: out, True: holdout_lib.directory(out)}  # held out? -> where its shards go
     for b in bucket_list:  # leftovers of an earlier, killed attempt at this unit
-        shards.shard_path(out, b.name, unit).unlink(missing_ok=True)
-    counts: Counter = Counter()
-    by_bucket: dict[str, list[int]] = {}  # input index of every clip written, per bucket
+        for root in splits.values():
+            shards.shard_path(root, b.name, unit).unlink(missing_ok=True)
+    counts: dict[bool, Counter] = {False: Counter(), True: Counter()}
+    # input index of every clip written, per split and bucket
+    by_bucket: dict[bool, dict[str, list[int]]] = {False: {}, True: {}}
     totals = Counter() if totals is None else totals  # the progress bar's running counts
     rejects = []
-    pending: dict[str, list[sources.Clip]] = {b.name: [] for b in bucket_list}
+    pending = {(h, b.name): [] for h in splits for b in bucket_list}
     with contextlib.ExitStack() as stack:
-        writers: dict[str, shards.ShardWriter] = {}
+        writers: dict[tuple[bool, str], shards.ShardWriter] = {}
 
-        def flush(bucket: str) -> None:
-            clips, pending[bucket] = pending[bucket], []
+        def flush(key: tuple[bool, str]) -> None:
+            clips, pending[key] = pending[key], []
             if not clips:
                 return
-            if bucket not in writers:
-                writers[bucket] = stack.enter_context(shards.ShardWriter(out, bucket, unit))
+            held, bucket = key
+            if key not in writers:
+                writer = shards.ShardWriter(splits[held], bucket, unit)
+                writers[key] = stack.enter_context(writer)
             for record in encoder.records(clips, timers):
                 t0 = time.perf_counter()
-                writers[bucket].write(record)
+                writers[key].write(record)
                 timers["write_s"] = timers.get("write_s", 0.0) + time.perf_counter() - t0
-            counts[bucket] += len(clips)
+            counts[held][bucket] += len(clips)
             totals["clips"] += len(clips)
 
         for i in inputs:
@@ -132,23 +142,33 @@ def run_unit(
                 rejects.append(_reject_line(source, i, e))
                 totals["rejects"] += 1
                 clips = []
+            held = bool(held_out and clips and held_out(i))
             for c in clips:
-                by_bucket.setdefault(c.bucket, []).append(i)
-                pending[c.bucket].append(c)
-                if len(pending[c.bucket]) >= encoder.batch:
-                    flush(c.bucket)
+                by_bucket[held].setdefault(c.bucket, []).append(i)
+                pending[held, c.bucket].append(c)
+                if len(pending[held, c.bucket]) >= encoder.batch:
+                    flush((held, c.bucket))
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(clips=totals["clips"], rejects=totals["rejects"])
-        for b in bucket_list:
-            flush(b.name)
+        for key in pending:
+            flush(key)
+
+    def marker_counts(held: bool) -> dict[str, int]:
+        return {b.name: counts[held][b.name] for b in bucket_list if counts[held][b.name]}
+
     marker = {
         "unit": unit,
         "inputs": [inputs.start, inputs.stop] if isinstance(inputs, range) else list(inputs),
-        "counts": {b.name: counts[b.name] for b in bucket_list if counts[b.name]},
-        "inputs_by_bucket": {b: by_bucket[b] for b in sorted(by_bucket)},
+        "counts": marker_counts(False),
+        "inputs_by_bucket": {b: by_bucket[False][b] for b in sorted(by_bucket[False])},
         "rejects": rejects,
     }
+    if held_out is not None:
+        marker["holdout_counts"] = marker_counts(True)
+        marker["holdout_inputs_by_bucket"] = {
+            b: by_bucket[True][b] for b in sorted(by_bucket[True])
+        }
     path = unit_marker(out, unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     shards.atomic_write_text(path, json.dumps(marker, sort_keys=True) + "\n")

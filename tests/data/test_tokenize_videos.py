@@ -22,7 +22,8 @@ from PIL import Image
 from sora_jax import config as config_lib
 from sora_jax import video_io
 from sora_jax.data import buckets as buckets_lib
-from sora_jax.data import previews, records, shards, tokenization
+from sora_jax.data import holdout, previews, records, shards, tokenization
+from sora_jax.data import pipeline as pipeline_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import video_fixtures as fx  # noqa: E402
@@ -40,6 +41,8 @@ def make_config(media: pathlib.Path, out: pathlib.Path, **tokenize) -> ml_collec
     c.data.tokenize.inputs_per_shard = UNIT
     c.data.tokenize.max_reject_fraction = 0.9
     c.data.tokenize.min_bucket_clips = 0  # exact assignment here; demotion: test_own_videos
+    c.data.tokenize.holdout_fraction = 0.0  # every clip in the training split, but in
+    # test_holdout_split_is_disjoint_stable_and_never_trained_on
     for k, v in tokenize.items():
         c.data.tokenize[k] = v
     return c
@@ -55,6 +58,7 @@ def cli_args(media: pathlib.Path, out: pathlib.Path) -> list[str]:
         f"--config.data.tokenize.inputs_per_shard={UNIT}",
         "--config.data.tokenize.max_reject_fraction=0.9", "--batch_size=4",
         "--config.data.tokenize.min_bucket_clips=0",
+        "--config.data.tokenize.holdout_fraction=0",
     ]  # fmt: skip
 
 
@@ -181,6 +185,71 @@ def test_two_processes_write_exactly_what_one_writes(media, tokenized, tmp_path)
         ], path
     assert (one / shards.REJECTS).read_text() == (two / shards.REJECTS).read_text()
     assert shards.read_manifest(one)["buckets"] == shards.read_manifest(two)["buckets"]
+
+
+def held_out_records(out: pathlib.Path) -> dict[str, list[dict]]:
+    result = {}
+    for path in sorted(holdout.directory(out).glob("*/*.array_record")):
+        source = grain.sources.ArrayRecordDataSource([str(path)])
+        result[str(path.relative_to(out))] = [
+            records.decode_record(source[i]) for i in range(len(source))
+        ]
+    return result
+
+
+def input_of(record: dict) -> str:
+    return record["source_id"].rsplit("#", 1)[0]  # `<input id>#<first source frame>`
+
+
+def test_holdout_split_is_disjoint_stable_and_never_trained_on(media, tokenized, tmp_path):
+    full, _ = tokenized  # the same inputs without a split
+    fraction = 0.4
+    a, b = tmp_path / "a", tmp_path / "b"
+    tokenization.run(make_config(media, a, holdout_fraction=fraction), tmp_path, batch_size=4)
+    # b: process 0 of 2, then a "restart" that lost unit 0's marker, as one process.
+    config = make_config(media, b, holdout_fraction=fraction)
+    tokenization.run(config, tmp_path, process_index=0, process_count=2, batch_size=4)
+    units_dir = b / tokenization.UNITS
+    (units_dir / "00000.json").unlink()
+    tokenization.run(config, tmp_path, process_index=0, process_count=1, batch_size=4)
+    train_a, held_a = all_records(a), held_out_records(a)
+    for x, y in ((train_a, all_records(b)), (held_a, held_out_records(b))):
+        assert list(x) == list(y)
+        for path in x:
+            assert [records.encode_record(r) for r in x[path]] == [
+                records.encode_record(r) for r in y[path]
+            ], path
+    manifest = shards.read_manifest(a)
+    assert manifest == shards.read_manifest(b)
+
+    # A partition of the inputs: every clip of the split-free dataset on exactly one side.
+    train_ids = {input_of(r) for rs in train_a.values() for r in rs}
+    held_ids = {input_of(r) for rs in held_a.values() for r in rs}
+    assert train_ids and held_ids and not train_ids & held_ids
+    assert all(holdout.held_out(i, 0, fraction) for i in held_ids)
+    assert not any(holdout.held_out(i, 0, fraction) for i in train_ids)
+    everything = sorted(records.encode_record(r) for rs in all_records(full).values() for r in rs)
+    both = [*train_a.values(), *held_a.values()]
+    assert sorted(records.encode_record(r) for rs in both for r in rs) == everything
+    split = manifest["holdout"]
+    assert split["fraction"] == fraction and split["inputs"] == len(held_ids)
+    assert sum(e["count"] for e in split["buckets"].values()) == sum(map(len, held_a.values()))
+    assert all(
+        not f.startswith("holdout/") for e in manifest["buckets"].values() for f in e["files"]
+    )
+    with pytest.raises(ValueError, match="job.json|holdout"):  # a changed split is refused
+        tokenization.run(make_config(media, a, holdout_fraction=0.5), tmp_path)
+
+    # The training pipeline reads every training record of an epoch and no held-out one.
+    pipe = pipeline_lib.Pipeline(
+        a, seed=0, global_batch_size=1, data_parallel=1, prefetch=0, process_index=0,
+        process_count=1, fields=("latents", "source_id"),
+    )  # fmt: skip
+    seen = []
+    for k, spec in enumerate(pipe.buckets):
+        if spec.weight > 0:
+            seen += [str(x) for blk in pipe._reader.epoch_dataset(k, 0) for x in blk["source_id"]]
+    assert sorted(seen) == sorted(r["source_id"] for rs in train_a.values() for r in rs)
 
 
 @pytest.mark.slow
