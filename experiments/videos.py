@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Inputs held out from training, by a hash of their id (docs/tokenize.md, "Held-out
     # split"): about this fraction goes to DATASET/holdout/, where the val_loss,
     # reconstruction and fvd evaluators read it; 0 = none. tiny: a handful of files, so more.
-    c.data.tokenize.holdout_fraction = 0.2 if arg.tiny else 0.05
+    c.data.tokenize.holdout_fraction = 0.15 if arg.tiny else 0.05
     # Sparse buckets: the tokenizer demotes their clips to a fuller bucket of the same aspect
     # ratio (data.tokenize.min_bucket_clips, -1 = one global batch), and the trainer leaves
     # out what stays under one batch, reporting it; data.strict_buckets=True makes it an error.
@@ -70,4 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sample.bucket = next(n for n, b in table.items() if b["frames"] > 1)
     # The demo's prompt_adherence scores its coloured shapes; own videos: validation loss.
     c.evaluate.type = "val_loss"
+    # What val_loss, reconstruction and fvd score against: 'holdout' (the held-out split),
+    # 'synthetic' (synthetic clips; val_loss: the first training batch of each bucket) or
+    # 'auto' (the held-out split when the dataset has one); docs/sampling.md.
+    c.evaluate.reference = "auto"
+    # I3D FVD protocol: clips resampled to this many frames (Unterthiner et al. 2018: 16).
+    c.evaluate.fvd_frames = 16
     return c

@@ -3,7 +3,9 @@ sizes, aspect ratios and frame rates, one broken file; tests/data/video_fixtures
 with the shipped `experiments/videos.py:tiny` and no override but the paths and steps:
 tokenize -> train -> sample -> evaluate, each as its own process. Real data leaves buckets
 of the grid empty or sparse: the tokenizer demotes, the trainer leaves out and reports,
-and every clip is accounted for; `data.strict_buckets=True` keeps the errors."""
+and every clip is accounted for; `data.strict_buckets=True` keeps the errors. The tiny
+preset holds out 15% of the inputs (data.tokenize.holdout_fraction): the evaluators score
+validation loss, reconstruction and Fréchet distance on them, offline."""
 
 import json
 import os
@@ -18,14 +20,18 @@ import pytest
 
 from sora_jax import config as config_lib
 from sora_jax.data import pipeline as pipeline_lib
+from sora_jax.evaluation import evaluators
+from sora_jax.evaluation import requests as requests_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "data"))
 import video_fixtures as fx  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 4
-# Final clips per bucket (video_fixtures.FOLDER): 5x32x32's two clips demoted to 1x32x32.
-COUNTS = {"1x32x32": 6, "9x24x40": 6, "9x32x32": 6, "9x40x24": 2, "5x24x40": 1, "5x16x16": 1}
+# Final clips per bucket (video_fixtures.FOLDER): 5x32x32's two clips demoted to 1x32x32;
+# the inputs held out (relative path hashed with data.tokenize.seed 0) in HELD.
+COUNTS = {"1x32x32": 6, "9x24x40": 6, "9x32x32": 4, "9x40x24": 1, "5x24x40": 1, "5x16x16": 1}
+HELD = {"9x32x32": 2, "9x40x24": 1}
 TRAINED = {"1x32x32", "9x24x40", "9x32x32"}
 
 
@@ -66,7 +72,11 @@ def test_tokenize_demotes_and_accounts_for_every_input(chain):
     inputs = len(fx.FOLDER) + len(fx.FOLDER_BROKEN)
     assert manifest["source"]["num_inputs"] == inputs
     # One clip per good input (clip_stride 0), one reject per broken one: nothing lost.
-    assert sum(counts.values()) == len(fx.FOLDER)
+    held = {n: b["count"] for n, b in manifest["holdout"]["buckets"].items()}
+    assert held == HELD and manifest["holdout"]["inputs"] == sum(HELD.values())
+    assert sum(counts.values()) + sum(held.values()) == len(fx.FOLDER)
+    for name, b in manifest["holdout"]["buckets"].items():
+        assert all(f.startswith(f"holdout/{name}/") and (data / f).is_file() for f in b["files"])
     assert manifest["rejects_by_reason"] == {"unreadable": len(fx.FOLDER_BROKEN)}
     assert manifest["demotion"]["moves"] == [
         {"from": "5x32x32", "to": "1x32x32", "inputs": 2, "clips": 2}
@@ -77,8 +87,8 @@ def test_tokenize_demotes_and_accounts_for_every_input(chain):
         assert all((data / f).is_file() for f in b["files"]), name
     text = chain["tokenize"]
     assert "demoted (data.tokenize.min_bucket_clips): 5x32x32 -> 1x32x32: 2 input(s)" in text
-    assert "4 of 22 clips not trained on" in text
-    assert "suggested for training: --config.data.global_batch_size=2" in text
+    assert "3 of 19 clips not trained on" in text
+    assert "held out (data.tokenize.holdout_fraction=0.15): 3 clip(s) of 3 input(s)" in text
 
 
 def test_train_reports_and_records_every_bucket(chain):
@@ -86,11 +96,10 @@ def test_train_reports_and_records_every_bucket(chain):
     for name in ("1x16x16", "1x24x40", "1x40x24", "5x32x32", "5x40x24"):
         assert f"{name:<20} {0:>8} records: no records" in report
     for name in ("5x16x16", "5x24x40", "9x40x24"):
-        assert f"{name:<20} {COUNTS[name]:>8} records: fewer records than one global batch of 4"
         assert f"{COUNTS[name]:>8} records: fewer records than one global batch of 4" in report
     assert "merged when tokenized (data.tokenize.min_bucket_clips): 5x32x32 -> 1x32x32" in report
-    assert "records: 22 = 18 in trained buckets" in report
-    assert "+ 4 not trained on (4 left out, 0 without weight)" in report
+    assert "records: 19 = 16 in trained buckets" in report
+    assert "+ 3 not trained on (3 left out, 0 without weight)" in report
 
     decisions = json.loads((chain["work"] / "data_buckets.json").read_text())
     fates = {b["bucket"]: b for b in decisions["buckets"]}
@@ -113,9 +122,31 @@ def test_sample_and_evaluate(chain):
     with av.open(video) as f:
         frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
     assert len(frames) == 5  # sample.bucket: the first 1:1 video bucket, 5x32x32
-    scores = json.loads((chain["work"] / "eval" / f"{STEPS}.json").read_text())["scores"]
-    assert {k.split("/")[1] for k in scores if k.startswith("val_loss/")} == TRAINED
+    report = json.loads((chain["work"] / "eval" / f"{STEPS}.json").read_text())
+    scores = report["scores"]  # on the held-out split: its buckets, trained on or not
+    assert report["protocol"]["split"] == "holdout"
+    assert {k: v["rows"] for k, v in report["protocol"]["batches"].items()} == HELD
+    assert {k.split("/")[1] for k in scores if k.startswith("val_loss/")} == set(HELD)
     assert all(np.isfinite(v) for v in scores.values())
+
+
+def test_offline_evaluation_on_the_held_out_clips(chain, tmp_path):
+    media, work = chain["media"], chain["work"]
+    config = _config(media, work)
+    options = requests_lib.SampleOptions.from_config(config.sample, num_steps=2)
+    config.evaluate.type = "reconstruction"  # the pixels tokenizer: lossless
+    rec = evaluators.evaluate(config, work, options, eval_dir=tmp_path / "rec")
+    assert rec["protocol"]["reference"] == "holdout" and rec["scores"]["n"] == sum(HELD.values())
+    clips = rec["protocol"]["holdout_clips"]  # [bucket, input id, k], in input order
+    assert sorted(b for b, _, _ in clips) == ["9x32x32", "9x32x32", "9x40x24"]
+    assert rec["scores"]["psnr_min"] > 40
+    config.evaluate.type = "fvd"
+    fd = evaluators.evaluate(config, work, options, eval_dir=tmp_path / "fd")
+    assert (
+        fd["protocol"]["reference"] == "holdout" and fd["protocol"]["score_key"] == "fd_random_conv"
+    )
+    assert not [k for k in fd["scores"] if k.startswith("fvd")]  # random features: never FVD
+    assert np.isfinite(fd["scores"]["fd_random_conv"]) and fd["scores"]["n"] == 3
 
 
 def _config(media, work, **data) -> ml_collections.ConfigDict:

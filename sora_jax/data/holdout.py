@@ -5,9 +5,11 @@ An input is held out when a hash of its id and the split's seed, read as a numbe
 
     u(id) = int(sha256(f"{seed}:{id}")[:8]) / 2**64,   held out  <=>  u(id) < fraction
 
-The decision depends on nothing but the input's id (`source.input_id`: the file path as
-the source lists it, `<part>:<id>` in a mixture) and the seed, so it is the same across a
-restart, any number of processes and a re-tokenization with more inputs. Every clip of a
+The `id` is the input's id (`source.input_id`: the file path, `<part>:<id>` in a mixture)
+with the source's folder (or the manifest's directory) removed, so `clips/a.mp4` keeps its
+side when the data moves. The decision depends on nothing but that id and the seed, so it
+is the same across a restart, any number of processes and a re-tokenization with more
+inputs. Every clip of a
 held-out input is held out (no near-duplicate windows on both sides). A count ("hold out
 100 inputs") is not offered: it would need the whole input list, and adding inputs would
 move earlier ones across the split.
@@ -31,7 +33,7 @@ import numpy as np
 from sora_jax.data import records, shards
 
 HOLDOUT = "holdout"  # the split's directory under DATASET
-RULE = "int(sha256(f'{seed}:{input_id}')[:8]) / 2**64 < fraction"
+RULE = "int(sha256(f'{seed}:{id}')[:8]) / 2**64 < fraction, id = input id without the source root"
 
 
 def options(config) -> tuple[float, int]:
@@ -54,11 +56,32 @@ def held_out(input_id: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def predicate(source, fraction: float, seed: int) -> Callable[[int], bool] | None:
-    """`input index -> held out?` for `source`, or None when there is no split."""
+def _roots(section) -> list[str]:
+    """The folders and manifest directories named anywhere in a `data.source` section."""
+    out = []
+    if section.get("folder"):
+        out.append(str(pathlib.Path(section["folder"])))
+    if section.get("manifest"):
+        out.append(str(pathlib.Path(section["manifest"]).parent))
+    for part in (section.get("parts") or {}).values():
+        out += _roots(part)
+    return out
+
+
+def key(source_config, input_id: str) -> str:
+    """The id the split hashes: `input_id` without the source's root directories."""
+    section = source_config.to_dict() if hasattr(source_config, "to_dict") else source_config
+    for root in sorted(_roots(section), key=len, reverse=True):
+        input_id = input_id.replace(root.rstrip("/") + "/", "")
+    return input_id
+
+
+def predicate(source, source_config, fraction: float, seed: int) -> Callable[[int], bool] | None:
+    """`input index -> held out?` for `source` (built from `source_config`), or None when
+    there is no split."""
     if fraction <= 0.0:
         return None
-    return lambda i: held_out(source.input_id(i), seed, fraction)
+    return lambda i: held_out(key(source_config, source.input_id(i)), seed, fraction)
 
 
 def directory(dataset_dir: str | pathlib.Path) -> pathlib.Path:

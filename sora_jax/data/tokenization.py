@@ -197,7 +197,7 @@ def run(
     num_units = -(-len(source) // per_unit)
     mine = [u for u in range(num_units) if u % process_count == process_index]
     todo = [u for u in mine if not units.unit_marker(out, u).exists()]
-    held_out = holdout.predicate(source, *holdout.options(config))
+    held_out = holdout.predicate(source, config.data.source, *holdout.options(config))
     work = {u: range(u * per_unit, min((u + 1) * per_unit, len(source))) for u in todo}
     encoder = units.Encoder(
         tokenizer, text_encoder, batch_size, text_lib.embed_mode(config.text_encoder)

@@ -36,8 +36,10 @@ import jax
 import ml_collections
 import numpy as np
 
+from sora_jax.data import buckets as buckets_lib
+from sora_jax.data import global_batch as rows_lib
+from sora_jax.data import holdout, shards, sources, synthetic, tokenization
 from sora_jax.data import pipeline as pipeline_lib
-from sora_jax.data import synthetic
 from sora_jax.diffusion import validation
 from sora_jax.evaluation import adherence, features, frechet, generate, metrics
 from sora_jax.evaluation import requests as requests_lib
@@ -66,6 +68,64 @@ def _generate(gen, options, prompts, indices, batch) -> np.ndarray:
     """Videos for `prompts` with noise indices `indices`, padded to one compiled batch."""
     videos, _ = gen.generate(prompts, options, indices=indices, pad_to=batch)
     return videos
+
+
+# --- the reference clips: held-out inputs of the dataset, or synthetic -----------------
+
+REFERENCES = ("auto", "holdout", "synthetic")
+
+
+def _manifest(config) -> dict[str, Any] | None:
+    """The dataset's manifest (`data.dataset_dir`, resolved by `evaluate`), if tokenized."""
+    out = tokenization.dataset_dir(config, "")
+    return shards.read_manifest(out) if (out / shards.MANIFEST).is_file() else None
+
+
+def reference(config) -> str:
+    """`evaluate.reference`: 'holdout' (the dataset's held-out split), 'synthetic' (clips of
+    the synthetic set with the held-out seed) or 'auto' (the split when it holds clips)."""
+    ref = config.evaluate.get("reference", "auto")
+    if ref not in REFERENCES:
+        raise ValueError(f"evaluate.reference={ref!r} is unknown; known: {list(REFERENCES)}")
+    if ref == "synthetic":
+        return ref
+    manifest = _manifest(config)
+    has = bool(manifest and holdout.split(manifest)["buckets"])
+    if ref == "holdout" and not has:
+        raise ValueError(
+            f"evaluate.reference='holdout' but the dataset {tokenization.dataset_dir(config, '')} "
+            "has no held-out clips: tokenize with data.tokenize.holdout_fraction > 0 "
+            "(docs/tokenize.md), or set evaluate.reference='synthetic'"
+        )
+    return "holdout" if has else "synthetic"
+
+
+def _holdout_items(config) -> list[tuple[str, int, int]]:
+    return holdout.clip_list(_manifest(config))[: int(config.evaluate.num_videos)]
+
+
+def _source(config):
+    table = buckets_lib.buckets_from_config(config.data)
+    return sources.build_source(
+        config.data.source, table, sources.ClipOptions.from_config(config.data)
+    )
+
+
+def _holdout_clips(config, indices) -> list[sources.Clip]:
+    """The held-out clips `indices` cut again from `data.source`: the pixels (in [-1, 1])
+    that were tokenized, not a decoding of their latents."""
+    items, source, out = _holdout_items(config), _source(config), []
+    for i in indices:
+        bucket, index, k = items[i]
+        clips = [c for c in source.clips(index) if c.bucket == bucket]
+        if k >= len(clips):
+            raise ValueError(
+                f"held-out input {source.input_id(index)!r} now gives {len(clips)} clip(s) in "
+                f"bucket {bucket!r}, the dataset holds more: data.source or data.tokenize "
+                "differ from the tokenization's; evaluate with the config that made the data"
+            )
+        out.append(clips[k])
+    return out
 
 
 # --- prompt_adherence -------------------------------------------------------------------
@@ -129,6 +189,13 @@ def _real_clips(config, options, indices) -> np.ndarray:
 
 def _reconstruction_compute(config, gen, options, indices, batch):
     tokenizer = gen.tokenizer if gen else tokenizer_lib.build_tokenizer(config.tokenizer)
+    if reference(config) == "holdout":  # one clip at a time: buckets differ in shape
+        out = []
+        for clip in _holdout_clips(config, indices):
+            c = np.asarray(clip.video, np.float32)
+            r = np.clip(np.asarray(tokenizer.decode(tokenizer.encode(c[None])), np.float32), -1, 1)
+            out.append({"psnr": metrics.psnr(r[0], c), "ssim": metrics.ssim(r[0], c)})
+        return out
     clips = _real_clips(config, options, indices)
     recon = np.clip(np.asarray(tokenizer.decode(tokenizer.encode(clips)), np.float32), -1, 1)
     return [
@@ -174,9 +241,15 @@ def _padded(fn, x: np.ndarray, rows: int) -> np.ndarray:
 
 def _fvd_compute(config, gen, options, indices, batch):
     feats = _feature_fn(config)
-    real = _real_clips(config, options, indices)
-    seed = held_out_seed(config)
-    prompts = [synthetic.clip_spec(i, seed).caption for i in indices]
+    if reference(config) == "holdout":
+        t, h, w = _shape(config, options)  # every real clip resampled to the sampled shape
+        clips = _holdout_clips(config, indices)
+        real = np.stack([features.resample(c.video[None], t, h, w)[0] for c in clips])
+        prompts = [c.caption for c in clips]
+    else:
+        real = _real_clips(config, options, indices)
+        seed = held_out_seed(config)
+        prompts = [synthetic.clip_spec(i, seed).caption for i in indices]
     fake = _generate(gen, options, prompts, indices, batch)
     fr, ff = _padded(feats, real, batch), _padded(feats, fake, batch)
     return [{"real": a, "generated": b} for a, b in zip(fr, ff, strict=True)]
@@ -185,9 +258,9 @@ def _fvd_compute(config, gen, options, indices, batch):
 def _fvd_aggregate(config, items):
     real = np.stack([x["real"] for x in items])
     fake = np.stack([x["generated"] for x in items])
-    fvd = frechet.frechet_distance(*frechet.gaussian_stats(real), *frechet.gaussian_stats(fake))
+    fd = frechet.frechet_distance(*frechet.gaussian_stats(real), *frechet.gaussian_stats(fake))
     return {
-        "fvd": float(fvd),
+        features.score_key(config): float(fd),  # fvd_i3d or fd_random_conv
         "n": len(items),
         "feature_dim": int(real.shape[1]),
         "features": config.evaluate.get("fvd_features", "random_conv"),
@@ -203,7 +276,24 @@ def _protocol(kind: str):
             "clip_shape": [t, h, w],
             "tokenizer": config.tokenizer.to_dict(),
         }
-        if kind in ("reconstruction", "fvd"):
+        p["num_items"] = _count(config)
+        ref = reference(config) if kind in ("reconstruction", "fvd") else ""
+        if ref == "holdout":
+            p["reference"] = "holdout"
+            p["dataset"] = str(tokenization.dataset_dir(config, ""))
+            p["holdout_rule"] = holdout.split(_manifest(config))["rule"]
+            source = _source(config)
+            p["clips"] = (
+                "held-out clip i (bucket, input, k-th clip of the input in the bucket), cut "
+                "again from data.source: the pixels that were tokenized"
+            )
+            p["holdout_clips"] = [[b, source.input_id(i), k] for b, i, k in _holdout_items(config)]
+            if kind == "fvd":
+                p["resample"] = (
+                    "real clips to clip_shape: evenly spaced frames (nearest), bilinear space"
+                )
+        elif ref == "synthetic":
+            p["reference"] = "synthetic"
             p["held_out_seed"] = held_out_seed(config)
             p["clips"] = "synthetic.synthetic_clip(i, held_out_seed, T, H, W), i < num_items"
         if kind in ("prompt_adherence", "fvd"):
@@ -213,13 +303,19 @@ def _protocol(kind: str):
             p["prompt_seed"] = adherence_prompt_seed(config)
             p["prompts"] = "synthetic.clip_spec(i, prompt_seed).caption, i < num_items"
         if kind == "fvd":
-            p["prompts"] = "synthetic.clip_spec(i, held_out_seed).caption: the clips' captions"
-        if kind == "fvd":
+            p["prompts"] = (
+                "the held-out clips' captions"
+                if ref == "holdout"
+                else "synthetic.clip_spec(i, held_out_seed).caption: the clips' captions"
+            )
             name = config.evaluate.get("fvd_features", "random_conv")
             p["features"] = name
+            p["score_key"] = features.score_key(config)
             if name == "i3d":
                 p["fvd_weights"] = str(config.evaluate.get("fvd_weights", ""))
-                p["fvd_resize"] = int(config.evaluate.get("fvd_resize", 224))
+                p["fvd_resize"] = int(config.evaluate.get("fvd_resize", features.FVD_SIZE))
+                p["fvd_frames"] = int(config.evaluate.get("fvd_frames", features.FVD_FRAMES))
+                p["i3d_input"] = "clips resampled to fvd_frames x fvd_resize^2 (features.py)"
                 p["i3d_output"] = "logits (400-d)"
             else:
                 p["note"] = "random_conv: a sanity metric, not comparable to published FVD"
@@ -229,7 +325,10 @@ def _protocol(kind: str):
 
 
 def _count(config) -> int:
-    return int(config.evaluate.num_videos)
+    n = int(config.evaluate.num_videos)
+    if config.evaluate.type in ("reconstruction", "fvd") and reference(config) == "holdout":
+        return len(_holdout_items(config))  # at most num_videos
+    return n
 
 
 ITEM_EVALUATORS = {
@@ -250,24 +349,78 @@ ITEM_EVALUATORS = {
 # --- val_loss (one fixed batch per bucket; not sharded) ----------------------------------
 
 
+def _noise_protocol(config) -> dict[str, Any]:
+    return {
+        "noise_seed": int(config.seed) + 1,
+        "noise": "normal(fold_in(key(noise_seed), flow.PURPOSE_NOISE)), shared by all times",
+        "times": list(validation.DEFAULT_TIMES),
+        "task": "t2v",
+    }
+
+
 def _val_loss_protocol(config, pipe) -> dict[str, Any]:
-    """What `val_loss` computes: per bucket of positive weight, the validation loss
-    (sora_jax.diffusion.validation) of its first batch in the data schedule, at the grid
-    `times`, with the noise of `noise_seed` (the seed the eval hook uses, `seed + 1`)."""
+    """What `val_loss` computes on training data: per bucket of positive weight, the
+    validation loss (sora_jax.diffusion.validation) of its first batch in the data schedule,
+    at the grid `times`, with the noise of `noise_seed` (the seed the eval hook uses,
+    `seed + 1`)."""
     first = pipe.first_step_of_each_bucket()
     return {
         "type": "val_loss",
+        "split": "train",
         "batches": {
             b.key: {"step": first[b.key], "rows": b.global_batch}
             for b in pipe.buckets
             if b.weight > 0
         },
         "data": "training records: the batch the data schedule draws at `step`",
-        "noise_seed": int(config.seed) + 1,
-        "noise": "normal(fold_in(key(noise_seed), flow.PURPOSE_NOISE)), shared by all times",
-        "times": list(validation.DEFAULT_TIMES),
-        "task": "t2v",
+        **_noise_protocol(config),
     }
+
+
+def _holdout_batches(config, mesh) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per bucket of the held-out split (and of `data.buckets`), its first
+    `min(count, evaluate.num_videos)` records rounded down to a multiple of the mesh's data
+    parallelism, as this process's host batch; and the protocol."""
+    out = tokenization.dataset_dir(config, "")
+    manifest = _manifest(config)
+    shards.check_manifest_matches(
+        manifest, tokenization.expected_manifest_fields(config), dataset_dir=out
+    )
+    split = holdout.split(manifest)
+    fields = pipeline_lib.step_fields(manifest)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    layout = rows_lib.row_layout(mesh)
+    cap = int(config.evaluate.num_videos)
+    batches, used, skipped = {}, {}, {}
+    for name, entry in split["buckets"].items():
+        rows = min(entry["count"], cap) // dp * dp
+        if name not in config.data.buckets:
+            skipped[name] = "not in data.buckets"
+        elif rows == 0:
+            skipped[name] = f"{entry['count']} held-out clip(s), fewer than data x fsdp = {dp}"
+        else:
+            full = holdout.read_bucket(out, manifest, name, fields, rows)
+            sel = layout.rows(rows)  # this process's rows of the batch
+            batches[name] = {**{f: full[f][sel] for f in fields}, "layout": layout}
+            used[name] = {"rows": rows, "of": entry["count"], "files": entry["files"]}
+    if not batches:
+        raise ValueError(
+            f"no bucket of the held-out split of {out} fills a batch ({skipped}): raise "
+            "data.tokenize.holdout_fraction, or set evaluate.reference='synthetic' to score "
+            "the first training batch of each bucket instead"
+        )
+    protocol = {
+        "type": "val_loss",
+        "split": "holdout",
+        "dataset": str(out),
+        "holdout_rule": split["rule"],
+        "batches": used,
+        "skipped": skipped,
+        "data": "held-out records (DATASET/holdout): the first `rows` of each bucket, in "
+        "file order",
+        **_noise_protocol(config),
+    }
+    return batches, protocol
 
 
 def val_loss(
@@ -276,17 +429,25 @@ def val_loss(
     generator: generate.Generator,
     options: requests_lib.SampleOptions,
 ) -> dict[str, Any]:
+    """On the held-out split when the dataset has one (`evaluate.reference`), else on the
+    first training batch of each bucket; the protocol's `split` says which."""
     del options  # no sampling: the loss of the checkpoint's weights at fixed times
     mesh = generator.mesh
-    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-    pipe = pipeline_lib.from_config(config, workdir, data_parallel=data_parallel)
-    try:
-        protocol = _val_loss_protocol(config, pipe)
-        loss = ValidationLoss(config, pipe, generator.model, mesh)
+    if reference(config) == "holdout":
+        batches, protocol = _holdout_batches(config, mesh)
+        loss = ValidationLoss(config, None, generator.model, mesh, batches=batches)
         with jax.set_mesh(mesh):
             scores = loss(generator.params)
-    finally:
-        pipe.close()
+    else:
+        data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+        pipe = pipeline_lib.from_config(config, workdir, data_parallel=data_parallel)
+        try:
+            protocol = _val_loss_protocol(config, pipe)
+            loss = ValidationLoss(config, pipe, generator.model, mesh)
+            with jax.set_mesh(mesh):
+                scores = loss(generator.params)
+        finally:
+            pipe.close()
     scores = {k.removeprefix("eval/"): v for k, v in scores.items()}
     return {"scores": scores, "protocol": protocol}
 
@@ -325,6 +486,9 @@ def evaluate(
         raise ValueError(f"evaluate.type={name!r} is unknown; known: {sorted(EVALUATORS)}")
     workdir = pathlib.Path(workdir)
     evaluator = EVALUATORS[name]
+    config = config.copy_and_resolve_references()  # the dataset directory made explicit
+    with config.unlocked():
+        config.data.dataset_dir = str(tokenization.dataset_dir(config, workdir))
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
     needs_gen = not isinstance(evaluator, ItemEvaluator) or evaluator.needs_generator

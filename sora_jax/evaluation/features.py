@@ -1,21 +1,27 @@
-r"""Video feature networks for the Fréchet video distance, chosen by
-`evaluate.fvd_features`:
+r"""Video feature networks for Fréchet distances between sets of clips, chosen by
+`evaluate.fvd_features`; the score's key names the network (`score_key`), so a number
+made with random features is never reported as FVD:
 
-- `i3d`: the I3D network (sora_jax.evaluation.i3d) with weights from the user-supplied
-  `evaluate.fvd_weights` .npz; clips are resized to `evaluate.fvd_resize` pixels square
-  (224 in the FVD protocol of Unterthiner et al. 2018) and mapped to 400-d logits. With
-  Kinetics-400 weights this is the published FVD protocol up to the resize filter.
-- `random_conv`: a weight-free sanity metric: three 3x3x3 convolutions (32, 64, 128
-  channels, stride 2 in space, ReLU) with weights drawn from the fixed seed 0 (LeCun
-  normal), then mean and standard deviation over time and space -> 256-d. It moves when
-  clips' colours, shapes or motion move, so it tracks progress within one setup, but its
-  numbers are NOT comparable to published FVD values.
+- `i3d` -> `fvd_i3d`: the I3D network (sora_jax.evaluation.i3d) with weights from the
+  user-supplied `evaluate.fvd_weights` .npz, on clips resampled to the protocol of
+  Unterthiner et al. 2018, "Towards Accurate Generative Models of Video": 16 frames
+  (`evaluate.fvd_frames`; evenly spaced source frames, nearest index, so shorter clips
+  repeat frames) at 224 x 224 (`evaluate.fvd_resize`; bilinear, antialiased when
+  shrinking, aspect ratio not kept), mapped to the 400-d logits. Only with Kinetics-400
+  weights converted from the public release is this the published FVD; the Flax I3D has
+  no converter or parity test against that release here (docs/sampling.md).
+- `random_conv` -> `fd_random_conv`: a weight-free sanity metric: three 3x3x3
+  convolutions (32, 64, 128 channels, stride 2 in space, ReLU) with weights drawn from
+  the fixed seed 0 (LeCun normal), then mean and standard deviation over time and space
+  -> 256-d. It moves when clips' colours, shapes or motion move, so it tracks progress
+  within one setup, but its numbers are NOT comparable to published FVD values.
 
 Each entry maps `[N, T, H, W, 3]` float clips in [-1, 1] to `[N, D]` float64 features.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -26,6 +32,8 @@ from flax import linen as nn
 from sora_jax.evaluation import i3d
 
 RANDOM_CONV_SEED = 0
+FVD_FRAMES, FVD_SIZE = 16, 224  # the FVD protocol's clip (Unterthiner et al. 2018)
+SCORE_KEYS = {"i3d": "fvd_i3d", "random_conv": "fd_random_conv"}
 
 
 class RandomConv3D(nn.Module):
@@ -38,12 +46,23 @@ class RandomConv3D(nn.Module):
         return jnp.concatenate([x.mean(axis=(1, 2, 3)), x.std(axis=(1, 2, 3))], -1)
 
 
-def _resize(video: jax.Array, size: int) -> jax.Array:
-    """`[N, T, H, W, 3]` -> `[N, T, size, size, 3]` bilinear (antialiased when shrinking)."""
-    if not size or video.shape[2:4] == (size, size):
-        return video
-    n, t, _, _, c = video.shape
-    return jax.image.resize(video, (n, t, size, size, c), "bilinear")
+def resample(video: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
+    """`[N, T, H, W, 3]` -> `[N, frames, height, width, 3]`: `frames` evenly spaced source
+    frames (index `round(j (T - 1) / (frames - 1))`), then bilinear in space (antialiased
+    when shrinking)."""
+    video = np.asarray(video, np.float32)
+    n, t, h, w, c = video.shape
+    if frames and frames != t:
+        video = video[:, np.round(np.linspace(0, t - 1, frames)).astype(int)]  # [N, F, H, W, C]
+    if (height, width) != (h, w):
+        shape = (n, video.shape[1], height, width, c)
+        video = np.asarray(_resize(jnp.asarray(video), shape))
+    return video
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _resize(video: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.image.resize(video, shape, "bilinear")
 
 
 def random_conv(config) -> Callable[[np.ndarray], np.ndarray]:
@@ -55,11 +74,21 @@ def random_conv(config) -> Callable[[np.ndarray], np.ndarray]:
 
 def i3d_features(config) -> Callable[[np.ndarray], np.ndarray]:
     variables = i3d.load_weights(config.evaluate.get("fvd_weights", ""))
-    size = int(config.evaluate.get("fvd_resize", 224))
-    resize = jax.jit(_resize, static_argnums=1)
-    return lambda clips: np.asarray(
-        i3d.apply(variables, resize(jnp.asarray(clips, jnp.float32), size))["logits"], np.float64
-    )
+    size = int(config.evaluate.get("fvd_resize", FVD_SIZE))
+    frames = int(config.evaluate.get("fvd_frames", FVD_FRAMES))
+    fn = jax.jit(lambda v: i3d.apply(variables, v)["logits"])
+
+    def features(clips: np.ndarray) -> np.ndarray:
+        _, _, h, w, _ = np.shape(clips)
+        clips = resample(clips, frames, size or h, size or w)  # [N, 16, 224, 224, 3]
+        return np.asarray(fn(jnp.asarray(clips)), np.float64)
+
+    return features
+
+
+def score_key(config) -> str:
+    """The report's key of the distance: `fvd_i3d` or `fd_random_conv`."""
+    return SCORE_KEYS[config.evaluate.get("fvd_features", "random_conv")]
 
 
 FEATURES = {"i3d": i3d_features, "random_conv": random_conv}

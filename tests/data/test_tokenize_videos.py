@@ -226,8 +226,10 @@ def test_holdout_split_is_disjoint_stable_and_never_trained_on(media, tokenized,
     train_ids = {input_of(r) for rs in train_a.values() for r in rs}
     held_ids = {input_of(r) for rs in held_a.values() for r in rs}
     assert train_ids and held_ids and not train_ids & held_ids
-    assert all(holdout.held_out(i, 0, fraction) for i in held_ids)
-    assert not any(holdout.held_out(i, 0, fraction) for i in train_ids)
+    src = config.data.source
+    assert all(holdout.held_out(holdout.key(src, i), 0, fraction) for i in held_ids)
+    assert not any(holdout.held_out(holdout.key(src, i), 0, fraction) for i in train_ids)
+    assert holdout.key(src, str(media / "sub" / "a.mp4")) == "sub/a.mp4"  # moves with the data
     everything = sorted(records.encode_record(r) for rs in all_records(full).values() for r in rs)
     both = [*train_a.values(), *held_a.values()]
     assert sorted(records.encode_record(r) for rs in both for r in rs) == everything

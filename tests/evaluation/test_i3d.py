@@ -89,3 +89,13 @@ def test_fvd_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     values = [fvd(s) for s in (0.0, 0.1, 0.3, 0.6)]
     assert abs(values[0]) < 1e-8
     assert all(a < b for a, b in zip(values, values[1:])), values
+
+
+def test_clips_are_resampled_to_the_fvd_protocol_and_scores_name_their_network():
+    clips = np.stack([synthetic.synthetic_clip(i, 7, 5, 16, 24)["video"] for i in range(2)])
+    out = features.resample(clips, features.FVD_FRAMES, 32, 32)
+    assert out.shape == (2, 16, 32, 32, 3)  # 5 frames -> 16: evenly spaced, repeated
+    np.testing.assert_array_equal(features.resample(clips, 16, 16, 24)[:, -1], clips[:, -1])
+    np.testing.assert_array_equal(features.resample(clips, 3, 16, 24), clips[:, [0, 2, 4]])
+    assert features.score_key(_config(fvd_features="i3d")) == "fvd_i3d"
+    assert features.score_key(_config(fvd_features="random_conv")) == "fd_random_conv"

@@ -53,9 +53,11 @@ def test_interrupted_and_split_runs_give_the_uninterrupted_numbers(setup, tmp_pa
     full = _evaluate(setup, tmp_path / "full")
     assert full["computed"] == 6 and full["scores"]["n"] == 6
     assert full["scores"]["features"] == "random_conv" and full["scores"]["feature_dim"] == 256
-    assert np.isfinite(full["scores"]["fvd"]) and full["scores"]["fvd"] > 0
+    assert np.isfinite(full["scores"]["fd_random_conv"]) and full["scores"]["fd_random_conv"] > 0
+    assert not [k for k in full["scores"] if k.startswith("fvd")]  # random features: no FVD
+    assert full["protocol"]["reference"] == "synthetic"  # the synthetic data has no split
     written = json.loads((tmp_path / "full" / f"{full['checkpoint_step']}.json").read_text())
-    assert written["scores"]["fvd"] == full["scores"]["fvd"]
+    assert written["scores"]["fd_random_conv"] == full["scores"]["fd_random_conv"]
     assert written["protocol"]["features"] == "random_conv"
     assert written["protocol"]["num_items"] == 6
 
@@ -65,14 +67,18 @@ def test_interrupted_and_split_runs_give_the_uninterrupted_numbers(setup, tmp_pa
     assert not (tmp_path / "resumed" / f"{full['checkpoint_step']}.json").exists()
     again = _evaluate(setup, tmp_path / "resumed")
     assert again["computed"] == 3  # only the missing items
-    assert again["scores"]["fvd"] == pytest.approx(full["scores"]["fvd"], rel=1e-9, abs=1e-12)
+    assert again["scores"]["fd_random_conv"] == pytest.approx(
+        full["scores"]["fd_random_conv"], rel=1e-9, abs=1e-12
+    )
 
     # Two processes sharing the items: process 1 first, then process 0 aggregates.
     one = _evaluate(setup, tmp_path / "split", process_index=1, process_count=2)
     assert one == {**one, "computed": 3} and "scores" not in one
     zero = _evaluate(setup, tmp_path / "split", process_index=0, process_count=2)
     assert zero["computed"] == 3
-    assert zero["scores"]["fvd"] == pytest.approx(full["scores"]["fvd"], rel=1e-9, abs=1e-12)
+    assert zero["scores"]["fd_random_conv"] == pytest.approx(
+        full["scores"]["fd_random_conv"], rel=1e-9, abs=1e-12
+    )
     items = tmp_path / "split" / str(full["checkpoint_step"]) / "fvd"
     assert (items / "done-0.txt").read_text().split() == ["0", "1", "2"]
     assert (items / "done-1.txt").read_text().split() == ["3", "4", "5"]
@@ -160,6 +166,7 @@ def test_val_loss_report_records_the_batches_noise_and_times_it_used(setup, tmp_
     p = written["protocol"]
     assert "sampling" not in p and not SAMPLE_OPTION_NAMES & set(p), sorted(p)
     assert p["times"] == list(validation.DEFAULT_TIMES)
+    assert p["split"] == "train"  # no held-out split in the synthetic data
 
     # The loss of each recorded batch with the recorded noise seed, times and task is the
     # score: the record is enough to compute the numbers again.
