@@ -5,20 +5,30 @@ space (fixed seed), measures each video's dominant colour and motion direction f
 pixels (sora_jax.evaluation.adherence, no learned weights) and reports the fraction that
 match the prompt, next to chance (1/6 colour, 1/4 direction, 1/24 both).
 
+The reference (`evaluate.reference`, `reference`): 'holdout', the dataset's held-out split
+(sora_jax.data.holdout; made by `data.tokenize.holdout_fraction`), 'synthetic', or 'auto'
+(default): the held-out split when the tokenized dataset has one, else synthetic.
+
 `val_loss`: the fixed-noise, fixed-time validation loss (sora_jax.diffusion.validation) of
-the checkpoint on one fixed batch per bucket (the first batch the schedule draws from it),
-overall and per time; the same numbers the trainer's eval hook logs as `eval/val_*`.
+the checkpoint, overall and per time, per bucket: on the held-out split, the first
+`min(count, evaluate.num_videos)` held-out records of each bucket (rounded down to a
+multiple of data x fsdp); otherwise on one fixed training batch per bucket (the first
+batch the schedule draws from it), the numbers the trainer's eval hook logs as `eval/val_*`.
+The protocol's `split` says which (`holdout` or `train`).
 
 `reconstruction`: the tokenizer's PSNR and SSIM (sora_jax.evaluation.metrics) on
-`evaluate.num_videos` held-out synthetic clips at the sample bucket's shape: clips
-0 .. n-1 of the synthetic set with seed `data.source.seed + HELD_OUT_SEED_OFFSET +
-evaluate.seed`, never the training clips (seed `data.source.seed`). Needs no checkpoint.
+`evaluate.num_videos` reference clips: held-out clips cut again from `data.source` (the
+pixels that were tokenized, each at its bucket's shape), or clips 0 .. n-1 of the
+synthetic set with seed `data.source.seed + HELD_OUT_SEED_OFFSET + evaluate.seed` at the
+sample bucket's shape, never the training clips (seed `data.source.seed`). Needs no
+checkpoint.
 
-`fvd`: the Fréchet distance (sora_jax.evaluation.frechet) between features of the same
-held-out clips rendered at the bucket shape (real) and videos sampled for their captions
-(generated, noise index = clip index), with the feature network `evaluate.fvd_features`
-(sora_jax.evaluation.features: 'i3d' with `evaluate.fvd_weights`, or the weight-free
-'random_conv' sanity metric, not comparable to published FVD).
+`fvd`: the Fréchet distance (sora_jax.evaluation.frechet) between features of the
+reference clips (real; held-out clips resampled to the sample bucket's shape) and videos
+sampled for their captions (generated, noise index = clip index), with the feature network
+`evaluate.fvd_features` (sora_jax.evaluation.features). The score's key names it:
+`fvd_i3d` (I3D, clips resampled to 16 x 224 x 224) or `fd_random_conv` (the weight-free
+sanity metric, not comparable to published FVD).
 
 The item evaluators (all but val_loss) are sharded over processes and resumable item by
 item (sora_jax.evaluation.items); their `protocol.json` records what each item computes.

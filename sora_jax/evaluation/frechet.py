@@ -16,7 +16,8 @@ round-off (Tr((sigma1^{1/2} sigma2 sigma1^{1/2})^{1/2}) equals the same with 1 a
 
 The function returns d², the value reported as FID/FVD. The feature network is pluggable:
 this module takes any `[N, D]` features; the `fvd` evaluator (sora_jax.evaluation.evaluators)
-gets them from sora_jax.evaluation.features (I3D or a fixed random 3D conv net).
+gets them from sora_jax.evaluation.features and reports d² under a key naming the network:
+`fvd_i3d` (I3D) or `fd_random_conv` (a fixed random 3D conv net, not FVD).
 """
 
 from __future__ import annotations

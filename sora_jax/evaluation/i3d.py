@@ -18,8 +18,8 @@ A mixed block has four branches concatenated on channels: 1x1x1; 1x1x1 -> 3x3x3;
 averages the logits over the temporal positions of the final feature map; here the pool is
 over time and space before the logits conv, which is the same linear map.
 
-Input: `[B, T, H, W, 3]` RGB in [-1, 1] (the range of the release). FVD resizes clips to
-224 x 224 first (`fvd_resize` in sora_jax.evaluation.features).
+Input: `[B, T, H, W, 3]` RGB in [-1, 1] (the range of the release). FVD resamples clips to
+16 frames of 224 x 224 first (`features.resample`, `fvd_frames`, `fvd_resize`).
 
 Weights are never downloaded: `load_weights(path)` reads a user-supplied `.npz` whose
 array names are the '/'-joined variable paths of this module, e.g.
