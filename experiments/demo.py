@@ -141,6 +141,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.tokenize.max_reject_fraction = 0.05
     # A bucket left with fewer clips demotes them to a fuller one; -1 = one global batch, 0 = off.
     c.data.tokenize.min_bucket_clips = -1
+    # Fraction of inputs held out from training by a hash of their id (DATASET/holdout/, the
+    # reference of val_loss, reconstruction and fvd; docs/tokenize.md); 0 = no held-out split.
+    c.data.tokenize.holdout_fraction = 0.0
     # Samples per step over all devices and processes.
     c.data.global_batch_size = 16 if arg.tiny else 32
     # Host batches prefetched in a background thread.
@@ -284,6 +287,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evaluate.fvd_weights = ""
     # Side in pixels clips are resized to for I3D (224 in the FVD protocol); 0 = as sampled.
     c.evaluate.fvd_resize = 224
+    # Frames per clip fed to I3D (16 in the FVD protocol), resampled evenly.
+    c.evaluate.fvd_frames = 16
+    # What val_loss, reconstruction and fvd compare against: 'holdout' (the dataset's held-out
+    # split), 'synthetic' (synthetic clips), 'auto' (holdout when the dataset has one).
+    c.evaluate.reference = "auto"
     return c
 
 
