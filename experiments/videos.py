@@ -76,4 +76,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.evaluate.reference = "auto"
     # I3D FVD protocol: clips resampled to this many frames (Unterthiner et al. 2018: 16).
     c.evaluate.fvd_frames = 16
+    # The evaluators the trainer runs, each every `every_steps` (0 = only offline), and
+    # `sora_jax.evaluate` runs on a checkpoint (all, or --evals=name,...): name -> type,
+    # schedule and the `evaluate` fields it overrides; results in WORKDIR/eval/<step>/<name>.json
+    # and as `eval/<name>/<score>` in metrics.jsonl and TensorBoard (docs/sampling.md).
+    # On the held-out split: validation loss often, reconstruction and Fréchet distance
+    # (random features: `fd_random_conv`; fvd_features='i3d' with weights gives `fvd_i3d`)
+    # less often. tiny: every other step and at the end of a 4-step run, on 3 clips.
+    period = 2 if arg.tiny else 500
+    c.evals = ml_collections.ConfigDict()
+    c.evals.val_loss = dict(type="val_loss", every_steps=period)
+    c.evals.reconstruction = dict(type="reconstruction", every_steps=2 * period)
+    c.evals.fd = dict(type="fvd", every_steps=2 * period, num_videos=8 if arg.tiny else 256)
     return c

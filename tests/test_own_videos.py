@@ -4,8 +4,9 @@ with the shipped `experiments/videos.py:tiny` and no override but the paths and 
 tokenize -> train -> sample -> evaluate, each as its own process. Real data leaves buckets
 of the grid empty or sparse: the tokenizer demotes, the trainer leaves out and reports,
 and every clip is accounted for; `data.strict_buckets=True` keeps the errors. The tiny
-preset holds out 15% of the inputs (data.tokenize.holdout_fraction): the evaluators score
-validation loss, reconstruction and Fréchet distance on them, offline."""
+preset holds out 15% of the inputs (data.tokenize.holdout_fraction): its `config.evals`
+score validation loss, reconstruction and Fréchet distance on them, in training on their
+schedules and offline on the checkpoint, with identical numbers."""
 
 import json
 import os
@@ -22,6 +23,7 @@ from sora_jax import config as config_lib
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.evaluation import evaluators
 from sora_jax.evaluation import requests as requests_lib
+from sora_jax.training import metrics as metrics_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "data"))
 import video_fixtures as fx  # noqa: E402
@@ -59,6 +61,8 @@ def chain(tmp_path_factory):
     out = {"media": media, "work": work}
     out["tokenize"] = run("tokenize", media, work)
     out["train"] = run("train", media, work)
+    # What the trainer evaluated, kept apart: the offline run must compute it all again.
+    (work / "eval").rename(work / "eval_in_training")
     out["sample"] = run("sample", media, work, "--prompt=a clip named a from wide", "--steps=2")
     out["evaluate"] = run("evaluate", media, work)
     return out
@@ -112,6 +116,7 @@ def test_train_reports_and_records_every_bucket(chain):
     assert decisions["tokenization_moves"][0]["to"] == "1x32x32"
 
     metrics = [json.loads(x) for x in (chain["work"] / "metrics.jsonl").read_text().splitlines()]
+    metrics = [m for m in metrics if "train/loss" in m]  # the rest: the evals' rows
     assert metrics and all(np.isfinite(m["train/loss"]) for m in metrics)
     assert (chain["work"] / "checkpoints" / str(STEPS)).is_dir()
 
@@ -122,12 +127,40 @@ def test_sample_and_evaluate(chain):
     with av.open(video) as f:
         frames = [fr.to_ndarray(format="rgb24") for fr in f.decode(video=0)]
     assert len(frames) == 5  # sample.bucket: the first 1:1 video bucket, 5x32x32
-    report = json.loads((chain["work"] / "eval" / f"{STEPS}.json").read_text())
+    report = json.loads((chain["work"] / "eval" / str(STEPS) / "val_loss.json").read_text())
     scores = report["scores"]  # on the held-out split: its buckets, trained on or not
     assert report["protocol"]["split"] == "holdout"
     assert {k: v["rows"] for k, v in report["protocol"]["batches"].items()} == HELD
     assert {k.split("/")[1] for k in scores if k.startswith("val_loss/")} == set(HELD)
     assert all(np.isfinite(v) for v in scores.values())
+
+
+def test_evals_run_in_training_on_their_schedule_and_offline_give_the_same_numbers(chain):
+    work = chain["work"]
+    trained, offline = work / "eval_in_training", work / "eval"
+    # tiny: val_loss every 2 steps, reconstruction and fd every 4.
+    assert sorted(p.name for p in (trained / "2").glob("*.json")) == ["val_loss.json"]
+    names = ["fd.json", "reconstruction.json", "val_loss.json"]
+    assert sorted(p.name for p in (trained / str(STEPS)).glob("*.json")) == names
+    assert sorted(p.name for p in (offline / str(STEPS)).glob("*.json")) == names
+    rows: dict[int, dict] = {}  # step -> every metric written at it
+    for m in metrics_lib.read_metrics(work):
+        rows.setdefault(m["step"], {}).update(m)
+    for name in names:
+        a = json.loads((trained / str(STEPS) / name).read_text())
+        b = json.loads((offline / str(STEPS) / name).read_text())
+        assert a["scores"] == b["scores"] and a["protocol"] == b["protocol"], name
+        assert a["weights"] == b["weights"] and a["checkpoint_step"] == b["checkpoint_step"]
+        assert a["protocol"].get("reference", a["protocol"].get("split")) == "holdout"
+        logged = {k: v for k, v in rows[STEPS].items() if k.startswith(f"eval/{a['name']}/")}
+        assert logged == evaluators.scalars(a["name"], a) and logged, name
+    assert a["weights"] == "ema 0.99"  # val_loss: the EMA weights, as sample.ema_decay says
+    fd = json.loads((offline / str(STEPS) / "fd.json").read_text())
+    assert fd["scores"]["n"] == sum(HELD.values()) and np.isfinite(fd["scores"]["fd_random_conv"])
+    assert [k for k in rows[2] if k.startswith("eval/")] and not [
+        k for k in rows[2] if k.startswith(("eval/fd/", "eval/reconstruction/"))
+    ]
+    assert "perf/eval_s" in rows[STEPS]  # evaluation time is reported, not training time
 
 
 def test_offline_evaluation_on_the_held_out_clips(chain, tmp_path):

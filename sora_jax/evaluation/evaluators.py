@@ -32,6 +32,14 @@ sanity metric, not comparable to published FVD).
 
 The item evaluators (all but val_loss) are sharded over processes and resumable item by
 item (sora_jax.evaluation.items); their `protocol.json` records what each item computes.
+
+`config.evals` names several evaluators, each `name -> {type, every_steps, options}`: the
+options are fields of `evaluate` that this entry overrides (`num_videos`, `reference`,
+`fvd_features`, ...). The trainer runs each entry every `every_steps` on the live weights
+(sora_jax/training/eval_hook.py) and `sora_jax.evaluate` runs them on a checkpoint, both
+through `evaluate(..., name=name)`, which writes WORKDIR/eval/<step>/<name>.json: the
+same numbers for the same weights. Without `config.evals`, `evaluate` runs the one
+evaluator of `evaluate.type` into WORKDIR/eval/<step>.json.
 """
 
 from __future__ import annotations
@@ -465,6 +473,55 @@ def val_loss(
 EVALUATORS: dict[str, Any] = {"val_loss": val_loss, **ITEM_EVALUATORS}
 
 
+# --- config.evals: named evaluators, each with its schedule ------------------------------
+
+# The fields of a `config.evals` entry that are not options of `evaluate`.
+SCHEDULE_FIELDS = ("every_steps",)
+
+
+def needs_generator(kind: str) -> bool:
+    """Whether the evaluator `kind` reads a checkpoint's weights (all but reconstruction)."""
+    evaluator = EVALUATORS[kind]
+    return not isinstance(evaluator, ItemEvaluator) or evaluator.needs_generator
+
+
+def named_evals(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """`config.evals` (name -> entry), checked; {} for a config without it."""
+    evals = dict(config.get("evals") or {})
+    for name, entry in evals.items():
+        if entry.get("type") not in EVALUATORS:
+            raise ValueError(
+                f"config.evals.{name}.type={entry.get('type')!r} is unknown; known: "
+                f"{sorted(EVALUATORS)}"
+            )
+        if int(entry.get("every_steps", 0)) < 0:
+            raise ValueError(f"config.evals.{name}.every_steps must be >= 0 (0 = offline only)")
+    return evals
+
+
+def entry_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `evaluate` is `config.evaluate` with the options of
+    `config.evals[name]` set: what every evaluator reads."""
+    evals = named_evals(config)
+    if name not in evals:
+        raise ValueError(f"evaluator {name!r} is not in config.evals; known: {sorted(evals)}")
+    out = config.copy_and_resolve_references()
+    with out.unlocked():
+        for k, v in evals[name].items():
+            if k not in SCHEDULE_FIELDS:
+                out.evaluate[k] = v
+    return out
+
+
+def scalars(name: str, report: dict[str, Any]) -> dict[str, float]:
+    """The numeric scores of a report as `eval/<name>/<score>` (metrics.jsonl, TensorBoard)."""
+    out = {}
+    for k, v in report.get("scores", {}).items():
+        if isinstance(v, int | float | np.number) and not isinstance(v, bool):
+            out[f"eval/{name}/{k}"] = float(v)
+    return out
+
+
 def _latest_step(workdir: pathlib.Path) -> int:
     steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
     return max(steps, default=0)
@@ -482,41 +539,49 @@ def evaluate(
     process_count: int | None = None,
     stop_after: int | None = None,
     eval_dir: str | os.PathLike | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
     """Runs the configured evaluator and writes `<eval_dir>/<step>.json` (default eval_dir
-    WORKDIR/eval) from process 0 once every item is done.
+    WORKDIR/eval) from process 0 once every item is done; with `name`, the entry
+    `config.evals[name]` into `<eval_dir>/<step>/<name>.json` (module docstring).
 
     `process_index`/`process_count` default to JAX's; passing them splits the items the
     same way without a multi-process runtime (tests, or independent jobs on one
     filesystem). The returned report has `missing` item indices instead of scores while
     items of other processes are not done.
     """
-    name = config.evaluate.type
-    if name not in EVALUATORS:
-        raise ValueError(f"evaluate.type={name!r} is unknown; known: {sorted(EVALUATORS)}")
+    entry: dict[str, Any] = {}
+    if name is not None:
+        config = entry_config(config, name)  # an error for a name not in config.evals
+        entry = config.evals[name].to_dict()
+    kind = config.evaluate.type
+    if kind not in EVALUATORS:
+        raise ValueError(f"evaluate.type={kind!r} is unknown; known: {sorted(EVALUATORS)}")
     workdir = pathlib.Path(workdir)
-    evaluator = EVALUATORS[name]
+    evaluator = EVALUATORS[kind]
     config = config.copy_and_resolve_references()  # the dataset directory made explicit
     with config.unlocked():
         config.data.dataset_dir = str(tokenization.dataset_dir(config, workdir))
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
-    needs_gen = not isinstance(evaluator, ItemEvaluator) or evaluator.needs_generator
+    needs_gen = needs_generator(kind)
     gen = generator
     if gen is None and needs_gen:
         gen = generate.Generator.from_workdir(workdir, config, step=step, ema_decay=ema_decay)
     ckpt_step = gen.step if gen else (step if step is not None else _latest_step(workdir))
     root = pathlib.Path(eval_dir or workdir / "eval")
     report: dict[str, Any] = {
-        "type": name,
+        "type": kind,
         "checkpoint_step": ckpt_step,
-        "weights": gen.weights if gen else "",
+        "weights": gen.weights if gen and needs_gen else "",
     }
+    if name is not None:
+        report["name"], report["entry"] = name, entry
     if isinstance(evaluator, ItemEvaluator):
         protocol = evaluator.protocol(config, options)
-        if gen:
+        if gen and needs_gen:  # reconstruction depends on the tokenizer alone
             protocol["params_sha256"] = gen.params_hash
-        store = ItemStore(root / str(ckpt_step) / name, protocol)
+        store = ItemStore(root / str(ckpt_step) / (name or kind), protocol)
         result = run_items(
             evaluator,
             config,
@@ -535,7 +600,7 @@ def evaluate(
             return report
     else:
         report.update(evaluator(config, workdir, gen, options))  # scores and protocol
-    out = root / f"{ckpt_step}.json"
+    out = root / str(ckpt_step) / f"{name}.json" if name else root / f"{ckpt_step}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
     report["path"] = str(out)

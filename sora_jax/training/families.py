@@ -14,7 +14,8 @@ supplies the rest, in the order the loop calls it:
     fresh / resumed  the state of a new run (with `--init_from`) or after a restore
     place, describe  frozen parts put on the mesh; a line naming the parameters
     compile()        one compiled step per bucket (`CompiledStep`)
-    evaluate         the in-loop evaluation, every `eval_every_steps`
+    evaluate         the in-loop evaluation: the `config.evals` entries due at the step
+                     (training/eval_hook.py), or every `eval_every_steps`
     finish           what a run does after its last step (the VAE exports its artifact)
 
 Families by `model.name`: the DiT (`DiT`, here) and the causal VAE (training/vae.py).

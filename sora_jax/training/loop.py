@@ -38,7 +38,7 @@ from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
-from sora_jax.training import families, perf, resilience, resume, rollback, vae
+from sora_jax.training import eval_hook, families, perf, resilience, resume, rollback, vae
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import plan as plan_lib
 
@@ -190,8 +190,8 @@ def train(
             progress.update(1)
             watchdog.beat(step)
 
-            # Eval hooks.
-            if config.eval_every_steps > 0 and done % config.eval_every_steps == 0:
+            # Evaluation: the `config.evals` entries due at this step (or `eval_every_steps`).
+            if eval_hook.due(config, done):
                 jax.block_until_ready(state)  # the step's own compute is training time
                 t0 = time.perf_counter()
                 writer.write(done, family.evaluate(state, done))
