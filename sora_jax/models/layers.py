@@ -227,6 +227,8 @@ class Attention(nn.Module):
     num_heads: int
     qk_norm: bool = True
     zero_out: bool = False  # zero-init the output projection (identity residual at init)
+    # A kernel of models.attention.IMPLS: 'blockwise' (memory-efficient, pure JAX), 'xla'
+    # (dense reference), 'cudnn', 'splash', or 'auto' (fused where it applies, else blockwise).
     attention_impl: str = "xla"
     # Video self-attention over the `context` mesh axis: 'none' | 'ulysses' | 'ring'. Cross-
     # attention then splits only its queries ('queries'): the short text stays whole.
