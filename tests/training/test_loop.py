@@ -13,6 +13,7 @@ import time
 import types
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -323,3 +324,25 @@ def test_eval_hook_writes_validation_loss_and_samples(dataset, tmp_path):
     assert "eval/val_loss_t=0.5/5x16x16" in row
     assert len(list((work / "samples" / "4").glob("*.mp4"))) == 2
     assert (work / "logs" / "host_0.log").is_file()
+
+
+def test_eval_schedule_runs_each_entry_of_config_evals_on_its_period():
+    config = tiny(eval_every_steps=3)  # ignored once config.evals names the evaluations
+    with config.unlocked():
+        config.evals = ml_collections.ConfigDict(
+            dict(
+                loss=dict(type="val_loss", every_steps=2),
+                fd=dict(type="fvd", every_steps=4, num_videos=4),
+                offline=dict(type="reconstruction", every_steps=0),  # sora_jax.evaluate only
+            )
+        )
+    due = {step: sorted(eval_hook.due(config, step)) for step in range(1, 9)}
+    assert due == {1: [], 2: ["loss"], 3: [], 4: ["fd", "loss"], 5: [], 6: ["loss"], 7: [],
+                   8: ["fd", "loss"]}  # fmt: skip
+    config.evals.fd.type = "fdv"
+    with pytest.raises(ValueError, match=r"config.evals.fd.type='fdv' is unknown"):
+        eval_hook.due(config, 4)
+    # Without config.evals: the validation loss and samples every eval_every_steps.
+    legacy = tiny(eval_every_steps=3)
+    assert [s for s in range(1, 10) if eval_hook.due(legacy, s)] == [3, 6, 9]
+    assert not [s for s in range(1, 10) if eval_hook.due(tiny(eval_every_steps=0), s)]
