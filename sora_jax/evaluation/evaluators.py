@@ -441,6 +441,9 @@ def _holdout_batches(config, mesh) -> tuple[dict[str, dict[str, Any]], dict[str,
     return batches, protocol
 
 
+_HOLDOUT_LOSSES: dict[str, tuple[ValidationLoss, dict[str, Any]]] = {}
+
+
 def val_loss(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -452,8 +455,13 @@ def val_loss(
     del options  # no sampling: the loss of the checkpoint's weights at fixed times
     mesh = generator.mesh
     if reference(config) == "holdout":
-        batches, protocol = _holdout_batches(config, mesh)
-        loss = ValidationLoss(config, None, generator.model, mesh, batches=batches)
+        # One compiled loss per config and held-out split: the trainer evaluates often.
+        key = json.dumps([config.to_dict(), holdout.split(_manifest(config))], default=str)
+        if key not in _HOLDOUT_LOSSES:
+            batches, protocol = _holdout_batches(config, mesh)
+            loss = ValidationLoss(config, None, generator.model, mesh, batches=batches)
+            _HOLDOUT_LOSSES[key] = (loss, protocol)
+        loss, protocol = _HOLDOUT_LOSSES[key]
         with jax.set_mesh(mesh):
             scores = loss(generator.params)
     else:
