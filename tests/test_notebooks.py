@@ -174,7 +174,7 @@ def check_explore_run(nb, targets):
     text = _text(nb)
     assert f"run            {targets['SORA_RUN']}" in text
     assert "checkpoints    [4]" in text and "eval steps     [4]" in text
-    assert "'num_videos': 2" in text  # the evaluation's protocol
+    assert "'num_items': 2" in text  # the evaluation's protocol (evaluate.num_videos=2)
     images = _images(nb)
     assert all(len(images[k]) == 1 for k in ("loss", "loss_per_timestep", "throughput"))
     assert len(images["samples"]) == 1  # the frame strips of the sampled prompts

@@ -290,11 +290,10 @@ def _protocol(kind: str):
         t, h, w = _shape(config, options)
         p = {
             "type": kind,
-            "num_items": int(config.evaluate.num_videos),
+            "num_items": _count(config),  # evaluate.num_videos, or fewer held-out clips
             "clip_shape": [t, h, w],
             "tokenizer": config.tokenizer.to_dict(),
         }
-        p["num_items"] = _count(config)
         ref = reference(config) if kind in ("reconstruction", "fvd") else ""
         if ref == "holdout":
             p["reference"] = "holdout"

@@ -49,6 +49,9 @@ def test_tfds_examples_become_clips_with_template_captions(tmp_path):
             )
         )  # fmt: skip
     c.data.dataset_dir = str(tmp_path / "data")
+    # Every clip stays in the bucket it fits: no held-out split, no demotion of sparse buckets.
+    c.data.tokenize.holdout_fraction = 0.0
+    c.data.tokenize.min_bucket_clips = 0
     summary = tokenization.run(c, tmp_path, show_progress=False)
     assert summary["rejects"] == 0 and summary["source"]["num_inputs"] == 6
     # 36x20 is 16:9 -> the 24x40 buckets need upscaling (40 > 36): the square 16x16 ones fit;
