@@ -39,12 +39,7 @@ def vae_config(**overrides):
     config.optimizer.lr = 3e-3
     config.log_every_steps = 1
     config.checkpoint_every_steps = 4
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for k in path:
-            node = node[k]
-        node[last] = value
+    config.update_from_flattened_dict(overrides)  # dotted keys, e.g. 'data.source.seed'
     return config
 
 
