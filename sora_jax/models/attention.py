@@ -26,6 +26,7 @@ NaN, never a uniform average over padding).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -33,7 +34,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from sora_jax.models import blockwise_attention as blockwise_lib
+from sora_jax.models import splash as splash_lib
 from sora_jax.parallel import context as context_lib
+from sora_jax.parallel import mesh as mesh_lib
 
 IMPLS = ("blockwise", "xla", "cudnn", "splash", "auto")
 # cuDNN's fused attention only takes half-precision inputs.
@@ -43,12 +46,13 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 def resolve_impl(impl: str, dtype=jnp.float32, backend: str | None = None) -> str:
     """The concrete implementation for `impl`. 'auto' picks by platform and dtype: a fused
     kernel where one applies (cuDNN for half precision on GPUs, splash on TPUs), else the
-    memory-efficient 'blockwise' (CPUs, float32 on GPUs)."""
+    memory-efficient 'blockwise' (CPUs, float32 on GPUs). The platform is `backend`, else
+    that of the mesh being compiled for (a TPU plan on a CPU host gets splash)."""
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r} is unknown; choose one of {IMPLS}")
     if impl != "auto":
         return impl
-    backend = backend or jax.default_backend()
+    backend = backend or mesh_lib.target_platform()
     if backend == "gpu" and jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
         return "cudnn"
     if backend == "tpu":
@@ -110,89 +114,14 @@ def _cudnn(q, k, v, mask=None):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
 
 
-# Splash attention tiles: multiples of 128 (the TPU lane width); 512 is the largest tile
-# MaxText's default block sizes use. Sequences are padded up to whole tiles.
-_SPLASH_LANE, _SPLASH_MAX_BLOCK = 128, 512
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _key_padding(mask, b: int, s: int):
-    """`mask` as a per-sample key mask `[B, S]`, or None. Splash takes masks as segment ids,
-    which express key padding (the only mask the model uses); others are refused."""
-    if mask is None:
-        return None
-    mask = jnp.asarray(mask)
-    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
-        raise ValueError(
-            f"attention impl='splash' supports no mask or a key-padding mask [B, 1, 1, S]; "
-            f"got mask shape {mask.shape}: use attention_impl='xla' for general masks"
-        )
-    return jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
-
-
-def splash_attention(q, k, v, mask=None, *, interpret: bool | None = None):
-    """Pallas splash attention (TPU): the same maths as `xla_attention`.
-
-    Layout `[B, L, N, E]` is moved to the kernel's `[N, L, E]` per sample (vmapped over B).
-    L and S are padded to whole tiles; padded and masked keys get segment id 0, real queries
-    segment id 1, so a query attends to exactly the keys `mask` allows. Off TPU the kernel
-    runs in the Pallas interpreter (`interpret=None` picks that by backend): same numbers,
-    far slower, which is how tests check it on CPU.
-    """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
-    b, lq, n, e = q.shape
-    s = k.shape[1]
-    keep = _key_padding(mask, b, s)  # [B, S] or None
-    lq_pad, s_pad = _round_up(lq, _SPLASH_LANE), _round_up(s, _SPLASH_LANE)
-    block_q, block_kv = math.gcd(lq_pad, _SPLASH_MAX_BLOCK), math.gcd(s_pad, _SPLASH_MAX_BLOCK)
-    blocks = sk.BlockSizes(
-        block_q=block_q,
-        block_kv=block_kv,
-        block_kv_compute=block_kv,
-        block_q_dkv=block_q,
-        block_kv_dkv=block_kv,
-        block_kv_dkv_compute=block_kv,
-        block_q_dq=block_q,
-        block_kv_dq=block_kv,
-    )
-    full = sm.MultiHeadMask([sm.FullMask((lq_pad, s_pad)) for _ in range(n)])
-    kernel = sk.make_splash_mha(
-        full, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
-
-    def to_kernel(x, length):  # [B, L, N, E] -> [B, N, L_pad, E]
-        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
-        return jnp.transpose(x, (0, 2, 1, 3))
-
-    scale = jnp.asarray(1.0 / math.sqrt(e), q.dtype)  # the kernel does not scale q itself
-    qk, kk, vk = to_kernel(q * scale, lq_pad), to_kernel(k, s_pad), to_kernel(v, s_pad)
-    q_ids = jnp.broadcast_to(jnp.arange(lq_pad) < lq, (b, lq_pad)).astype(jnp.int32)
-    kv_valid = jnp.arange(s_pad) < s  # [S_pad]
-    if keep is not None:
-        kv_valid = kv_valid & jnp.pad(keep, ((0, 0), (0, s_pad - s)))  # [B, S_pad]
-    kv_ids = jnp.broadcast_to(kv_valid, (b, s_pad)).astype(jnp.int32)
-
-    def one(qb, kb, vb, qi, ki):  # one sample: [N, L_pad, E]
-        return kernel(qb, kb, vb, segment_ids=sk.SegmentIds(q=qi, kv=ki))
-
-    out = jax.vmap(one)(qk, kk, vk, q_ids, kv_ids)  # [B, N, L_pad, E]
-    return jnp.transpose(out, (0, 2, 1, 3))[:, :lq].astype(v.dtype)
-
-
-def _splash(q, k, v, mask=None):
+def _splash(q, k, v, mask=None, *, block_size: int = splash_lib.DEFAULT_BLOCK):
     """Splash per device: under a mesh, `jax.shard_map` gives each device its own batch rows
     (over the batch axes) and heads (over `tensor`), as a Pallas kernel cannot be partitioned
     by the compiler. Dimensions that do not divide stay whole on every device."""
+    kernel = functools.partial(splash_lib.splash_attention, block_size=block_size)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return splash_attention(q, k, v, mask)
+        return kernel(q, k, v, mask)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
     batch = batch_axes if q.shape[0] % math.prod(sizes[a] for a in batch_axes) == 0 else ()
@@ -200,7 +129,7 @@ def _splash(q, k, v, mask=None):
     qkv_spec = P(batch or None, None, heads, None)
     if mask is None:
         fn = jax.shard_map(
-            lambda q, k, v: splash_attention(q, k, v),
+            lambda q, k, v: kernel(q, k, v),
             mesh=mesh,
             in_specs=(qkv_spec,) * 3,
             out_specs=qkv_spec,
@@ -209,7 +138,7 @@ def _splash(q, k, v, mask=None):
         return fn(q, k, v)
     mask = jnp.broadcast_to(mask, (q.shape[0], *jnp.shape(mask)[1:]))
     fn = jax.shard_map(
-        splash_attention,
+        kernel,
         mesh=mesh,
         in_specs=(qkv_spec,) * 3 + (P(batch or None, None, None, None),),
         out_specs=qkv_spec,
@@ -226,20 +155,30 @@ _IMPL_FNS = {
 }
 # Per-device kernels for context-parallel strategies, which run them inside their own
 # `jax.shard_map` (so splash here is the kernel itself, not its shard_map wrapper).
-_LOCAL_FNS = {**_IMPL_FNS, "splash": splash_attention}
+_LOCAL_FNS = {**_IMPL_FNS, "splash": splash_lib.splash_attention}
 # What ring attention runs per K/V block: the blockwise kernel with its log-sum-exp (the
 # fused kernels return no softmax statistics to merge); the dense reference 'xla' keeps
 # the ring's own einsum step (sora_jax/parallel/context.py).
 _LSE_FNS = {"blockwise": blockwise_attention_with_lse, "xla": None}
 
 
-def dot_product_attention(q, k, v, mask=None, impl: str = "xla", *, context_parallel="none"):
+def dot_product_attention(
+    q,
+    k,
+    v,
+    mask=None,
+    impl: str = "xla",
+    *,
+    context_parallel="none",
+    splash_block_size: int = splash_lib.DEFAULT_BLOCK,
+):
     """Multi-head attention `[B, L, N, E] x [B, S, N, E] -> [B, L, N, E]`.
 
     `mask`: bool, broadcastable to `[B, N, L, S]` (True = attend), or None (attend to all).
     Rows whose keys are all masked come back as zeros, whatever the implementation.
     `context_parallel`: 'none', 'ulysses' or 'ring' (self-attention, L = S the same tokens),
     or 'queries' (cross-attention); see sora_jax/parallel/context.py.
+    `splash_block_size`: the splash kernel's tile (sora_jax/models/splash.py).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[::3] != k.shape[::3]:
         raise ValueError(
@@ -257,6 +196,10 @@ def dot_product_attention(q, k, v, mask=None, impl: str = "xla", *, context_para
             f"context_parallel={context_parallel!r} is for self-attention (q and k of one "
             f"shape), got q {q.shape} and k {k.shape}; use 'queries' for cross-attention"
         )
+    local, whole = _LOCAL_FNS[impl], _IMPL_FNS[impl]
+    if impl == "splash":
+        local = functools.partial(local, block_size=splash_block_size)
+        whole = functools.partial(whole, block_size=splash_block_size)
     if context_parallel != "none" and context_lib.context_degree() > 1:
         out = context_lib.context_parallel_attention(
             q,
@@ -264,11 +207,11 @@ def dot_product_attention(q, k, v, mask=None, impl: str = "xla", *, context_para
             v,
             mask,
             mode=context_parallel,
-            attend=_LOCAL_FNS[impl],
+            attend=local,
             attend_lse=_LSE_FNS.get(impl, blockwise_attention_with_lse),
         )
     else:
-        out = _IMPL_FNS[impl](q, k, v, mask)
+        out = whole(q, k, v, mask)
     if mask is not None:
         # Fully masked query rows: zero output instead of an average over padding.
         any_key = jnp.any(jnp.broadcast_to(mask, (*mask.shape[:-1], k.shape[1])), axis=-1)

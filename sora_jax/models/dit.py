@@ -141,6 +141,7 @@ class DiTBlock(nn.Module):
     cross_attn_norm: bool = True
     attention_impl: str = "xla"
     context_parallel: str = "none"
+    splash_block_size: int = 512
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -157,6 +158,7 @@ class DiTBlock(nn.Module):
             qk_norm=self.qk_norm,
             attention_impl=self.attention_impl,
             context_parallel=self.context_parallel,
+            splash_block_size=self.splash_block_size,
             dtype=dt,
         )
 
@@ -208,6 +210,9 @@ class VideoDiT(nn.Module):
     # Self-attention over the mesh's `context` axis: 'none' | 'ulysses' | 'ring'
     # (sora_jax/parallel/context.py); without a mesh or context size 1, plain attention.
     context_parallel: str = "none"
+    # The splash kernel's tile on TPUs: sequences are padded to whole blocks of this many
+    # tokens (a multiple of 128; sora_jax/models/splash.py). 1024-2048 suit long videos.
+    splash_block_size: int = 512
     dtype: Any = jnp.float32  # compute dtype; params are always float32
     cond_channels: int = 0  # trailing input channels whose patch-embed rows start at zero
     scan_layers: bool = False  # stack blocks with nn.scan (params get a leading 'layers' axis)
@@ -294,6 +299,7 @@ class VideoDiT(nn.Module):
             cross_attn_norm=self.cross_attn_norm,
             attention_impl=self.attention_impl,
             context_parallel=self.context_parallel,
+            splash_block_size=self.splash_block_size,
             dtype=dt,
         )
         if self.scan_layers:

@@ -233,6 +233,7 @@ class Attention(nn.Module):
     # Video self-attention over the `context` mesh axis: 'none' | 'ulysses' | 'ring'. Cross-
     # attention then splits only its queries ('queries'): the short text stays whole.
     context_parallel: str = "none"
+    splash_block_size: int = 512  # the splash kernel's tile (sora_jax/models/splash.py)
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -256,7 +257,13 @@ class Attention(nn.Module):
         if context is not None and cp != "none":
             cp = "queries"
         o = attention_lib.dot_product_attention(
-            q, k, v, mask, impl=self.attention_impl, context_parallel=cp
+            q,
+            k,
+            v,
+            mask,
+            impl=self.attention_impl,
+            context_parallel=cp,
+            splash_block_size=self.splash_block_size,
         )
         # Named so the 'save_attention_out' / 'offload' remat policies can keep it.
         o = checkpoint_name(o, "attention_out")

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -84,18 +85,32 @@ def mesh_shape(
     return {a: ici[a] * dcn[a] for a in AXES}
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """Slices (TPU pods joined over the data-center network) among `devices`."""
+    return 1 + max(getattr(d, "slice_index", 0) or 0 for d in devices)
+
+
+def mesh_shape_on(
+    mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> dict[str, int]:
+    """`mesh_shape` on `devices` (default: all of this run's), slices included."""
+    devices = list(devices if devices is not None else jax.devices())
+    return mesh_shape(mesh_config, len(devices), num_slices(devices))
+
+
 def config_errors(
     mesh_config: ml_collections.ConfigDict,
     global_batch_size: int,
     bucket_batches: Mapping[str, int] | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> list[str]:
     """The `mesh` section against this machine's devices and the global batches: the sizes
     fill the devices, and every global batch (`data.global_batch_size`, and each explicit
     `data.buckets.<b>.global_batch_size` in `bucket_batches`) splits into equal rows over
     the batch shards `data x fsdp`, each of which one or several processes hold
-    (data/global_batch.py)."""
+    (data/global_batch.py). `devices`: the run's (default: this machine's)."""
     try:
-        shape = mesh_shape(mesh_config, device_count=None)
+        shape = mesh_shape_on(mesh_config, devices)
     except ValueError as e:
         return [str(e)]
     batch_shards = shape["data"] * shape["fsdp"]
@@ -118,19 +133,26 @@ def config_errors(
     ]
 
 
+def target_platform() -> str:
+    """The platform of the computation being traced: that of the current mesh's devices
+    (`jax.set_mesh`, as the trainer, the sampler and the planner set it), else JAX's default
+    backend. Kernel choices ask this, not the host: a plan compiled on a CPU host for a TPU
+    topology is a TPU program."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def create_mesh(
     mesh_config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
 ) -> Mesh:
     """The device mesh of a config, with Auto axis types (logical rules need them)."""
     devices = list(devices if devices is not None else jax.devices())
-    num_slices = 1 + max(getattr(d, "slice_index", 0) or 0 for d in devices)
-    shape = mesh_shape(mesh_config, len(devices), num_slices)
-    if num_slices > 1:
-        from jax.experimental import mesh_utils
-
+    slices = num_slices(devices)
+    shape = mesh_shape(mesh_config, len(devices), slices)
+    if slices > 1:
         ici = _fill(
             {a: int(mesh_config.get(f"ici_{a}", 1)) for a in AXES},
-            len(devices) // num_slices,
+            len(devices) // slices,
             "ici",
         )
         dcn = [shape[a] // ici[a] for a in AXES]
@@ -138,7 +160,12 @@ def create_mesh(
             [ici[a] for a in AXES], dcn, devices, allow_split_physical_axes=True
         )
         return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
-    grid = np.asarray(devices).reshape([shape[a] for a in AXES])
+    if devices[0].platform == "cpu":
+        grid = np.asarray(devices).reshape([shape[a] for a in AXES])
+    else:  # axes laid along the physical torus (TPU) or NVLink domains (GPU)
+        grid = mesh_utils.create_device_mesh(
+            [shape[a] for a in AXES], devices, allow_split_physical_axes=True
+        )
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 

@@ -24,10 +24,12 @@ from sora_jax.parallel import context as context_lib
 from sora_jax.parallel import mesh as mesh_lib
 
 
-def validate(config: ConfigDict) -> None:
+def validate(config: ConfigDict, devices=None) -> None:
     """Checks cross-field constraints of a training config before anything is compiled.
 
-    Raises ConfigError naming every field (and bucket) at fault and what to change.
+    `devices`: the devices the run will use (default: this host's); a plan for a TPU
+    topology passes that slice's. Raises ConfigError naming every field (and bucket) at
+    fault and what to change.
     """
     if "model" in config and config.model.get("name") == "causal_vae":
         validate_vae(config)  # a VAE run has its own sections
@@ -48,12 +50,13 @@ def validate(config: ConfigDict) -> None:
             config.mesh,
             config.data.global_batch_size,
             bucket_batches={b: g for b, g in explicit.items() if g},  # rows over batch shards
+            devices=devices,
         )
     )
     errors.extend(
         context_lib.config_errors(
             config.model.get("context_parallel", "none"),
-            _mesh_shape(config.mesh),
+            _mesh_shape(config.mesh, devices),
             bucket_tokens,
             num_heads=lambda: dit.num_heads(config.model),
         )
@@ -93,11 +96,11 @@ def _bucket_errors(config: ConfigDict) -> tuple[list[str], dict[str, int]]:
     return errors, bucket_tokens
 
 
-def _mesh_shape(mesh_config: ConfigDict) -> dict[str, int] | None:
-    """The mesh's axis sizes on this machine, or None when they do not fit its devices
-    (`mesh.config_errors` reports that)."""
+def _mesh_shape(mesh_config: ConfigDict, devices=None) -> dict[str, int] | None:
+    """The mesh's axis sizes on `devices` (default: this machine's), or None when they do
+    not fit them (`mesh.config_errors` reports that)."""
     try:
-        return mesh_lib.mesh_shape(mesh_config, device_count=None)
+        return mesh_lib.mesh_shape_on(mesh_config, devices)
     except ValueError:
         return None
 

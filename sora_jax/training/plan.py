@@ -295,7 +295,7 @@ def plan(
 ) -> list[BucketPlan]:
     """Compiles the train step for every bucket without data or allocation; prints the
     table and raises PlanError when a bucket exceeds `memory_gb` (default: by device kind)."""
-    validate_lib.validate(config)
+    validate_lib.validate(config, devices)
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
     manifest = dataset_geometry(config)
