@@ -243,7 +243,8 @@ def _feature_fn(config):
     key = (
         config.evaluate.get("fvd_features", "random_conv"),
         config.evaluate.get("fvd_weights", ""),
-        int(config.evaluate.get("fvd_resize", 224)),
+        int(config.evaluate.get("fvd_resize", features.FVD_SIZE)),
+        int(config.evaluate.get("fvd_frames", features.FVD_FRAMES)),
     )
     if key not in _FEATURE_FNS:
         _FEATURE_FNS[key] = features.build(config)
@@ -332,8 +333,11 @@ def _protocol(kind: str):
                 p["fvd_weights"] = str(config.evaluate.get("fvd_weights", ""))
                 p["fvd_resize"] = int(config.evaluate.get("fvd_resize", features.FVD_SIZE))
                 p["fvd_frames"] = int(config.evaluate.get("fvd_frames", features.FVD_FRAMES))
-                p["i3d_input"] = "clips resampled to fvd_frames x fvd_resize^2 (features.py)"
-                p["i3d_output"] = "logits (400-d)"
+                p["i3d_input"] = (
+                    "clips resampled to fvd_frames (evenly spaced, nearest) x fvd_resize^2 "
+                    "(bilinear, half-pixel centres, no antialiasing), RGB in [-1, 1]"
+                )
+                p["i3d_output"] = "logits (400-d): 2x7x7 average pool, logits, mean over time"
             else:
                 p["note"] = "random_conv: a sanity metric, not comparable to published FVD"
         return p

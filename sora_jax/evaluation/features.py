@@ -3,13 +3,16 @@ r"""Video feature networks for Fréchet distances between sets of clips, chosen 
 made with random features is never reported as FVD:
 
 - `i3d` -> `fvd_i3d`: the I3D network (sora_jax.evaluation.i3d) with weights from the
-  user-supplied `evaluate.fvd_weights` .npz, on clips resampled to the protocol of
-  Unterthiner et al. 2018, "Towards Accurate Generative Models of Video": 16 frames
+  user-supplied `evaluate.fvd_weights` .npz (converted from a published checkpoint by
+  sora_jax.evaluation.i3d_import), on clips resampled to the protocol of Unterthiner et
+  al. 2018, "Towards Accurate Generative Models of Video": 16 frames
   (`evaluate.fvd_frames`; evenly spaced source frames, nearest index, so shorter clips
-  repeat frames) at 224 x 224 (`evaluate.fvd_resize`; bilinear, antialiased when
-  shrinking, aspect ratio not kept), mapped to the 400-d logits. Only with Kinetics-400
-  weights converted from the public release is this the published FVD; the Flax I3D has
-  no converter or parity test against that release here (docs/sampling.md).
+  repeat frames) at 224 x 224 (`evaluate.fvd_resize`; bilinear with half-pixel centres and
+  no antialiasing, aspect ratio not kept: the resize of the PyTorch FVD code, checked
+  against it in tests/evaluation/test_i3d_parity.py), RGB in [-1, 1], mapped to the 400-d
+  logits. The network matches an independent PyTorch implementation of the release
+  (the same test); with converted Kinetics-400 weights this is the published protocol
+  (docs/evaluation.md).
 - `random_conv` -> `fd_random_conv`: a weight-free sanity metric: three 3x3x3
   convolutions (32, 64, 128 channels, stride 2 in space, ReLU) with weights drawn from
   the fixed seed 0 (LeCun normal), then mean and standard deviation over time and space
@@ -46,23 +49,25 @@ class RandomConv3D(nn.Module):
         return jnp.concatenate([x.mean(axis=(1, 2, 3)), x.std(axis=(1, 2, 3))], -1)
 
 
-def resample(video: np.ndarray, frames: int, height: int, width: int) -> np.ndarray:
+def resample(
+    video: np.ndarray, frames: int, height: int, width: int, antialias: bool = True
+) -> np.ndarray:
     """`[N, T, H, W, 3]` -> `[N, frames, height, width, 3]`: `frames` evenly spaced source
-    frames (index `round(j (T - 1) / (frames - 1))`), then bilinear in space (antialiased
-    when shrinking)."""
+    frames (index `round(j (T - 1) / (frames - 1))`), then bilinear in space with half-pixel
+    centres (antialiased when shrinking unless `antialias` is False)."""
     video = np.asarray(video, np.float32)
     n, t, h, w, c = video.shape
     if frames and frames != t:
         video = video[:, np.round(np.linspace(0, t - 1, frames)).astype(int)]  # [N, F, H, W, C]
     if (height, width) != (h, w):
         shape = (n, video.shape[1], height, width, c)
-        video = np.asarray(_resize(jnp.asarray(video), shape))
+        video = np.asarray(_resize(jnp.asarray(video), shape, antialias))
     return video
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _resize(video: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    return jax.image.resize(video, shape, "bilinear")
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _resize(video: jax.Array, shape: tuple[int, ...], antialias: bool) -> jax.Array:
+    return jax.image.resize(video, shape, "bilinear", antialias=antialias)
 
 
 def random_conv(config) -> Callable[[np.ndarray], np.ndarray]:
@@ -80,7 +85,10 @@ def i3d_features(config) -> Callable[[np.ndarray], np.ndarray]:
 
     def features(clips: np.ndarray) -> np.ndarray:
         _, _, h, w, _ = np.shape(clips)
-        clips = resample(clips, frames, size or h, size or w)  # [N, 16, 224, 224, 3]
+        # The PyTorch FVD code's resize: bilinear, half-pixel centres, no antialiasing.
+        clips = resample(
+            clips, frames, size or h, size or w, antialias=False
+        )  # [N, 16, 224, 224, 3]
         return np.asarray(fn(jnp.asarray(clips)), np.float64)
 
     return features
