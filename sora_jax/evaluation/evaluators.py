@@ -33,6 +33,10 @@ sanity metric, not comparable to published FVD).
 The item evaluators (all but val_loss) are sharded over processes and resumable item by
 item (sora_jax.evaluation.items); their `protocol.json` records what each item computes.
 
+`samples`: the fixed-seed sample grid of `sample.prompts` into WORKDIR/samples/<step>/,
+the grid the trainer writes without `config.evals`; in training its contact sheet (one row
+of frames per prompt) also goes to TensorBoard as an image.
+
 `config.evals` names several evaluators, each `name -> {type, every_steps, options}`: the
 options are fields of `evaluate` that this entry overrides (`num_videos`, `reference`,
 `fvd_features`, ...). The trainer runs each entry every `every_steps` on the live weights
@@ -481,7 +485,37 @@ def val_loss(
     return {"scores": scores, "protocol": protocol}
 
 
-EVALUATORS: dict[str, Any] = {"val_loss": val_loss, **ITEM_EVALUATORS}
+def samples(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    generator: generate.Generator,
+    options: requests_lib.SampleOptions,
+) -> dict[str, Any]:
+    """The fixed-seed sample grid: `sample.prompts` (noise index = position) through the
+    code of `sora_jax.sample`, into WORKDIR/samples/<step>/ (videos, sidecars, contact
+    sheet). The trainer also logs the contact sheet to TensorBoard as an image."""
+    prompts = list(config.sample.get("prompts") or [])
+    if not prompts:
+        raise ValueError(
+            "evaluator type 'samples' needs prompts: set config.sample.prompts (a list of captions)"
+        )
+    summary = generate.sample_to_dir(config, workdir, prompts, options, generator=generator)
+    fields = {k: getattr(options, k) for k in T2V_SAMPLING_FIELDS}
+    return {
+        "scores": {"num_videos": len(summary["videos"])},
+        "protocol": {
+            "type": "samples",
+            "prompts": prompts,
+            "noise": "normal(fold_in(key(seed), index), latent_shape), index = prompt position",
+            "clip_shape": list(_shape(config, options)),
+            **fields,
+        },
+        "videos": summary["videos"],
+        "contact_sheet": summary["contact_sheet"],
+    }
+
+
+EVALUATORS: dict[str, Any] = {"val_loss": val_loss, "samples": samples, **ITEM_EVALUATORS}
 
 
 # --- config.evals: named evaluators, each with its schedule ------------------------------

@@ -405,11 +405,12 @@ def sample_to_dir(
     )
     order = sorted(written)
     sheet = video_io.contact_sheet([video_io.to_uint8(written[i][1]) for i in order])
-    video_io.write_png(
+    sheet_path = video_io.write_png(
         outdir / "contact_sheet.png", sheet, scale=max(1, config.sample.video_scale // 2)
     )
     return {
         "output": str(outdir),
+        "contact_sheet": str(sheet_path),
         "videos": [str(written[i][0]) for i in order],
         "checkpoint_step": gen.step,
         "weights": gen.weights,

@@ -4,12 +4,19 @@ each entry whose `every_steps` divides the step runs through the evaluator that
 weights, into `eval/<step>/<name>.json` and the scalars `eval/<name>/<score>`. Without it,
 every `eval_every_steps`: the fixed-noise validation loss per bucket and timestep
 (sora_jax/evaluation/val_loss.py) and a fixed-seed sample grid through the code of
-`sora_jax.sample`, written to `samples/<step>/`."""
+`sora_jax.sample`, written to `samples/<step>/`.
+
+A sample grid (the legacy one, or an entry of type `samples`) also comes back as an image,
+its contact sheet (one row of evenly spaced frames per prompt, uint8 `[H, W, 3]`), under
+`eval/samples` or `eval/<name>/samples`: the metrics writer puts images in TensorBoard
+and scalars in metrics.jsonl and TensorBoard (sora_jax/training/metrics.py)."""
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
+from sora_jax import video_io
 from sora_jax.evaluation import evaluators, generate
 from sora_jax.evaluation import requests as requests_lib
 from sora_jax.evaluation.val_loss import ValidationLoss
@@ -65,18 +72,20 @@ class Evaluator:
     def validation(self, state) -> dict[str, float]:
         return self.val_loss(self._params(state)[0], state.text_encoder)
 
-    def samples(self, state, step: int) -> None:
+    def samples(self, state, step: int) -> dict[str, np.ndarray]:
         options = requests_lib.SampleOptions.from_config(self.config.sample)
-        generate.sample_to_dir(
+        summary = generate.sample_to_dir(
             self.config,
             self.workdir,
             list(self.config.sample.prompts),
             options,
             generator=self._generator(state, step),
         )
+        return {"eval/samples": video_io.read_image(summary["contact_sheet"])}
 
-    def named(self, state, step: int, names: list[str]) -> dict[str, float]:
-        """The entries `names` of `config.evals`, as `sora_jax.evaluate --evals` runs them."""
+    def named(self, state, step: int, names: list[str]) -> dict[str, float | np.ndarray]:
+        """The entries `names` of `config.evals`, as `sora_jax.evaluate --evals` runs them:
+        their scalars, and the contact sheet of each that wrote one."""
         gen = self._generator(state, step)
         options = requests_lib.SampleOptions.from_config(self.config.sample)
         out = {}
@@ -85,12 +94,14 @@ class Evaluator:
                 self.config, self.workdir, options, step=step, generator=gen, name=name
             )
             out.update(evaluators.scalars(name, report))
+            if report.get("contact_sheet"):
+                out[f"eval/{name}/samples"] = video_io.read_image(report["contact_sheet"])
         return out
 
-    def __call__(self, state, step: int) -> dict[str, float]:
+    def __call__(self, state, step: int) -> dict[str, float | np.ndarray]:
         if self.evals:
             return self.named(state, step, due(self.config, step))
         out = self.validation(state)
         if self.config.sample.get("prompts"):
-            self.samples(state, step)
+            out.update(self.samples(state, step))
         return out

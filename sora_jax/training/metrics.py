@@ -1,6 +1,9 @@
 """Metric sinks: `metrics.jsonl` (one JSON object per logged step) and TensorBoard events.
 
 Only process 0 writes. Names are namespaced with '/' (`train/loss`, `perf/steps_per_s`).
+A value is a scalar (metrics.jsonl and a TensorBoard scalar) or an image, a uint8 array
+`[H, W, 3]` such as the eval hook's sample contact sheets (a TensorBoard image only: the
+image file itself is in the workdir).
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ import json
 import math
 import os
 import pathlib
+import struct
 from typing import Any
 
 import jax
 import numpy as np
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 
 class MetricsWriter:
@@ -29,18 +34,25 @@ class MetricsWriter:
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.active:
             return
-        clean = {k: _scalar(v) for k, v in scalars.items()}
+        images = {k: v for k, v in scalars.items() if _is_image(v)}
+        clean = {k: _scalar(v) for k, v in scalars.items() if k not in images}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": int(step), **clean}) + "\n")
         if self._tb is not None:
             for k, v in clean.items():
                 if v is not None:
                     self._tb.add_scalar(k, v, int(step))
+            for k, v in images.items():
+                self._tb.add_image(k, v, int(step), dataformats="HWC")
             self._tb.flush()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _is_image(v) -> bool:
+    return isinstance(v, np.ndarray) and v.dtype == np.uint8 and v.ndim == 3 and v.shape[-1] == 3
 
 
 def _scalar(v) -> float | None:
@@ -53,6 +65,25 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_tensorboard(workdir: str | os.PathLike) -> dict[str, list[tuple[int, Any]]]:
+    """`tag -> [(step, Summary.Value), ...]` of the TensorBoard events of a run (or of any
+    directory holding event files), read without TensorBoard: each file is TFRecord
+    framed (length u64, its crc u32, a serialized `Event`, its crc u32). A scalar's number
+    is `value.simple_value`; an image is `value.image` (PNG bytes, height, width)."""
+    root = pathlib.Path(workdir)
+    root = root / "tensorboard" if (root / "tensorboard").is_dir() else root
+    out: dict[str, list[tuple[int, Any]]] = {}
+    for path in sorted(root.rglob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((int(event.step), value))
+    return out
 
 
 def truncate_after(workdir: str | os.PathLike, step: int) -> None:

@@ -20,6 +20,7 @@ import pytest
 from flax import linen as nn
 
 from sora_jax import config as config_lib
+from sora_jax import video_io
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import tokenization
 from sora_jax.parallel import mesh as mesh_lib
@@ -28,6 +29,7 @@ from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
 from sora_jax.training import eval_hook, loop, perf, plan
+from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import step as step_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -318,6 +320,10 @@ def test_eval_hook_writes_validation_loss_and_samples(dataset, tmp_path):
     assert row["step"] == 4 and np.isfinite(row["eval/val_loss/5x16x16"])
     assert "eval/val_loss_t=0.5/5x16x16" in row
     assert len(list((work / "samples" / "4").glob("*.mp4"))) == 2
+    # The grid reaches TensorBoard as an image: the contact sheet, one row per prompt.
+    ((step, image),) = metrics_lib.read_tensorboard(work)["eval/samples"]
+    sheet = video_io.read_image(work / "samples" / "4" / "contact_sheet.png")
+    assert step == 4 and (image.image.height, image.image.width) == sheet.shape[:2]
     assert (work / "logs" / "host_0.log").is_file()
 
 
