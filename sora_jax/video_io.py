@@ -15,11 +15,19 @@ Format notes:
   frequent colours at 5 bits per channel. Frame delays are whole centiseconds, so 8 fps is
   stored as 12 cs frames (8.33 fps).
 - PNG is written with zlib (no extra dependency); read it back with `read_video`.
+
+Display orientation: a phone holds its sensor landscape and records portrait video as
+landscape frames plus a display matrix (the container's rotation side data) saying "turn
+this 90 degrees". `display_transform` reads the matrix FFmpeg attaches to a decoded frame
+and names the transform a player applies (the rule of the `ffmpeg` command line's
+autorotate, so flips are honoured too); `orient` applies it to `[..., H, W, 3]` arrays.
+`read_video` returns frames the right way up, as players show them.
 """
 
 from __future__ import annotations
 
 import fractions
+import math
 import os
 import pathlib
 import struct
@@ -154,9 +162,83 @@ def write_video(path: str | os.PathLike, video, fps: float = 8.0, scale: int = 1
     return path
 
 
-def read_video(path: str | os.PathLike) -> np.ndarray:
+# Transforms a display matrix can ask for, as `orient` applies them to [..., H, W, C]
+# (names after FFmpeg's `transpose` filter; 'transpose' swaps rows and columns, keeping the
+# top-left corner, 'antitranspose' swaps them about the other diagonal).
+TRANSFORMS = ("", "cclock", "clock", "rot180", "hflip", "vflip", "transpose", "antitranspose")
+_SWAPS_SIDES = {"cclock", "clock", "transpose", "antitranspose"}
+
+
+def display_transform(frame: av.VideoFrame) -> str:
+    """The transform (`TRANSFORMS`) that shows `frame` the right way up, from the display
+    matrix FFmpeg attaches to decoded frames ('' when it has none).
+
+    The matrix `m` (3 x 3 int32, 16.16 fixed point, row major) rotates by
+    `rho = -atan2(m[1], m[0])` degrees counterclockwise (`frame.rotation`); the player turns
+    the picture by `theta = -rho` clockwise, and the signs of `m[0]`, `m[3]`, `m[4]` say
+    whether it is mirrored too. This follows the autorotate rule of FFmpeg's command-line
+    tool (fftools, `get_rotation` and the transpose/hflip/vflip filters it inserts);
+    angles that are not a multiple of 90 degrees (rare, synthetic) are rounded to one."""
+    matrix = None
+    for data in frame.side_data:
+        if "DISPLAYMATRIX" in str(data.type):
+            matrix = np.frombuffer(bytes(data), "<i4")
+            break
+    if matrix is None or len(matrix) < 9:
+        return ""
+    m = matrix.astype(np.float64) / 65536.0
+    if math.hypot(m[0], m[3]) == 0 or math.hypot(m[1], m[4]) == 0:
+        return ""  # degenerate matrix: FFmpeg ignores it too
+    rho = -math.degrees(
+        math.atan2(m[1] / math.hypot(m[1], m[4]), m[0] / math.hypot(m[0], m[3]))
+    )  # counterclockwise rotation, = frame.rotation
+    theta = int(round(-rho / 90.0)) * 90 % 360  # clockwise turn the player applies
+    if theta == 90:
+        return "transpose" if m[3] > 0 else "clock"
+    if theta == 270:
+        return "antitranspose" if m[3] < 0 else "cclock"
+    if theta == 180:
+        flips = (m[0] < 0, m[4] < 0)
+        return {(True, True): "rot180", (True, False): "hflip", (False, True): "vflip"}.get(
+            flips, ""
+        )
+    return "vflip" if m[4] < 0 else ""
+
+
+def swaps_sides(transform: str) -> bool:
+    """Whether `transform` turns an `H x W` picture into `W x H`."""
+    return transform in _SWAPS_SIDES
+
+
+def orient(pixels: np.ndarray, transform: str) -> np.ndarray:
+    """`pixels` `[..., H, W, C]` with `transform` (`TRANSFORMS`, from `display_transform`)
+    applied: `[..., H, W, C]`, or `[..., W, H, C]` for the quarter turns."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown display transform {transform!r}; known: {TRANSFORMS}")
+    rows, cols = pixels.ndim - 3, pixels.ndim - 2
+    if transform == "cclock":
+        out = np.rot90(pixels, 1, axes=(rows, cols))
+    elif transform == "clock":
+        out = np.rot90(pixels, -1, axes=(rows, cols))
+    elif transform == "rot180":
+        out = np.rot90(pixels, 2, axes=(rows, cols))
+    elif transform == "hflip":
+        out = np.flip(pixels, cols)
+    elif transform == "vflip":
+        out = np.flip(pixels, rows)
+    elif transform == "transpose":
+        out = np.swapaxes(pixels, rows, cols)
+    elif transform == "antitranspose":  # a clockwise quarter turn, then upside down
+        out = np.flip(np.rot90(pixels, -1, axes=(rows, cols)), rows)
+    else:
+        return pixels
+    return np.ascontiguousarray(out)
+
+
+def read_video(path: str | os.PathLike, *, autorotate: bool = True) -> np.ndarray:
     """Decodes every frame of the first video stream of `path` (any format FFmpeg reads,
-    PNG included) to uint8 `[T, H, W, 3]` RGB."""
+    PNG included) to uint8 `[T, H, W, 3]` RGB, turned the way the container's display
+    matrix says (`display_transform`; `autorotate=False`: as coded)."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video file {path} does not exist")
@@ -166,12 +248,16 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
                 raise ValueError(
                     f"{path} has no video stream (streams: {[s.type for s in container.streams]})"
                 )
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            frames, transform = [], ""
+            for f in container.decode(video=0):
+                if not frames and autorotate:
+                    transform = display_transform(f)
+                frames.append(f.to_ndarray(format="rgb24"))
     except av.FFmpegError as e:
         raise ValueError(f"cannot decode {path}: {e}") from e
     if not frames:
         raise ValueError(f"{path} has a video stream but no decodable frames")
-    return np.stack(frames)
+    return orient(np.stack(frames), transform)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -99,3 +99,66 @@ def test_png_and_contact_sheet(tmp_path):
     np.testing.assert_array_equal(back[0], np.repeat(np.repeat(sheet, 2, 0), 2, 1))
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         video_io.write_png(tmp_path / "v.png", videos[0])
+
+
+def write_rotated(path, coded, degrees, hflip=False):
+    """An H.264 mp4 of the uint8 frames `coded` [T, H, W, 3] with a display matrix of a
+    `degrees` counterclockwise rotation (then a mirror), as a phone writes portrait video."""
+    import av  # noqa: PLC0415 - only this helper writes raw streams
+
+    t, h, w, _ = coded.shape
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=8, options={"crf": "10"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.set_display_rotation(degrees, hflip=hflip)
+        for f in coded:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def marked_frames(t=2, h=32, w=48):
+    """Landscape frames: a dark gradient with a white 8 x 8 marker at the top-left corner."""
+    frames = np.zeros((t, h, w, 3), np.uint8)
+    frames[..., 0] = np.linspace(20, 120, w, dtype=np.uint8)[None, None, :]
+    frames[:, :8, :8] = 255
+    return frames
+
+
+def marker_corner(frame):
+    """Which corner of `frame` [H, W, 3] holds the white marker: 'tl', 'tr', 'bl' or 'br'."""
+    h, w, _ = frame.shape
+    corners = {
+        "tl": frame[:6, :6], "tr": frame[:6, w - 6 :],
+        "bl": frame[h - 6 :, :6], "br": frame[h - 6 :, w - 6 :],
+    }  # fmt: skip
+    return max(corners, key=lambda k: corners[k].mean())
+
+
+# rotation (counterclockwise, as PyAV and the display matrix state it), mirror -> where a
+# player shows the coded top-left corner, and whether the picture is portrait.
+@pytest.mark.parametrize(
+    "degrees, hflip, corner, portrait",
+    [
+        (90, False, "bl", True),  # a quarter turn counterclockwise: top-left goes down
+        (-90, False, "tr", True),  # clockwise (the usual phone held upright): goes right
+        (180, False, "br", False),
+        (0, True, "tr", False),  # mirrored only
+    ],
+)
+def test_read_video_turns_frames_the_way_the_display_matrix_says(
+    tmp_path, degrees, hflip, corner, portrait
+):
+    coded = marked_frames()
+    path = write_rotated(tmp_path / "phone.mp4", coded, degrees, hflip)
+    raw = video_io.read_video(path, autorotate=False)
+    assert raw.shape == coded.shape and marker_corner(raw[0]) == "tl"
+    shown = video_io.read_video(path)
+    assert shown.shape == ((2, 48, 32, 3) if portrait else coded.shape)
+    assert marker_corner(shown[0]) == corner
+    if not hflip:  # an independent reference: np.rot90 by PyAV's own frame.rotation
+        np.testing.assert_array_equal(shown, np.rot90(raw, degrees // 90, axes=(1, 2)))
+    # the gradient runs along the coded width, which a quarter turn makes the height
+    axis = 0 if portrait else 1
+    profile = shown[0, 10:-10, 10:-10, 0].astype(float).mean(axis=1 - axis)
+    assert abs(profile[-1] - profile[0]) > 40

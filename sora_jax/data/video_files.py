@@ -1,12 +1,15 @@
 """Reading clips out of video and image files with PyAV: probe, then decode only what a
 clip needs, resized and cropped (or padded) to its bucket.
 
-`probe` opens the container and reads the stream header only (no decoding): frame count
-(the stream's, else duration x rate), frame rate and size. `decode` decodes frames in
-order and stops after the last one a clip needs; frames that no clip uses are decoded
-(codecs need them) but never converted or resized. Each kept frame is converted to RGB
-and resized by FFmpeg's swscale in one call (`area` interpolation, a box filter when
-shrinking), then cropped or padded in numpy (sora_jax.data.buckets.fit_geometry).
+`probe` opens the container and reads the stream header (frame count: the stream's, else
+duration x rate; frame rate; size) and decodes the first frame for its display matrix: a
+video coded landscape with a quarter-turn rotation (a phone's portrait video) is reported,
+bucketed and decoded portrait, the right way up (sora_jax.video_io.display_transform).
+`decode` decodes frames in order and stops after the last one a clip needs; frames that
+no clip uses are decoded (codecs need them) but never converted or resized. Each kept
+frame is converted to RGB and resized by FFmpeg's swscale in one call (`area`
+interpolation, a box filter when shrinking) to the coded orientation of the target size,
+turned by the display matrix, then cropped or padded in numpy (sora_jax.data.buckets.fit_geometry).
 
 Every failure is a `Reject` with a reason from `REASONS`, never an exception that stops
 the job (sora_jax.data.tokenization writes it to rejects.jsonl).
@@ -24,6 +27,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from sora_jax import video_io
 from sora_jax.data.buckets import FitGeometry
 
 # Reasons an input is rejected; the keys of the summary's "rejects by reason".
@@ -56,8 +60,9 @@ class Reject(Exception):
 class VideoInfo:
     frames: int  # frame count (from the header: an estimate the decode may contradict)
     fps: float  # frames per second; 0 for still images
-    height: int
+    height: int  # as displayed: after the display matrix's rotation
     width: int
+    transform: str = ""  # the display matrix's transform (sora_jax.video_io.TRANSFORMS)
 
 
 def _open(path: pathlib.Path):
@@ -70,7 +75,8 @@ def _open(path: pathlib.Path):
 
 
 def probe(path: str | os.PathLike) -> VideoInfo:
-    """The first video stream's frame count, rate and size, from headers only."""
+    """The first video stream's frame count, rate and displayed size (headers, and the
+    first frame's display matrix)."""
     path = pathlib.Path(path)
     with _open(path) as container:
         if not container.streams.video:
@@ -78,6 +84,9 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             raise Reject("no_video_stream", f"{path} has streams {kinds}")
         stream = container.streams.video[0]
         height, width = int(stream.codec_context.height), int(stream.codec_context.width)
+        transform = _first_transform(container, stream)
+        if video_io.swaps_sides(transform):
+            height, width = width, height
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         frames = int(stream.frames or 0)
@@ -90,7 +99,19 @@ def probe(path: str | os.PathLike) -> VideoInfo:
             frames = int(round(seconds * fps)) if fps > 0 else 0
         if frames <= 0 and path.suffix.lower() in IMAGE_SUFFIXES:
             frames = 1
-    return VideoInfo(frames=frames, fps=fps, height=height, width=width)
+    return VideoInfo(frames=frames, fps=fps, height=height, width=width, transform=transform)
+
+
+def _first_transform(container, stream) -> str:
+    """The display transform of the stream's first frame; '' when it has none or does not
+    decode (decode() then rejects the file with the decoder's message)."""
+    try:
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                return video_io.display_transform(frame)
+    except (av.FFmpegError, ValueError):
+        return ""
+    return ""
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -122,7 +143,9 @@ def decode(
     to `size` (H, W) as uint8 `[H, W, 3]`, and the number of frames decoded:
     `({index: frame}, count)`. Decoding stops after the last index wanted, so `count` is
     the file's frame count only when it ended before that. A file that ends early returns
-    the frames it has; a decoding error after the first frame does the same."""
+    the frames it has; a decoding error after the first frame does the same. `geometry`
+    and `size` are in displayed orientation: frames are resized to the coded orientation
+    of that size, then turned as the display matrix says."""
     path = pathlib.Path(path)
     wanted = set(int(i) for i in indices)
     last = max(wanted) if wanted else -1
@@ -136,7 +159,7 @@ def decode(
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         it = container.decode(stream)
-        index = -1
+        index, transform = -1, ""
         while index < last:
             t0 = time.perf_counter()
             try:
@@ -150,13 +173,17 @@ def decode(
             finally:
                 timers["decode_s"] = timers.get("decode_s", 0.0) + time.perf_counter() - t0
             index += 1
+            if index == 0:
+                transform = video_io.display_transform(frame)
             if index not in wanted:
                 continue
             t0 = time.perf_counter()
+            ch, cw = (rw, rh) if video_io.swaps_sides(transform) else (rh, rw)  # coded
             rgb = reformatter.reformat(
-                frame, width=rw, height=rh, format="rgb24", interpolation="AREA"
+                frame, width=cw, height=ch, format="rgb24", interpolation="AREA"
             )
-            out[index] = _place(rgb.to_ndarray(), geometry, size)
+            upright = video_io.orient(rgb.to_ndarray(), transform)  # [rh, rw, 3]
+            out[index] = _place(upright, geometry, size)
             timers["resize_s"] = timers.get("resize_s", 0.0) + time.perf_counter() - t0
     return out, index + 1
 
