@@ -12,10 +12,22 @@ over queries and keys with an online softmax, memory linear in L; the portable d
 'cudnn' (fused flash attention on NVIDIA GPUs, bfloat16/float16), 'splash' (Pallas, TPU).
 'auto' picks cuDNN for half precision on GPUs, splash on TPUs, and 'blockwise' elsewhere.
 
-Context parallelism: `context_parallel='ulysses' | 'ring'` computes self-attention with the
-video tokens split over the mesh axis `context` (sora_jax/parallel/context.py, where the
-maths is), and `'queries'` cross-attention with only the queries split; each reduces to the
-plain kernel without a mesh or with a `context` axis of size 1.
+cuDNN takes no boolean mask here: a mask `[B, N, L, S]` would reach cuDNN as a bias whose
+query length must equal L, which the text mask `[B, 1, 1, S]` does not have. Masks are key
+padding only, `[B|1, 1, 1, S]` with the valid keys a prefix of each row (text encoders pad
+on the right, sora_jax/models/text.py; context parallelism pads the video tokens at the
+end), passed as `key_value_seq_lengths` (`cudnn_arguments`). A row with no valid key (a
+dropped caption) runs with length 1 and is zeroed afterwards, as for every kernel. Masks
+with a head or query axis are refused (use 'blockwise'); a key mask that is not a prefix is
+refused when its values are known, and under `jit` its rows come back NaN instead of
+silently wrong. Never run on a GPU yet (docs/perf.md).
+
+Context parallelism: `context_parallel='ulysses' | 'allgather' | 'ring'` computes
+self-attention with the video tokens split over the mesh axis `context`
+(sora_jax/parallel/context.py, where the maths is), and `'queries'` cross-attention with
+only the queries split; each reduces to the plain kernel without a mesh or with a `context`
+axis of size 1. Ulysses, all-gather and 'queries' run the chosen kernel (cuDNN included)
+per device; the ring merges blockwise kernels by their log-sum-exp.
 
 Shapes: q `[B, L, N, E]` (L query tokens), k and v `[B, S, N, E]` (S key tokens: video
 tokens for self-attention, text tokens for cross-attention). The optional boolean `mask`
@@ -31,6 +43,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from sora_jax.models import blockwise_attention as blockwise_lib
@@ -105,13 +118,86 @@ def blockwise_attention_with_lse(q, k, v, mask=None):
     return blockwise_lib.blockwise_attention_with_lse(q, k, v, **_blockwise_masks(mask, k))
 
 
+CUDNN_FIX = (
+    "set model.attention_impl='blockwise' (any mask, any platform) or 'auto' (which picks "
+    "cuDNN only where it applies)"
+)
+
+
+def _key_padding(mask, q, k) -> jax.Array:
+    """A `(q, k, v, mask)` mask as key padding `valid [B, S]` bool, or a ValueError when it
+    has a head or query axis (cuDNN takes only sequence lengths)."""
+    b, s = q.shape[0], k.shape[1]
+    mask = jnp.asarray(mask, bool)
+    if mask.ndim > 4:
+        raise ValueError(f"attention mask has {mask.ndim} dims; at most 4 ([B, N, L, S])")
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # -> [B|1, N|1, L|1, S|1]
+    if mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[0] not in (1, b):
+        raise ValueError(
+            f"model.attention_impl='cudnn' takes only key padding masks [B|1, 1, 1, S] (valid "
+            f"keys first, as text masks are), got a mask of shape {mask.shape}; {CUDNN_FIX}"
+        )
+    return jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
+
+
+def _is_prefix(valid: jax.Array, lengths: jax.Array) -> jax.Array:
+    """`[B]` bool: row b of `valid [B, S]` is its first `lengths[b]` keys and nothing else."""
+    return jnp.all(valid == (jnp.arange(valid.shape[1]) < lengths[:, None]), axis=-1)
+
+
+def cudnn_arguments(q, k, v, mask=None) -> dict:
+    """The keyword arguments the cuDNN path passes to `jax.nn.dot_product_attention`
+    (besides `implementation`): q, k, v `[B, L|S, N, E]` as they are and, for a key padding
+    `mask`, `key_value_seq_lengths [B]` int32 (the number of valid keys, at least 1: a row
+    with none is zeroed by the caller) with `query_seq_lengths [B]` = L, which is what
+    `jax.nn.dot_product_attention` would fill in. No `mask` or `bias` reaches cuDNN.
+
+    A mask whose values are known here (not traced) must be a prefix per row; a traced one
+    is checked by `_cudnn`, which cannot raise under `jit`.
+    """
+    args = dict(query=q, key=k, value=v)
+    if mask is None:
+        return args
+    valid = _key_padding(mask, q, k)
+    lengths = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # [B]
+    try:
+        concrete = np.asarray(valid)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        concrete = None
+    if concrete is not None and not np.all(_is_prefix(valid, lengths)):
+        rows = np.flatnonzero(~np.asarray(_is_prefix(valid, lengths))).tolist()
+        raise ValueError(
+            f"model.attention_impl='cudnn' needs key padding masks whose valid keys come "
+            f"first (cuDNN takes a length per row), but rows {rows} have gaps; pad on the "
+            f"right or {CUDNN_FIX}"
+        )
+    args["query_seq_lengths"] = jnp.full((q.shape[0],), q.shape[1], jnp.int32)
+    args["key_value_seq_lengths"] = jnp.maximum(lengths, 1)
+    return args
+
+
+def _fused_attention(**kwargs) -> jax.Array:
+    """cuDNN flash attention; a seam the tests replace with the XLA implementation of the
+    same call (CI has no GPU)."""
+    return jax.nn.dot_product_attention(**kwargs, implementation="cudnn")
+
+
 def _cudnn(q, k, v, mask=None):
+    """cuDNN flash attention behind the common `(q, k, v, mask)` call (module docstring)."""
     if jnp.dtype(q.dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
         raise ValueError(
             f"attention impl='cudnn' needs bfloat16 or float16 inputs, got {q.dtype}; set "
             "model.dtype='bfloat16' or use attention_impl='auto' (falls back to 'blockwise')"
         )
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    args = cudnn_arguments(q, k, v, mask)
+    out = _fused_attention(**args)
+    if mask is not None:
+        # A traced mask with gaps would be read as a shorter prefix: poison those rows so
+        # the loss says so (NaN) instead of training on the wrong keys.
+        valid = _key_padding(mask, q, k)
+        ok = _is_prefix(valid, jnp.sum(valid, axis=-1, dtype=jnp.int32))  # [B]
+        out = jnp.where(ok[:, None, None, None], out, jnp.asarray(jnp.nan, out.dtype))
+    return out
 
 
 def _splash(q, k, v, mask=None, *, block_size: int = splash_lib.DEFAULT_BLOCK):
@@ -176,8 +262,8 @@ def dot_product_attention(
 
     `mask`: bool, broadcastable to `[B, N, L, S]` (True = attend), or None (attend to all).
     Rows whose keys are all masked come back as zeros, whatever the implementation.
-    `context_parallel`: 'none', 'ulysses' or 'ring' (self-attention, L = S the same tokens),
-    or 'queries' (cross-attention); see sora_jax/parallel/context.py.
+    `context_parallel`: 'none', 'ulysses', 'allgather' or 'ring' (self-attention, L = S the
+    same tokens), or 'queries' (cross-attention); see sora_jax/parallel/context.py.
     `splash_block_size`: the splash kernel's tile (sora_jax/models/splash.py).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[::3] != k.shape[::3]:
@@ -191,7 +277,7 @@ def dot_product_attention(
             f"context_parallel={context_parallel!r} is unknown; choose one of "
             f"{context_lib.STRATEGIES} (model.context_parallel)"
         )
-    if context_parallel in ("ulysses", "ring") and q.shape != k.shape:
+    if context_parallel in context_lib.SELF_ATTENTION and q.shape != k.shape:
         raise ValueError(
             f"context_parallel={context_parallel!r} is for self-attention (q and k of one "
             f"shape), got q {q.shape} and k {k.shape}; use 'queries' for cross-attention"

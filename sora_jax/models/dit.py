@@ -207,7 +207,7 @@ class VideoDiT(nn.Module):
     cross_attn_norm: bool = True
     rope_split: tuple[int, int, int] | None = None  # head-dim (E_t, E_h, E_w); None = Wan's
     attention_impl: str = "xla"  # 'xla' | 'blockwise' | 'cudnn' | 'splash' | 'auto'
-    # Self-attention over the mesh's `context` axis: 'none' | 'ulysses' | 'ring'
+    # Self-attention over the mesh's `context` axis: 'none' | 'ulysses' | 'allgather' | 'ring'
     # (sora_jax/parallel/context.py); without a mesh or context size 1, plain attention.
     context_parallel: str = "none"
     # The splash kernel's tile on TPUs: sequences are padded to whole blocks of this many

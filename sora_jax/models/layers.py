@@ -230,8 +230,8 @@ class Attention(nn.Module):
     # A kernel of models.attention.IMPLS: 'blockwise' (memory-efficient, pure JAX), 'xla'
     # (dense reference), 'cudnn', 'splash', or 'auto' (fused where it applies, else blockwise).
     attention_impl: str = "xla"
-    # Video self-attention over the `context` mesh axis: 'none' | 'ulysses' | 'ring'. Cross-
-    # attention then splits only its queries ('queries'): the short text stays whole.
+    # Video self-attention over the `context` mesh axis: 'none' | 'ulysses' | 'allgather' |
+    # 'ring'. Cross-attention then splits only its queries ('queries'): the text stays whole.
     context_parallel: str = "none"
     splash_block_size: int = 512  # the splash kernel's tile (sora_jax/models/splash.py)
     dtype: Dtype = jnp.float32

@@ -3,8 +3,8 @@
 The video tokens of one sample are split over the C devices of a context group: device
 c holds the block of Lc = L_pad / C consecutive tokens `[c Lc, (c + 1) Lc)` of q, k and v
 (`[B, Lc, N, E]`, with the batch over ('data', 'fsdp') and the heads over `tensor` as the
-logical rules put them). Self-attention needs every key for every query; two strategies
-bring them together, both exact (the same numbers as full attention, up to float rounding):
+logical rules put them). Self-attention needs every key for every query; three strategies
+bring them together, all exact (the same numbers as full attention, up to float rounding):
 
 **Ulysses** (DeepSpeed-Ulysses, Jacobs et al. 2023, arXiv:2309.14509) trades the sequence
 split for a head split with an all-to-all, attends locally, and trades back:
@@ -53,6 +53,19 @@ keeps no scores, but it does keep the C K/V blocks it saw (this device's heads o
 K/V). A custom VJP that passes K/V round the ring again in the backward (as the Ring
 Attention paper does) would remove that; not done here.
 
+**All-gather** ('allgather'; what MaxText runs on GPUs) keeps the queries in place and
+gathers the whole K/V of this device's heads, then attends with the per-device kernel:
+
+    k, v  [B, Lc, N, E] --all_gather--> [B, L_pad, N, E]
+    o = attend(q, k, v, mask)           [B, Lc, N, E]     (any kernel: cudnn, blockwise, …)
+
+One all-gather each for k and v forward (their transpose, a reduce-scatter, backward), each
+moving (C - 1)/C of K/V; no head constraint. It holds the whole K/V of its heads (2 L N E
+values per sample, small next to the activations of a block) and runs one fused kernel
+call instead of C small ones, which is why it suits cuDNN: the ring's per-block merge needs
+a kernel that returns its log-sum-exp. The gathers can overlap the projections of the
+queries only as far as XLA's scheduler moves them.
+
 **Queries only** ('queries', for cross-attention): q keeps its sequence split, k and v
 (the short text) are whole on every device; no communication.
 
@@ -77,8 +90,10 @@ from jax.sharding import PartitionSpec as P
 AXIS = "context"
 # Values of `model.context_parallel` (video self-attention); 'queries' is what the model's
 # cross-attention uses when one of the other two is on.
-STRATEGIES = ("none", "ulysses", "ring")
+STRATEGIES = ("none", "ulysses", "allgather", "ring")
 MODES = (*STRATEGIES, "queries")
+# The strategies that split self-attention (q and k the same tokens).
+SELF_ATTENTION = ("ulysses", "allgather", "ring")
 _MIN = float(jnp.finfo(jnp.float32).min)
 
 Attend = Callable[..., jax.Array]  # (q, k, v, mask) -> o, all per device
@@ -95,7 +110,7 @@ def config_errors(
     """`model.context_parallel` against the mesh `shape` and each bucket's video tokens L
     (docs/parallelism.md).
 
-    Token counts need no divisibility: both strategies pad L to a multiple of the context
+    Token counts need no divisibility: every strategy pads L to a multiple of the context
     size C and mask the padding. Ulysses splits each tensor shard's heads over C, so those
     must divide; a bucket with fewer tokens than C would leave devices holding only padding.
     `num_heads()` gives the model's N; it is asked only when the context axis is split,
@@ -118,7 +133,7 @@ def config_errors(
             f"model.context_parallel='ulysses' splits the {per_shard} heads of each tensor shard "
             f"(model.num_heads={heads}, mesh tensor={t}) over mesh context={c}, which does not "
             f"divide; make num_heads / tensor a multiple of {c}, change mesh.ici_context / "
-            f"dcn_context, or use model.context_parallel='ring'"
+            f"dcn_context, or use model.context_parallel='allgather' or 'ring'"
         )
     for name, tokens in bucket_tokens.items():
         if tokens < c:
@@ -227,7 +242,7 @@ def ulysses_attention(q, k, v, mask=None, *, attend: Attend) -> jax.Array:
             f"context_parallel='ulysses' splits each device's {n_local} heads (num_heads={n} "
             f"over tensor) across context={c} devices, which does not divide; choose "
             f"model.num_heads / mesh tensor size divisible by the context size, a smaller "
-            f"context size, or context_parallel='ring'"
+            f"context size, or context_parallel='allgather' or 'ring'"
         )
     q, k, v, mask = _pad_self_attention(q, k, v, mask, c)
     lp = q.shape[1]
@@ -352,6 +367,34 @@ def ring_attention(
     return out[:, :length]  # drop padded query rows
 
 
+def allgather_attention(q, k, v, mask=None, *, attend: Attend) -> jax.Array:
+    """Self-attention `[B, L, N, E]`: local queries against K/V all-gathered over `context`.
+
+    `attend(q, k, v, mask)` is the per-device kernel; it sees q `[B, Lc, N, E]`, k and v
+    `[B, L_pad, N, E]` and a mask `[B|1, N|1, Lc|1, L_pad]` (key padding stays
+    `[B|1, 1, 1, L_pad]`, the form cuDNN takes as sequence lengths).
+    """
+    c, (b, length, n, _) = context_degree(), q.shape
+    batch, heads, _ = _layout(b, n)
+    q, k, v, mask = _pad_self_attention(q, k, v, mask, c)
+    lp = q.shape[1]
+    qkv_spec = P(batch, AXIS, heads, None)
+
+    def body(q, k, v, mask):  # q, k, v [B, Lc, N, E] per device
+        # tiled: the C blocks concatenated in device order (= token order) -> [B, L_pad, N, E]
+        gather = lambda x: jax.lax.all_gather(x, AXIS, axis=1, tiled=True)
+        return attend(q, gather(k), gather(v), mask)  # [B, Lc, N, E]
+
+    if mask is None:
+        fn = lambda q, k, v: body(q, k, v, None)
+        args, specs = (q, k, v), (qkv_spec,) * 3
+    else:  # the query dimension split like q, the key dimension whole
+        fn, args = body, (q, k, v, mask)
+        specs = (qkv_spec,) * 3 + (_mask_spec(mask, (b, n, lp, lp), (batch, heads, AXIS, None)),)
+    out = _shard_map(fn, specs, qkv_spec)(*args)
+    return out[:, :length]  # drop padded query rows
+
+
 def query_sharded_attention(q, k, v, mask=None, *, attend: Attend) -> jax.Array:
     """Cross-attention: q `[B, L, N, E]` split over `context`, k/v `[B, S, N, E]` whole.
 
@@ -378,7 +421,12 @@ def query_sharded_attention(q, k, v, mask=None, *, attend: Attend) -> jax.Array:
     return out[:, :length]
 
 
-_FNS = {"ulysses": ulysses_attention, "ring": ring_attention, "queries": query_sharded_attention}
+_FNS = {
+    "ulysses": ulysses_attention,
+    "allgather": allgather_attention,
+    "ring": ring_attention,
+    "queries": query_sharded_attention,
+}
 
 
 def context_parallel_attention(

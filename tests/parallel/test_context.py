@@ -1,4 +1,4 @@
-"""Context-parallel attention (ring, Ulysses) on 8 fake CPU devices.
+"""Context-parallel attention (ring, Ulysses, all-gather) on 8 fake CPU devices.
 
 Independent references: `jax.nn.dot_product_attention` for attention, the single-device
 model for VideoDiT. Everything is float32; values and gradients must agree within
@@ -113,7 +113,21 @@ def test_matches_full_attention_values_and_gradients(devices, strategy, tokens, 
     _assert_close(ours, _value_and_grads(q, k, v, w, mask, "reference"))
 
 
-@pytest.mark.parametrize("strategy", ["ring", "ulysses"])
+@pytest.mark.parametrize(
+    "tokens, mesh",
+    [(80, "context2"), (75, "context4"), (16, "context4"), (75, "data2_context2_tensor2")],
+)
+def test_allgather_matches_full_attention_values_and_gradients(devices, tokens, mesh):
+    """All-gather K/V: local queries against the gathered keys, with the memory-efficient
+    kernel per device (the dense one is covered by the mask test below)."""
+    q, k, v, w = _qkv(tokens, seed=4)
+    mask = _key_mask(tokens)
+    with jax.set_mesh(_mesh(MESHES[mesh])):
+        ours = _value_and_grads(q, k, v, w, mask, "allgather", impl="blockwise")
+    _assert_close(ours, _value_and_grads(q, k, v, w, mask, "reference"))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "allgather"])
 def test_no_mask_and_general_mask(devices, strategy):
     """Without a mask (the padding is the only mask) and with a per-head, per-query mask
     `[B, N, L, S]`, on a mesh that splits heads over `tensor` (and, for Ulysses, `context`)."""
@@ -223,7 +237,7 @@ def test_compiled_collectives(devices):
     spec = NamedSharding(mesh, P(None, "context", "tensor", None))
     x = jax.ShapeDtypeStruct((B, 80, n, E), jnp.float32, sharding=spec)
     hlo = {}
-    for strategy in ("ring", "ulysses", "none"):
+    for strategy in ("ring", "ulysses", "allgather", "none"):
         loss = lambda q, k, v, s=strategy: jnp.sum(jnp.sin(_attend(q, k, v, None, s)))
         with jax.set_mesh(mesh):
             compiled = jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
@@ -233,6 +247,9 @@ def test_compiled_collectives(devices):
     assert not hlo["ring"]["all-gather"] and not hlo["ring"]["all-to-all"]
     assert len(hlo["ulysses"]["all-to-all"]) >= 4  # q, k, v in and o out, forward
     assert not hlo["ulysses"]["all-gather"]
+    # All-gather: K and V gathered whole (this device's heads) forward; nothing else moves.
+    assert any("f32[2,80,4," in line for line in hlo["allgather"]["all-gather"])
+    assert not hlo["allgather"]["all-to-all"] and not hlo["allgather"]["collective-permute"]
     assert any("f32[2,80," in line for line in hlo["none"]["all-gather"])  # full K/V
 
 
@@ -284,6 +301,8 @@ def single_device():
         ("ulysses", (1, 2, 4, 1), "all-to-all", True, "xla"),
         # The blockwise kernel per ring block, merged by log-sum-exp, inside scan and remat.
         ("ring", (1, 1, 4, 1), "collective-permute", True, "blockwise"),
+        # All-gather K/V with the blockwise kernel, batch and heads sharded too.
+        ("allgather", (2, 1, 2, 2), "all-gather", False, "blockwise"),
     ],
 )
 def test_video_dit_matches_single_device(
@@ -348,13 +367,15 @@ def test_validation_names_heads_bucket_and_fix(devices):
         validate_lib.validate(config)
     text = str(e.value)
     assert "model.context_parallel='ulysses'" in text and "model.num_heads=4" in text
-    assert "context=4" in text and "'ring'" in text  # the fix
+    assert "context=4" in text and "'ring'" in text and "'allgather'" in text  # the fixes
     # 1 latent token (4 px -> 2 latent -> 1 patch) cannot fill 4 context devices.
     assert "data.buckets.1x4x4: 1 video tokens" in text and "at most 1" in text
     # Ring has no head constraint; the bucket is still too small.
     with pytest.raises(config_lib.ConfigError, match=r"data\.buckets\.1x4x4") as e:
         validate_lib.validate(_config("ring", buckets=[("1x4x4", (1, 4))], ici_context=4))
     assert "num_heads" not in str(e.value)
+    # Nor has all-gather.
+    validate_lib.validate(_config("allgather", ici_data=1, ici_context=8))
 
 
 def test_validation_rejects_unknown_strategy(devices):
