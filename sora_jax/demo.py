@@ -80,7 +80,10 @@ def main(argv):
     print(
         f"adherence    colour {scores['colour']:.2f} (chance {scores['chance_colour']:.2f}), "
         f"direction {scores['direction']:.2f} (chance {scores['chance_direction']:.2f}), "
-        f"both {scores['both']:.2f} (chance {scores['chance_both']:.3f}) "
+        f"both {scores['both']:.2f} (chance {scores['chance_both']:.3f}), "
+        f"shape {scores['shape']:.2f} (chance {scores['chance_shape']:.2f}), "
+        f"speed {scores['speed']:.2f} (chance {scores['chance_speed']:.2f}), "
+        f"all four {scores['all']:.2f} (chance {scores['chance_all']:.3f}) "
         f"over {scores['n']} videos -> {report['path']}"
     )
     print("time (s)     " + json.dumps({k: round(v, 1) for k, v in times.items()}))

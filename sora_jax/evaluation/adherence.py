@@ -1,7 +1,8 @@
 """Prompt adherence measured from the pixels, with no learned weights.
 
 A video made for a synthetic caption (sora_jax.data.synthetic) shows one coloured shape on
-black moving in one direction. `measure` reads back two caption attributes:
+black moving in one direction at one speed: "a red square moving left slowly". `measure`
+reads back all four caption attributes:
 
 - colour: foreground pixels are those whose brightest channel, in [0, 1] units, exceeds
   `FOREGROUND_THRESHOLD`. Their mean RGB over all frames is divided by its own largest
@@ -13,10 +14,23 @@ black moving in one direction. `measure` reads back two caption attributes:
   direction by its dominant axis (image convention: y grows downwards). It is `None` when
   there is no foreground in either third, when `max(|d_x|, |d_y|)` is below
   `MIN_DISPLACEMENT`, or for an image (T = 1).
+- shape: per frame, the soft mask `m` (brightest channel where above
+  `SHAPE_THRESHOLD`, else 0), its area `A = sum m`, its soft extents
+  `w = sum_x max_y m` and `h = sum_y max_x m` (exact for anti-aliased edges), its `fill =
+  A / (w h)` and its vertical `skew = (y_mass - y_box) / h` (the mass centroid's offset
+  from the extent's centre). Medians over the frames with foreground: a triangle (apex up:
+  its mass sits h / 6 below the centre) has `|skew| >= TRIANGLE_SKEW`; otherwise a square
+  fills its box (`fill >= SQUARE_FILL`; ideal 1) and a circle does not (ideal pi / 4).
+- speed: the distance travelled from the first frame to the last, as a fraction of the
+  frame along the dominant axis of motion (the caption's unit, `synthetic.SPEEDS`): the
+  slope of a least-squares line through the per-frame centroids (frames with
+  foreground), times the clip's length. The nearest `SPEEDS` value names it; `None` as
+  for direction (static, empty, an image, fewer than two frames with foreground).
 
 `None` never matches a caption, so an empty or static video scores zero, not chance.
 NaN or infinite values read as background; `score` counts the videos that hold any.
-Ground-truth clips measure back exactly (tests/evaluation/test_adherence.py).
+Ground-truth clips measure back exactly at every size the demo uses, and clips of another
+shape or speed do not (tests/evaluation/test_adherence.py).
 """
 
 from __future__ import annotations
@@ -35,8 +49,22 @@ FOREGROUND_THRESHOLD = 0.5
 # Smallest displacement counted as motion, a fraction of the frame side. Ground truth moves
 # >= 0.28 * 2/3 ~ 19% between the thirds; 1.5% is ~0.5 px at 32 px, above centroid jitter.
 MIN_DISPLACEMENT = 0.015
-CHANCE = {"colour": 1 / len(synthetic.COLOURS), "direction": 1 / len(synthetic.DIRECTIONS)}
+# Shape: the soft mask keeps anti-aliased edges (coverage >= 1/4) and drops faint noise.
+SHAPE_THRESHOLD = 0.25
+# Ground truth (16..64 px frames): |skew| of triangles 0.065..0.155 (ideal 1/6), of squares
+# and circles <= 0.035; fill of squares >= 0.966, of circles 0.755..0.862 (ideal 0.785).
+TRIANGLE_SKEW = 0.05
+SQUARE_FILL = 0.9
+CHANCE = {
+    "colour": 1 / len(synthetic.COLOURS),
+    "direction": 1 / len(synthetic.DIRECTIONS),
+    "shape": 1 / len(synthetic.SHAPES),
+    "speed": 1 / len(synthetic.SPEEDS),
+}
 CHANCE["both"] = CHANCE["colour"] * CHANCE["direction"]
+CHANCE["all"] = CHANCE["both"] * CHANCE["shape"] * CHANCE["speed"]
+# The attributes `measure` reads, and the raw numbers behind shape and speed.
+ATTRIBUTES = ("colour", "direction", "shape", "speed")
 
 _PALETTE_NAMES = list(synthetic.COLOURS)
 _PALETTE = np.array([synthetic.COLOURS[n] for n in _PALETTE_NAMES], np.float32)  # [6, 3]
@@ -57,63 +85,125 @@ def _unit_rgb(video) -> np.ndarray:
     return np.nan_to_num(rgb, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def measure(video) -> dict[str, str | None]:
-    """Dominant colour and motion direction of `video` `[T, H, W, 3]` (uint8, or float in
-    [-1, 1]); each is a word of the synthetic vocabulary or `None` when unreadable."""
+def measure(video) -> dict[str, str | float | None]:
+    """Colour, motion direction, shape and speed of `video` `[T, H, W, 3]` (uint8, or float
+    in [-1, 1]); each is a word of the synthetic vocabulary or `None` when unreadable, with
+    the numbers behind shape and speed (`fill`, `skew`, `travel`; `None` when unread)."""
     rgb = _unit_rgb(video)  # [T, H, W, 3] in [0, 1]
-    num_frames, height, width, _ = rgb.shape
     bright = rgb.max(axis=-1)  # [T, H, W]
     fg = bright > FOREGROUND_THRESHOLD  # [T, H, W]
+    out: dict[str, str | float | None] = dict.fromkeys((*ATTRIBUTES, "fill", "skew", "travel"))
     if not fg.any():
-        return {"colour": None, "direction": None}
-
+        return out
     mean = rgb[fg].mean(axis=0)  # [3] over every foreground pixel of every frame
     hue = mean / mean.max()
-    colour = _PALETTE_NAMES[int(np.argmin(((_PALETTE - hue) ** 2).sum(axis=-1)))]
+    out["colour"] = _PALETTE_NAMES[int(np.argmin(((_PALETTE - hue) ** 2).sum(axis=-1)))]
+    w = np.where(fg, bright, 0.0)  # [T, H, W] brightness weights on the foreground
+    out["direction"] = _direction(w)
+    out.update(_shape(np.where(bright >= SHAPE_THRESHOLD, bright, 0.0)))
+    out.update(_speed(w))
+    return out
 
-    direction = None
-    if num_frames > 1:
-        w = np.where(fg, bright, 0.0)  # [T, H, W] brightness weights on the foreground
-        mass = w.sum(axis=(1, 2))  # [T]
-        ys = (np.arange(height) + 0.5) / height  # [H] pixel centres, fraction of H
-        xs = (np.arange(width) + 0.5) / width  # [W]
-        n = math.ceil(num_frames / 3)
-        first, last = slice(0, n), slice(num_frames - n, num_frames)
-        if mass[first].sum() > 0 and mass[last].sum() > 0:
-            # Centroid of each third's pooled mass (frames weighted by their mass), so a
-            # frame where the object vanished does not drag the average to (0, 0).
-            def centroid(frames: slice) -> np.ndarray:
-                m = w[frames].sum(axis=0)  # [H, W] mass pooled over the third's frames
-                x = (m.sum(axis=0) * xs).sum()
-                y = (m.sum(axis=1) * ys).sum()
-                return np.array([x, y]) / m.sum()
 
-            dx, dy = centroid(last) - centroid(first)
-            if max(abs(dx), abs(dy)) >= MIN_DISPLACEMENT:
-                if abs(dx) >= abs(dy):
-                    direction = "right" if dx > 0 else "left"
-                else:
-                    direction = "down" if dy > 0 else "up"
-    return {"colour": colour, "direction": direction}
+def _centres(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel centres as fractions of (H, W): `[H]`, `[W]`."""
+    return (np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width
+
+
+def _direction(w: np.ndarray) -> str | None:
+    """The direction word of the foreground weights `w` `[T, H, W]` (module docstring)."""
+    num_frames, height, width = w.shape
+    if num_frames < 2:
+        return None
+    mass = w.sum(axis=(1, 2))  # [T]
+    ys, xs = _centres(height, width)
+    n = math.ceil(num_frames / 3)
+    first, last = slice(0, n), slice(num_frames - n, num_frames)
+    if mass[first].sum() <= 0 or mass[last].sum() <= 0:
+        return None
+
+    # Centroid of each third's pooled mass (frames weighted by their mass), so a frame
+    # where the object vanished does not drag the average to (0, 0).
+    def centroid(frames: slice) -> np.ndarray:
+        m = w[frames].sum(axis=0)  # [H, W] mass pooled over the third's frames
+        x = (m.sum(axis=0) * xs).sum()
+        y = (m.sum(axis=1) * ys).sum()
+        return np.array([x, y]) / m.sum()
+
+    dx, dy = centroid(last) - centroid(first)
+    if max(abs(dx), abs(dy)) < MIN_DISPLACEMENT:
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def _shape(m: np.ndarray) -> dict[str, str | float | None]:
+    """Shape word, fill and skew of the soft mask `m` `[T, H, W]` (module docstring)."""
+    area = m.sum(axis=(1, 2))  # [T]
+    keep = area > 0
+    if not keep.any():
+        return {"shape": None, "fill": None, "skew": None}
+    m, area = m[keep], area[keep]  # [T', H, W], [T']
+    ys = np.arange(m.shape[1]) + 0.5  # [H] pixel centres
+    rows = m.max(axis=2)  # [T', H]: how much of each row the object spans, at most 1
+    box_w = m.max(axis=1).sum(axis=1)  # [T'] soft extent along x
+    box_h = rows.sum(axis=1)  # [T'] soft extent along y
+    fill = float(np.median(area / (box_w * box_h)))
+    y_box = (rows * ys).sum(axis=1) / box_h  # [T'] centre of the extent
+    y_mass = (m.sum(axis=2) * ys).sum(axis=1) / area  # [T'] centroid of the mass
+    skew = float(np.median((y_mass - y_box) / box_h))
+    if abs(skew) >= TRIANGLE_SKEW:
+        shape = "triangle"
+    else:
+        shape = "square" if fill >= SQUARE_FILL else "circle"
+    return {"shape": shape, "fill": fill, "skew": skew}
+
+
+def _speed(w: np.ndarray) -> dict[str, str | float | None]:
+    """Speed word and travel of the foreground weights `w` `[T, H, W]` (module docstring)."""
+    num_frames, height, width = w.shape
+    mass = w.sum(axis=(1, 2))  # [T]
+    seen = mass > 0
+    if num_frames < 2 or seen.sum() < 2:
+        return {"speed": None, "travel": None}
+    ys, xs = _centres(height, width)
+    cx = (w.sum(axis=1) * xs).sum(axis=1)[seen] / mass[seen]  # [T'] centroid x per frame
+    cy = (w.sum(axis=2) * ys).sum(axis=1)[seen] / mass[seen]  # [T']
+    t = np.arange(num_frames)[seen] / (num_frames - 1)  # [T'] in [0, 1]: first .. last frame
+    # Least-squares slopes per unit clip length = travel from the first frame to the last.
+    travel = max(abs(np.polyfit(t, cx, 1)[0]), abs(np.polyfit(t, cy, 1)[0]))
+    if travel < MIN_DISPLACEMENT:
+        return {"speed": None, "travel": float(travel)}
+    speed = min(synthetic.SPEEDS, key=lambda k: abs(synthetic.SPEEDS[k] - travel))
+    return {"speed": speed, "travel": float(travel)}
+
+
+def nonfinite_values(video) -> int:
+    video = np.asarray(video)
+    return 0 if video.dtype == np.uint8 else int((~np.isfinite(video)).sum())
+
+
+def compare(got: dict[str, Any], caption: str, nonfinite: int = 0) -> dict[str, Any]:
+    """A `measure` result against its synthetic caption (an entry of `per_video`):
+    `<attribute>_match` per attribute, `both_match` (colour and direction) and `all_match`
+    (all four)."""
+    want = synthetic.parse_caption(caption)
+    out: dict[str, Any] = {"caption": caption}
+    for key in ATTRIBUTES:
+        out[key] = got.get(key)
+        out[f"{key}_match"] = got.get(key) == want[key]
+    for key in ("fill", "skew", "travel"):
+        out[key] = got.get(key)
+    out["both_match"] = out["colour_match"] and out["direction_match"]
+    out["all_match"] = all(out[f"{k}_match"] for k in ATTRIBUTES)
+    out["nonfinite_values"] = int(nonfinite)
+    return out
 
 
 def record(video, caption: str) -> dict[str, Any]:
     """One video's measurement against its synthetic caption (an entry of `per_video`)."""
-    want = synthetic.parse_caption(caption)
-    got = measure(video)
-    video = np.asarray(video)
-    nonfinite = 0 if video.dtype == np.uint8 else int((~np.isfinite(video)).sum())
-    colour_ok = got["colour"] == want["colour"]
-    direction_ok = got["direction"] == want["direction"]
-    return {
-        "caption": caption,
-        "colour": got["colour"],
-        "direction": got["direction"],
-        "colour_match": colour_ok,
-        "direction_match": direction_ok,
-        "both_match": colour_ok and direction_ok,
-        "nonfinite_values": nonfinite,
-    }
+    return compare(measure(video), caption, nonfinite_values(video))
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -123,7 +213,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     records = list(records)
     n = len(records)
     result: dict[str, Any] = {
-        key: sum(r[f"{key}_match"] for r in records) / n for key in ("colour", "direction", "both")
+        key: sum(r[f"{key}_match"] for r in records) / n for key in (*ATTRIBUTES, "both", "all")
     }
     result["n"] = n
     # Videos holding NaN/inf (read as background by `measure`), so a diverged sampler is
@@ -135,9 +225,10 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def score(videos: Sequence, captions: Sequence[str]) -> dict[str, Any]:
-    """Fraction of `videos` (each `[T, H, W, 3]`) whose measured colour, direction, and both
-    match their synthetic `captions`, next to the chance levels of uniform guessing, plus a
-    per-video record for the JSON report."""
+    """Fraction of `videos` (each `[T, H, W, 3]`) whose measured colour, direction, shape,
+    speed, colour and direction (`both`) and all four (`all`) match their synthetic
+    `captions`, next to the chance levels of uniform guessing, plus a per-video record for
+    the JSON report."""
     if len(videos) != len(captions):
         raise ValueError(
             f"adherence.score got {len(videos)} videos for {len(captions)} captions; "

@@ -1,9 +1,10 @@
 r"""Evaluators chosen by `evaluate.type`; each writes WORKDIR/eval/<step>.json.
 
 `prompt_adherence`: samples `evaluate.num_videos` prompts drawn from the synthetic caption
-space (fixed seed), measures each video's dominant colour and motion direction from the
-pixels (sora_jax.evaluation.adherence, no learned weights) and reports the fraction that
-match the prompt, next to chance (1/6 colour, 1/4 direction, 1/24 both).
+space (fixed seed), measures each video's dominant colour, motion direction, shape and
+speed from the pixels (sora_jax.evaluation.adherence, no learned weights) and reports the
+fraction that match the prompt, next to chance (1/6 colour, 1/4 direction, 1/3 shape,
+1/2 speed, 1/24 colour and direction, 1/144 all four).
 
 The reference (`evaluate.reference`, `reference`): 'holdout', the dataset's held-out split
 (sora_jax.data.holdout; made by `data.tokenize.holdout_fraction`), 'synthetic', or 'auto'
@@ -167,15 +168,13 @@ def _adherence_compute(config, gen, options, indices, batch):
     prompts = _adherence_prompts(config)
     videos = _generate(gen, options, [prompts[i] for i in indices], indices, batch)
     out = []
-    for i, video in zip(indices, videos, strict=True):
-        r = adherence.record(video, prompts[i])
-        out.append(
-            {
-                "colour": r["colour"] or "",
-                "direction": r["direction"] or "",
-                "nonfinite_values": r["nonfinite_values"],
-            }
-        )
+    for video in videos:
+        got = adherence.measure(video)
+        item = {k: got[k] or "" for k in adherence.ATTRIBUTES}  # words; "" = unreadable
+        # The numbers behind shape and speed; NaN = unread.
+        item.update({k: np.nan if got[k] is None else got[k] for k in ("fill", "skew", "travel")})
+        item["nonfinite_values"] = adherence.nonfinite_values(video)
+        out.append(item)
     return out
 
 
@@ -183,20 +182,11 @@ def _adherence_aggregate(config, items):
     prompts = _adherence_prompts(config)
     records = []
     for caption, item in zip(prompts, items, strict=True):
-        want = synthetic.parse_caption(caption)
-        colour, direction = str(item["colour"]) or None, str(item["direction"]) or None
-        c_ok, d_ok = colour == want["colour"], direction == want["direction"]
-        records.append(
-            {
-                "caption": caption,
-                "colour": colour,
-                "direction": direction,
-                "colour_match": c_ok,
-                "direction_match": d_ok,
-                "both_match": c_ok and d_ok,
-                "nonfinite_values": int(item["nonfinite_values"]),
-            }
-        )
+        got = {k: str(item[k]) or None for k in adherence.ATTRIBUTES}
+        for k in ("fill", "skew", "travel"):
+            v = float(item[k])
+            got[k] = None if np.isnan(v) else v
+        records.append(adherence.compare(got, caption, int(item["nonfinite_values"])))
     return adherence.summarize(records)
 
 

@@ -1,5 +1,8 @@
-"""Prompt adherence from pixels: ground-truth clips measure back as their captions say,
-shuffled captions score near chance, and unreadable videos never match."""
+"""Prompt adherence from pixels: ground-truth clips measure back as their captions say
+(colour, direction, shape, speed), clips of another shape or speed do not, shuffled
+captions score near chance, and unreadable videos never match."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -14,17 +17,56 @@ def _clips(n, shape, seed=0):
     return [c["video"] for c in items], [c["caption"] for c in items]
 
 
-@pytest.mark.parametrize("shape", [(9, 16, 16), (9, 32, 32), (5, 24, 40), (17, 32, 32)])
+KEYS = ("colour", "direction", "shape", "speed", "both", "all")
+
+
+@pytest.mark.parametrize(
+    "shape", [(9, 16, 16), (9, 32, 32), (5, 24, 40), (17, 32, 32), (5, 12, 12)]
+)
 def test_ground_truth_clips_score_perfectly(shape):
     videos, captions = _clips(200, shape)
     result = adherence.score(videos, captions)
     assert result["n"] == 200
-    assert (result["colour"], result["direction"], result["both"]) == (1.0, 1.0, 1.0), [
-        r for r in result["per_video"] if not r["both_match"]
+    assert [result[k] for k in KEYS] == [1.0] * 6, [
+        r for r in result["per_video"] if not r["all_match"]
     ][:5]
     # The same holds through uint8, the format of decoded files.
     uint8 = adherence.score([video_io.to_uint8(v) for v in videos], captions)
-    assert uint8["both"] == 1.0
+    assert uint8["all"] == 1.0
+
+
+def _centred(spec, speed):
+    """`spec` at `speed`, its path centred along the motion so any speed fits the frame."""
+    ux, uy = synthetic.DIRECTION_VECTORS[spec.direction]
+    d = synthetic.SPEEDS[speed]
+    start = tuple(0.5 - u * d / 2 if u else s for u, s in zip((ux, uy), spec.start, strict=True))
+    return dataclasses.replace(spec, speed=speed, start=start)
+
+
+@pytest.mark.parametrize("size", [(9, 16, 16), (9, 32, 32)])
+def test_clips_of_another_shape_or_speed_score_zero_on_it(size):
+    specs = [synthetic.clip_spec(i, seed=1) for i in range(90)]
+    captions = [s.caption for s in specs]
+    shapes = synthetic.SHAPES
+    other_shape = [
+        synthetic.render(
+            dataclasses.replace(s, shape=shapes[(shapes.index(s.shape) + 1) % 3]), *size
+        )
+        for s in specs
+    ]
+    result = adherence.score(other_shape, captions)
+    assert result["shape"] == 0.0 and result["all"] == 0.0
+    assert (result["colour"], result["direction"], result["speed"]) == (1.0, 1.0, 1.0)
+    flip = {"slowly": "quickly", "quickly": "slowly"}
+    right = [synthetic.render(_centred(s, s.speed), *size) for s in specs]
+    wrong = [synthetic.render(_centred(s, flip[s.speed]), *size) for s in specs]
+    assert adherence.score(right, captions)["all"] == 1.0  # centring keeps the caption true
+    result = adherence.score(wrong, captions)
+    assert result["speed"] == 0.0 and result["all"] == 0.0
+    assert (result["colour"], result["direction"], result["shape"]) == (1.0, 1.0, 1.0)
+    # The measured travel is the caption's unit: fraction of the frame, first to last frame.
+    for s, r in zip(specs, adherence.score(right, captions)["per_video"], strict=True):
+        assert r["travel"] == pytest.approx(synthetic.SPEEDS[s.speed], abs=0.04)
 
 
 def test_every_colour_and_direction_measures_back():
@@ -35,7 +77,10 @@ def test_every_colour_and_direction_measures_back():
                 start = (0.5 - ux * 0.14, 0.5 - uy * 0.14)
                 spec = synthetic.ClipSpec(colour, shape, direction, "slowly", 0.3, start)
                 got = adherence.measure(synthetic.render(spec, 9, 16, 16))
-                assert got == {"colour": colour, "direction": direction}, spec
+                words = {k: got[k] for k in adherence.ATTRIBUTES}
+                assert words == dict(
+                    colour=colour, direction=direction, shape=shape, speed="slowly"
+                ), spec
 
 
 def test_shuffled_captions_score_near_chance():
@@ -45,20 +90,27 @@ def test_shuffled_captions_score_near_chance():
     # Chance is 1/6, 1/4, 1/24; with n=600 the std of an accuracy is <= 0.018.
     assert abs(result["colour"] - result["chance_colour"]) < 0.06
     assert abs(result["direction"] - result["chance_direction"]) < 0.07
-    assert result["both"] < 0.1
+    assert abs(result["shape"] - result["chance_shape"]) < 0.07
+    assert abs(result["speed"] - result["chance_speed"]) < 0.08
+    assert result["both"] < 0.1 and result["all"] < 0.03
     assert result["chance_both"] == pytest.approx(1 / 24)
+    assert result["chance_all"] == pytest.approx(1 / 144)
 
 
 def test_unreadable_videos_never_match():
     black = -np.ones((9, 16, 16, 3), np.float32)
-    assert adherence.measure(black) == {"colour": None, "direction": None}
+    assert set(adherence.measure(black).values()) == {None}
     spec = synthetic.clip_spec(0)
     static = np.repeat(synthetic.render(spec, 1, 16, 16), 9, axis=0)
-    assert adherence.measure(static) == {"colour": spec.colour, "direction": None}
+    got = adherence.measure(static)
+    assert (got["colour"], got["shape"]) == (spec.colour, spec.shape)
+    assert got["direction"] is None and got["speed"] is None and got["travel"] < 1e-6
     image = synthetic.render(spec, 1, 16, 16)
     assert adherence.measure(image)["direction"] is None
+    assert adherence.measure(image)["speed"] is None
     result = adherence.score([black, static], [spec.caption, spec.caption])
     assert result["colour"] == 0.5 and result["direction"] == 0.0 and result["both"] == 0.0
+    assert result["shape"] == 0.5 and result["speed"] == 0.0 and result["all"] == 0.0
     assert result["nonfinite_videos"] == 0
     diverged = synthetic.render(spec, 9, 16, 16)
     diverged[4:] = np.nan
@@ -75,7 +127,8 @@ def test_dim_colour_reads_by_hue_and_noise_below_threshold_is_background():
     dim = 0.6 * (video + 1) - 1
     noise = np.random.default_rng(0).uniform(-1, -0.2, video.shape).astype(np.float32)
     noisy = np.maximum(dim, noise)  # background noise stays below 0.4 in [0, 1] units
-    assert adherence.measure(noisy) == {"colour": "cyan", "direction": "up"}
+    got = adherence.measure(noisy)
+    assert (got["colour"], got["direction"]) == ("cyan", "up")
 
 
 def test_score_validates_its_inputs():
