@@ -38,12 +38,20 @@ class ClipOptions:
     min_side: int = 8  # frames with a side outside [min_side, max_side] are rejected
     max_side: int = 8192
     seed: int = 0  # keep_prob draws
+    # data.tokenize.mode='native': each clip's own shape (sora_jax.data.native); None =
+    # buckets. Not a config field: resolved by the job from the tokenizer and the model.
+    native: Any = None
+
+    def job_fields(self) -> dict[str, Any]:
+        """The fields `_units/job.json` and the manifest record (`native` separately)."""
+        fields = dataclasses.fields(self)
+        return {f.name: getattr(self, f.name) for f in fields if f.name != "native"}
 
     @classmethod
     def from_config(cls, data_config: ml_collections.ConfigDict) -> ClipOptions:
         section = data_config.get("tokenize", None) or {}
         fields = {f.name for f in dataclasses.fields(cls)}
-        known = {k: section[k] for k in section if k in fields}
+        known = {k: section[k] for k in section if k in fields and k != "native"}
         opts = cls(**known)
         if opts.fit not in buckets_lib.FIT_POLICIES:
             raise ValueError(

@@ -152,6 +152,13 @@ def _read(ds: Dataset, expected: Mapping[str, Any] | None) -> dict[str, Any]:
             "(python -m sora_jax.tokenize) or fix data.dataset_dir / data.datasets"
         )
     manifest = shards.read_manifest(ds.dir)
+    if manifest.get("mode") == "native":
+        raise ValueError(
+            f"{ds.dir / shards.MANIFEST} is a native-shape dataset (data.tokenize.mode="
+            "'native', clips of many shapes): the bucketed pipeline reads fixed-shape buckets "
+            "only, and the packed pipeline (sora_jax.data.packing) is not yet wired into "
+            "training; re-tokenize with data.tokenize.mode='buckets' to train on it"
+        )
     if expected:
         shards.check_manifest_matches(manifest, dict(expected), dataset_dir=ds.dir)
     return manifest

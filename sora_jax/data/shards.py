@@ -22,7 +22,11 @@ from array_record.python import array_record_module
 
 from sora_jax.data import records
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # bucketed datasets: what the bucketed pipeline reads
+# Native-shape datasets (sora_jax.data.native): `mode: 'native'`, a `native` section with
+# every record's shape instead of `buckets`; read by the packer, refused by the pipeline.
+NATIVE_SCHEMA_VERSION = 2
+READABLE_VERSIONS = (SCHEMA_VERSION, NATIVE_SCHEMA_VERSION)
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 _SUFFIX = ".array_record"
@@ -103,11 +107,16 @@ def atomic_write_text(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(dataset_dir: str | os.PathLike, manifest: dict[str, Any]) -> pathlib.Path:
+def write_manifest(
+    dataset_dir: str | os.PathLike,
+    manifest: dict[str, Any],
+    *,
+    schema_version: int = SCHEMA_VERSION,
+) -> pathlib.Path:
     """Writes `DATASET/manifest.json` atomically (sorted keys, `schema_version` set)."""
     path = pathlib.Path(dataset_dir) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = {**manifest, "schema_version": SCHEMA_VERSION}
+    body = {**manifest, "schema_version": schema_version}
     atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -122,10 +131,10 @@ def read_manifest(dataset_dir: str | os.PathLike) -> dict[str, Any]:
         )
     manifest = json.loads(path.read_text())
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path} has schema_version {version!r}, this code reads version {SCHEMA_VERSION}: "
-            "re-tokenize the data with this version of sora_jax"
+            f"{path} has schema_version {version!r}, this code reads versions "
+            f"{READABLE_VERSIONS}: re-tokenize the data with this version of sora_jax"
         )
     # Datasets written before `text_encoder.embed` existed hold embeddings.
     manifest.get("text_encoder", {}).setdefault("embed", "tokenize")

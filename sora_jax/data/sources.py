@@ -183,15 +183,21 @@ class FileSource:
         known = info.frames if info.frames > 0 else vf.count_frames(e.path, timers)
         for _ in range(2):  # a second pass when the header overstated the length
             avail = vf.available_frames(known, interval)
-            bucket = buckets_lib.assign(
-                avail, info.height, info.width, self.buckets, key=str(e.path),
-                policy=o.fit, max_upscale=o.max_upscale, seed=o.seed,
-            )  # fmt: skip
+            if o.native is not None:  # the clip's own shape (sora_jax.data.native)
+                bucket = o.native.bucket(avail, info.height, info.width)
+                if isinstance(bucket, str):
+                    raise Reject(bucket, f"{e.path}: {avail} frames of {info.width}x{info.height}")
+            else:
+                bucket = buckets_lib.assign(
+                    avail, info.height, info.width, self.buckets, key=str(e.path),
+                    policy=o.fit, max_upscale=o.max_upscale, seed=o.seed,
+                )  # fmt: skip
             if bucket is None:
                 reason = "too_short" if all(b.frames > avail for b in self.buckets) else "too_small"
                 raise Reject(reason, f"{e.path}: {avail} frames of {info.width}x{info.height}")
             starts = vf.window_starts(avail, bucket.frames, o.clip_stride, o.max_clips_per_video)
-            geometry = buckets_lib.fit_geometry(info.height, info.width, bucket, o.fit)
+            fit = "crop" if o.native is not None else o.fit  # native: the rounding only
+            geometry = buckets_lib.fit_geometry(info.height, info.width, bucket, fit)
             need = vf.needed_frames(starts, bucket.frames, interval)
             frames, count = vf.decode(e.path, need, geometry, (bucket.height, bucket.width), timers)
             if count == 0:

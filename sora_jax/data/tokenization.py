@@ -26,6 +26,12 @@ inputs exceeds `data.tokenize.max_reject_fraction`.
 With `data.tokenize.holdout_fraction` > 0 the units write the clips of held-out inputs
 (holdout.py: a hash of the input's id) to `holdout/<bucket>/…` instead, and the manifest
 lists them in its `holdout` section only; the split is part of `_units/job.json`.
+
+With `data.tokenize.mode='native'` (native.py) clips keep their own shapes: each unit
+writes one shard `native/native-<u:05d>.array_record`, the job record gains `native` (the
+resolved budget), and the manifest (schema version 2) lists the shards and every record's
+shape under `native` instead of `buckets`. Sources, units, resume, processes and rejects
+are the same code in both modes.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ import ml_collections
 from tqdm import tqdm
 
 from sora_jax.data import buckets as buckets_lib
-from sora_jax.data import demotion, holdout, shards, sources, units
+from sora_jax.data import demotion, holdout, native, shards, sources, units
 from sora_jax.data.units import UNITS as UNITS
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
@@ -87,7 +93,7 @@ def _job_record(config, source, options, per_unit, tokenizer, text_encoder) -> d
         "num_inputs": len(source),
         "buckets": {b.name: list(b.shape) for b in bucket_list},
         "keep_prob": {b.name: b.keep_prob for b in bucket_list},
-        "clip_options": dataclasses.asdict(options),
+        "clip_options": options.job_fields(),
         "inputs_per_shard": per_unit,
         "tokenizer": tokenizer.hash,
         "text_encoder": text_encoder.hash,
@@ -96,6 +102,9 @@ def _job_record(config, source, options, per_unit, tokenizer, text_encoder) -> d
     fraction, seed = holdout.options(config)
     if fraction > 0:  # absent without a split, as in jobs written before the option
         job["holdout"] = {"fraction": fraction, "seed": seed, "rule": holdout.RULE}
+    if options.native is not None:  # absent in bucketed mode, as in jobs written before it
+        job["native"] = dataclasses.asdict(options.native)
+        job["min_bucket_clips"] = {}  # no buckets to demote
     embed = text_lib.embed_mode(config.text_encoder)
     if embed != "tokenize":  # absent for embeddings, as in jobs written before the option
         job["text_embed"] = embed
@@ -148,6 +157,12 @@ def _assemble(out, bucket_list, markers, demoted, tokenizer, text_encoder, job) 
         manifest["holdout"] = holdout.manifest_entry(
             out, markers, bucket_list, tokenizer, split["fraction"], split["seed"]
         )
+    if "native" in job:  # one shard per unit, shapes per record (native.py)
+        opts = native.NativeOptions(**job["native"])
+        manifest["mode"] = "native"
+        manifest["native"] = native.manifest_entry(out, markers, opts)
+        shards.write_manifest(out, manifest, schema_version=shards.NATIVE_SCHEMA_VERSION)
+        return manifest
     for b in bucket_list:
         files = [
             str(shards.shard_path(out, b.name, m["unit"]).relative_to(out))
@@ -185,6 +200,10 @@ def run(
     tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
     text_encoder = text_lib.build_text_encoder(config.text_encoder)
     options = sources.ClipOptions.from_config(config.data)
+    is_native = native.mode(config) == "native"
+    if is_native:
+        native.check_supported(config)
+        options = dataclasses.replace(options, native=native.options_from_config(config, tokenizer))
     source = sources.build_source(config.data.source, bucket_list, options)
     per_unit = int(tokenize_option(config, "inputs_per_shard", 1024))
     limit = float(tokenize_option(config, "max_reject_fraction", 0.05))
@@ -200,7 +219,7 @@ def run(
     held_out = holdout.predicate(source, config.data.source, *holdout.options(config))
     work = {u: range(u * per_unit, min((u + 1) * per_unit, len(source))) for u in todo}
     encoder = units.Encoder(
-        tokenizer, text_encoder, batch_size, text_lib.embed_mode(config.text_encoder)
+        tokenizer, text_encoder, batch_size, text_lib.embed_mode(config.text_encoder), is_native
     )
     timers: dict[str, float] = {}
     start = time.perf_counter()

@@ -6,6 +6,11 @@ clip per bucket (`inputs_by_bucket`: input indices, one per clip, in order; the
 demotion pass, demotion.py, re-cuts the inputs of sparse buckets from it) and its rejects;
 with a held-out split (holdout.py) also `holdout_counts` and `holdout_inputs_by_bucket`, the
 same for the clips of held-out inputs, written to `holdout/<bucket>/<bucket>-<unit>.…`.
+
+In native mode (`Encoder.native`, sora_jax.data.native) every clip goes to the one shard
+`native/native-<unit>.array_record`, encoded in batches of one shape, and the marker adds
+`shapes_by_bucket`: every record's latent shape `[T', H', W']`, in file order (as
+`inputs_by_bucket` is).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.data import holdout as holdout_lib
+from sora_jax.data import native as native_lib
 from sora_jax.data import shards, sources
 from sora_jax.data.video_files import Reject
 from sora_jax.models import tokenizer as tokenizer_lib
@@ -35,8 +41,16 @@ class Encoder:
     one fixed batch, so each bucket compiles once), the text encoder on the captions (or,
     with `embed='train_step'`, only its tokenizer: the trainer embeds the ids)."""
 
-    def __init__(self, tokenizer, text_encoder, batch_size: int, embed: str = "tokenize"):
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        batch_size: int,
+        embed: str = "tokenize",
+        native: bool = False,
+    ):
         self.tokenizer, self.text_encoder, self.embed = tokenizer, text_encoder, embed
+        self.native = native  # records carry their `shape`; one shard per unit
         self.devices = jax.local_devices()
         n = len(self.devices)
         self.batch = max(n, -(-int(batch_size) // n) * n)
@@ -74,6 +88,8 @@ class Encoder:
                 "fps": float(c.fps),
                 "num_frames": int(c.video.shape[0]),
             }
+            if self.native:  # variable shapes: each record says its own
+                record["shape"] = np.asarray(latents.shape[1:4], np.int32)
             if c.extra:
                 record["extra"] = json.dumps(c.extra, sort_keys=True, default=str)
             out.append(record)
@@ -108,15 +124,22 @@ def run_unit(
     a range (a unit of the job) or any list of input indices (the demotion pass). The clips
     of inputs for which `held_out(i)` is true go to the held-out split's shards instead."""
     splits = {False: out, True: holdout_lib.directory(out)}  # held out? -> where its shards go
-    for b in bucket_list:  # leftovers of an earlier, killed attempt at this unit
+    native = encoder.native
+
+    def shard_of(bucket: str) -> str:  # the shard a clip of `bucket` is written to
+        return native_lib.SHARD if native else bucket
+
+    names = [native_lib.SHARD] if native else [b.name for b in bucket_list]
+    for name in names:  # leftovers of an earlier, killed attempt at this unit
         for root in splits.values():
-            shards.shard_path(root, b.name, unit).unlink(missing_ok=True)
+            shards.shard_path(root, name, unit).unlink(missing_ok=True)
     counts: dict[bool, Counter] = {False: Counter(), True: Counter()}
     # input index of every clip written, per split and bucket
     by_bucket: dict[bool, dict[str, list[int]]] = {False: {}, True: {}}
+    shapes: dict[bool, dict[str, list[list[int]]]] = {False: {}, True: {}}  # native mode
     totals = Counter() if totals is None else totals  # the progress bar's running counts
     rejects = []
-    pending = {(h, b.name): [] for h in splits for b in bucket_list}
+    pending: dict[tuple[bool, str], list] = {(h, b.name): [] for h in splits for b in bucket_list}
     with contextlib.ExitStack() as stack:
         writers: dict[tuple[bool, str], shards.ShardWriter] = {}
 
@@ -125,14 +148,18 @@ def run_unit(
             if not clips:
                 return
             held, bucket = key
-            if key not in writers:
-                writer = shards.ShardWriter(splits[held], bucket, unit)
-                writers[key] = stack.enter_context(writer)
-            for record in encoder.records(clips, timers):
+            shard = shard_of(bucket)
+            if (held, shard) not in writers:
+                writer = shards.ShardWriter(splits[held], shard, unit)
+                writers[held, shard] = stack.enter_context(writer)
+            for c, record in zip(clips, encoder.records(clips, timers), strict=True):
                 t0 = time.perf_counter()
-                writers[key].write(record)
+                writers[held, shard].write(record)
                 timers["write_s"] = timers.get("write_s", 0.0) + time.perf_counter() - t0
-            counts[held][bucket] += len(clips)
+                by_bucket[held].setdefault(shard, []).append(c.index)  # in file order
+                if native:
+                    shapes[held].setdefault(shard, []).append(record["shape"].tolist())
+            counts[held][shard] += len(clips)
             totals["clips"] += len(clips)
 
         for i in inputs:
@@ -144,18 +171,17 @@ def run_unit(
                 clips = []
             held = bool(held_out and clips and held_out(i))
             for c in clips:
-                by_bucket[held].setdefault(c.bucket, []).append(i)
-                pending[held, c.bucket].append(c)
+                pending.setdefault((held, c.bucket), []).append(c)
                 if len(pending[held, c.bucket]) >= encoder.batch:
                     flush((held, c.bucket))
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(clips=totals["clips"], rejects=totals["rejects"])
-        for key in pending:
+        for key in sorted(pending):  # native: shapes in a fixed order
             flush(key)
 
     def marker_counts(held: bool) -> dict[str, int]:
-        return {b.name: counts[held][b.name] for b in bucket_list if counts[held][b.name]}
+        return {n: counts[held][n] for n in names if counts[held][n]}
 
     marker = {
         "unit": unit,
@@ -164,6 +190,8 @@ def run_unit(
         "inputs_by_bucket": {b: by_bucket[False][b] for b in sorted(by_bucket[False])},
         "rejects": rejects,
     }
+    if native:
+        marker["shapes_by_bucket"] = {b: shapes[False][b] for b in sorted(shapes[False])}
     if held_out is not None:
         marker["holdout_counts"] = marker_counts(True)
         marker["holdout_inputs_by_bucket"] = {
