@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from sora_jax import video_io
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import synthetic
 from sora_jax.diffusion import flow, validation
@@ -205,3 +206,19 @@ def test_reconstruction_uses_held_out_clips(tiny_run, tmp_path):
     assert seed == config.data.source.seed + evaluators.HELD_OUT_SEED_OFFSET + config.evaluate.seed
     training = {synthetic.clip_spec(i, config.data.source.seed) for i in range(32)}
     assert not training & {synthetic.clip_spec(i, seed) for i in range(4)}
+
+
+def test_samples_evaluator_writes_the_grid_it_reports(setup, tmp_path):
+    work, config, gen, options = setup
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.evaluate.type = "samples"
+    config.sample.prompts = list(config.sample.prompts)[:2]
+    report = evaluators.evaluate(config, work, options, generator=gen, eval_dir=tmp_path)
+    assert report["scores"] == {"num_videos": 2} and len(report["videos"]) == 2
+    assert report["protocol"]["prompts"] == list(config.sample.prompts)
+    assert all(pathlib.Path(v).is_file() for v in report["videos"])
+    sheet = video_io.read_image(report["contact_sheet"])
+    assert sheet.ndim == 3 and sheet.dtype == np.uint8  # what the trainer logs as an image
+    config.sample.prompts = []
+    with pytest.raises(ValueError, match="config.sample.prompts"):
+        evaluators.evaluate(config, work, options, generator=gen, eval_dir=tmp_path)
