@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -304,3 +305,21 @@ def dot_product_attention(
         any_key = jnp.broadcast_to(any_key, (q.shape[0], q.shape[2], q.shape[1]))  # [B, N, L]
         out = out * jnp.transpose(any_key, (0, 2, 1))[..., None].astype(out.dtype)
     return out
+
+
+def count_forward_kernels(hlo: str) -> dict[str, int]:
+    """Attention forward computations in the text of a compiled (or lowered) program, per
+    kernel: 'cudnn', cuDNN's fused forward custom calls (`__cudnn$fmha…` without
+    `Backward`; never run on a GPU yet), and 'blockwise', the distinct op-name paths of the
+    blockwise kernel's forward (`blockwise_attention.FORWARD_SCOPE`: a rematerialized copy
+    has a path of its own). Counts are per program text: a scanned stack of layers counts
+    its body once. What the remat tests and benchmarks/accelerator.py compare.
+    """
+    cudnn = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo)
+    scope = re.escape(blockwise_lib.FORWARD_SCOPE)
+    blockwise = set(re.findall(rf'op_name="([^"]*?/{scope})/', hlo))
+    blockwise |= set(re.findall(rf'loc\("([^"]*?/{scope})/', hlo))  # lowered StableHLO
+    return {
+        "cudnn": sum("Backward" not in target for target in cudnn),
+        "blockwise": len(blockwise),
+    }

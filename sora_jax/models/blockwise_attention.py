@@ -43,6 +43,12 @@ instead of storing it; their arithmetic is FlashAttention's backward, with
     dq = Σ_j dS k_j,   dk_j = dSᵀ q,   dv_j = Pᵀ dO
 
 (D enters as the transpose of `- o ⊙ r`). Residuals are q, k, v, o and lse: O(L + S).
+
+**Remat.** Under differentiation the forward names o and lse `RESIDUALS`
+(`jax.ad_checkpoint.checkpoint_name`, the name the splash kernel gives its own), so a remat
+policy that saves that name (`model.remat='save_attention'`, models/dit.py) keeps them and
+the backward recomputes only the cheap projections around the kernel, not its forward
+scans.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from sora_jax.models.splash import RESIDUALS
 
 # Block sizes: Q × K float32 scores per (sample, head) are live at a time (256 × 512 × 4 B =
 # 512 KiB per head). On the 2-core CPU of docs/perf.md, 256 × 512 ran the forward and
@@ -106,6 +115,10 @@ def _scale(q):
     return jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
 
 
+FORWARD_SCOPE = "blockwise_attention_forward"  # the forward scans' op names (tests count them)
+
+
+@jax.named_scope(FORWARD_SCOPE)
 def _forward(qb, kb, vb, qm: _QMasks, km: _KVMasks):
     """o `[nq, B, Q, N, E]` (v's dtype) and lse `[nq, B, N, Q]` float32 from blocked inputs."""
     scale = _scale(qb)
@@ -190,6 +203,8 @@ def _blocked_attention_jvp(primals, tangents):
     qb, kb, vb, qm, km = primals
     dqb, dkb, dvb = tangents[:3]  # the masks are integer/bool: no tangents
     ob, lse = _forward(qb, kb, vb, qm, km)
+    # What the tangent rule (and so the backward) needs of the forward, named for remat.
+    ob, lse = checkpoint_name(ob, RESIDUALS), checkpoint_name(lse, RESIDUALS)
     return (ob, lse), _tangent(qb, kb, vb, qm, km, ob, lse, dqb, dkb, dvb)
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from sora_jax.models import rope as rope_lib
+from sora_jax.models import splash as splash_lib
 from sora_jax.models.attention import IMPLS
 from sora_jax.models.layers import (
     ACT,
@@ -98,15 +99,54 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "offload")
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "save_dots",
+    "save_attention_out",
+    "save_attention",
+    "offload",
+    "offload_attention",
+)
+# Primitives of `jax.nn.dot_product_attention(implementation='cudnn')` whose outputs (the
+# attention output and its softmax statistics) are the fused kernel's residuals. JAX does
+# not name them (its forward rule has no checkpoint_name), so the policies match the
+# primitive by name; never run on a GPU yet.
+CUDNN_FORWARD = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
+_ATTENTION_NAMES = (splash_lib.RESIDUALS,)
+
+
+def _cudnn_forward(prim, *_, **__) -> bool:
+    return getattr(prim, "name", None) in CUDNN_FORWARD
+
+
+def _pinned_host_check(name: str) -> None:
+    kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
+    if "pinned_host" not in kinds:
+        raise ValueError(
+            f"model.remat={name!r} needs a 'pinned_host' memory space; backend "
+            f"{jax.default_backend()!r} has {sorted(kinds)}: use 'save_attention' or "
+            "'save_attention_out'"
+        )
 
 
 def remat_policy(name: str):
     """The `jax.checkpoint` policy of a `model.remat` name (what the backward pass keeps).
 
-    'full' keeps nothing (recomputes the block), 'save_dots' keeps matmul outputs without
-    batch dims (the weight projections; attention is recomputed), 'save_attention_out'
-    keeps only the attention output, 'offload' moves it to pinned host memory instead.
+    'full' keeps nothing (recomputes the block, attention forward included: two attention
+    forwards per layer), 'save_dots' keeps matmul outputs without batch dims (the weight
+    projections; attention is recomputed), 'save_attention_out' keeps only the attention
+    output (the kernel's forward still reruns: its backward needs the softmax statistics),
+    'save_attention' keeps the attention kernels' residuals (output and log-sum-exp of the
+    blockwise and splash kernels, named `RESIDUALS`; the outputs of cuDNN's forward) so
+    the backward recomputes the cheap projections but never the attention forward,
+    'offload' moves the attention output to pinned host memory, 'offload_attention' the
+    named kernel residuals (cuDNN's stay on the device: they carry no name to offload).
+
+    Memory 'save_attention' keeps per block beyond 'full' (which keeps only the block
+    inputs): for each of the two attentions, o `[B, L, N, E]` in the compute dtype (B L D
+    values: 2 B L D bytes in bfloat16) and lse `[B, N, L]` float32 (4 B N L bytes). For the
+    Wan-1.3B widths at 32k tokens that is ~0.2 GB per block, ~6 GB for 30 blocks per sample.
     """
     cp = jax.checkpoint_policies
     if name == "full":
@@ -115,19 +155,26 @@ def remat_policy(name: str):
         return cp.dots_with_no_batch_dims_saveable
     if name == "save_attention_out":
         return cp.save_only_these_names("attention_out")
-    if name == "offload":
-        kinds = {m.kind for m in jax.devices()[0].addressable_memories()}
-        if "pinned_host" not in kinds:
-            raise ValueError(
-                f"model.remat='offload' needs a 'pinned_host' memory space; backend "
-                f"{jax.default_backend()!r} has {sorted(kinds)}: use 'save_attention_out'"
-            )
-        return cp.save_and_offload_only_these_names(
+    if name == "save_attention":
+        return cp.save_from_both_policies(
+            cp.save_only_these_names(*_ATTENTION_NAMES), _cudnn_forward
+        )
+    if name in ("offload", "offload_attention"):
+        _pinned_host_check(name)
+        names = ["attention_out"] if name == "offload" else list(_ATTENTION_NAMES)
+        offload = cp.save_and_offload_only_these_names(
             names_which_can_be_saved=[],
-            names_which_can_be_offloaded=["attention_out"],
+            names_which_can_be_offloaded=names,
             offload_src="device",
             offload_dst="pinned_host",
         )
+        if name == "offload":
+            return offload
+
+        def policy(prim, *args, **params):
+            return True if _cudnn_forward(prim) else offload(prim, *args, **params)
+
+        return policy
     raise ValueError(f"model.remat={name!r} is unknown; choose one of {REMAT_POLICIES}")
 
 
