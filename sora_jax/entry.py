@@ -72,8 +72,9 @@ def require(flag, name: str) -> None:
         sys.exit(2)
 
 
-def loaded_config(from_workdir: bool = False):
-    """The `--config` ConfigDict (with overrides applied), validated. With `from_workdir`
+def loaded_config(from_workdir: bool = False, validate: bool = True):
+    """The `--config` ConfigDict (with overrides applied), validated unless `validate` is
+    False (a plan for other devices validates against those). With `from_workdir`
     (sampling, evaluation) and no --config, the run's resolved `WORKDIR/config.json`."""
     saved = os.path.join(WORKDIR.value or "", "config.json")
     if CONFIG.value is None and from_workdir and WORKDIR.value and os.path.isfile(saved):
@@ -86,7 +87,8 @@ def loaded_config(from_workdir: bool = False):
         require(CONFIG, "config")
         config = CONFIG.value
     try:
-        validate_lib.validate(config)
+        if validate:
+            validate_lib.validate(config)
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -20,6 +20,7 @@ from absl import flags
 
 from sora_jax import config as config_lib
 from sora_jax import entry
+from sora_jax.parallel import topology
 from sora_jax.training import data_benchmark, loop, plan
 
 flags.adopt_module_key_flags(entry)  # --config and --workdir in --helpshort
@@ -39,16 +40,34 @@ INIT_FROM = flags.DEFINE_string(
 PLAN_MEMORY_GB = flags.DEFINE_float(
     "plan_memory_gb", None, "--mode=plan: memory per device in GiB (default: by device kind)."
 )
+TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "--mode=plan: compile for this TPU slice instead of this host's devices, e.g. v5p-64, "
+    "v5e:4x4, v6e-8 (needs the 'tpu' extra: libtpu; no TPU). docs/launching.md.",
+)
+NUM_SLICES = flags.DEFINE_integer(
+    "num_slices", 1, "--mode=plan --topology: slices of that topology (multi-slice, over DCN)."
+)
 
 
 def main(argv):
     del argv
     entry.require(entry.WORKDIR, "workdir")
-    config = entry.loaded_config()
+    if TOPOLOGY.value and MODE.value != "plan":
+        print("error: --topology applies to --mode=plan only", file=sys.stderr)
+        sys.exit(2)
+    # A plan for a TPU topology validates the mesh against that slice, not this host.
+    config = entry.loaded_config(validate=not TOPOLOGY.value)
     if MODE.value == "plan":
         try:
-            plan.plan(config, memory_gb=PLAN_MEMORY_GB.value)
-        except plan.PlanError as e:
+            plan.plan(
+                config,
+                memory_gb=PLAN_MEMORY_GB.value,
+                topology=TOPOLOGY.value,
+                num_slices=NUM_SLICES.value,
+            )
+        except (plan.PlanError, topology.TopologyError, config_lib.ConfigError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         return

@@ -8,7 +8,8 @@ step has a fixed cost, and the kernel keeps per-block metadata (which blocks to 
 the core's scalar memory (SMEM, ~1 MiB), which grows as `(L / block_q) (L / block_kv)`:
 at 75,600 tokens, 128-wide blocks need more SMEM than a v5p has and the step does not
 compile. `model.splash_block_size` sets the size (default 512, what MaxText uses; 1,024 to
-2,048 suit long video sequences on v5p/v6e). The backward is the fused dK/dV/dQ kernel.
+2,048 suit long video sequences on v5p/v6e). The backward is two kernels (dK/dV, dQ):
+the fused one keeps dQ partials per key block, memory that grows as L² (`block_sizes`).
 
 Masks. Key padding (the text mask, padded tiles) becomes segment ids: real queries 1,
 valid keys 1, masked and padded keys 0. When nothing is padded and no mask is given, no
@@ -56,7 +57,10 @@ def tile(length: int, block_size: int = DEFAULT_BLOCK) -> tuple[int, int]:
 
 
 def block_sizes(block_q: int, block_kv: int):
-    """Forward and fused-backward tiles of the splash kernel."""
+    """Forward and backward tiles of the splash kernel: the backward as two kernels (dK/dV,
+    then dQ), not the fused one, whose dQ partials per key block take memory that grows as
+    L² (measured for one v5p chip, 12 heads x 128, docs/perf.md: 6.1 GiB of temporaries at
+    32,768 tokens against 0.2 GiB unfused)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     return sk.BlockSizes(
@@ -66,7 +70,8 @@ def block_sizes(block_q: int, block_kv: int):
         block_q_dkv=block_q,
         block_kv_dkv=block_kv,
         block_kv_dkv_compute=block_kv,
-        use_fused_bwd_kernel=True,
+        block_q_dq=block_q,
+        block_kv_dq=block_kv,
     )
 
 

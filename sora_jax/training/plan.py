@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from typing import Any
 
@@ -34,6 +35,7 @@ from sora_jax.models import lora as lora_lib
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.parallel import topology as topology_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
@@ -189,6 +191,9 @@ class BucketPlan:
     temp_gb: float
     alias_gb: float  # outputs sharing argument buffers (donated state)
     compile_s: float
+    # Mosaic (Pallas TPU) kernels in the compiled step by name, e.g. splash's forward and
+    # fused backward: empty on other platforms, and when a kernel was interpreted.
+    kernels: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def peak_gb(self) -> float:
@@ -243,21 +248,38 @@ def compile_steps(
                 temp_gb=_gb(mem, "temp_size_in_bytes"),
                 alias_gb=_gb(mem, "alias_size_in_bytes"),
                 compile_s=compile_s,
+                kernels=mosaic_kernels(exe.as_text()),
             )
         )
     return compiled, plans
+
+
+def mosaic_kernels(hlo_text: str) -> dict[str, int]:
+    """Mosaic kernels (custom calls to `tpu_custom_call`) in compiled HLO text, counted by
+    kernel name (`splash_mha_fwd_segmented_residuals`, ...). An interpreted Pallas kernel
+    is plain HLO and is not counted."""
+    counts: dict[str, int] = {}
+    for line in hlo_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' in line:
+            m = re.match(r"\s*(?:ROOT\s+)?%?([A-Za-z_][A-Za-z0-9_]*?)(?:\.\d+)*\s*=", line)
+            name = m.group(1) if m else "tpu_custom_call"
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _gb(mem, field: str) -> float:
     return float(getattr(mem, field, 0) or 0) / GB if mem is not None else 0.0
 
 
-def format_plan(plans: list[BucketPlan], mesh, limit_gb: float | None) -> str:
+def format_plan(
+    plans: list[BucketPlan], mesh, limit_gb: float | None, target: str | None = None
+) -> str:
     devices = mesh.devices.size
     kind = mesh.devices.flat[0].device_kind
     limit = f"{limit_gb:g} GiB" if limit_gb else "unknown (no check)"
+    where = f" for {target}" if target else ""
     lines = [
-        f"plan: {devices} x {kind}, mesh {dict(mesh.shape)}, memory per device {limit}",
+        f"plan{where}: {devices} x {kind}, mesh {dict(mesh.shape)}, memory per device {limit}",
         f"  {'bucket':<16} {'latent':<18} {'tokens':>7} {'batch':>6} {'TFLOP/step':>11} "
         f"{'args GiB':>9} {'temp GiB':>9} {'out GiB':>8} {'peak GiB':>9} {'compile s':>9}",
     ]
@@ -267,6 +289,9 @@ def format_plan(plans: list[BucketPlan], mesh, limit_gb: float | None) -> str:
             f"{p.global_batch:>6} {p.model_tflops_per_step:>11.3f} {p.argument_gb:>9.3f} "
             f"{p.temp_gb:>9.3f} {p.output_gb:>8.3f} {p.peak_gb:>9.3f} {p.compile_s:>9.1f}"
         )
+    kernels = sorted({f"{k} x{n}" for p in plans for k, n in p.kernels.items()})
+    if kernels:
+        lines.append(f"  Mosaic kernels per step: {', '.join(kernels)}")
     lines.append(
         "  (memory per device from XLA's memory_analysis; TFLOP/step = training FLOPs x batch: "
         "3F, or 2F + the targeted kernels' gradients for LoRA, models/flops.py)"
@@ -292,9 +317,22 @@ def plan(
     *,
     memory_gb: float | None = None,
     devices=None,
+    topology: str | None = None,
+    num_slices: int = 1,
 ) -> list[BucketPlan]:
     """Compiles the train step for every bucket without data or allocation; prints the
-    table and raises PlanError when a bucket exceeds `memory_gb` (default: by device kind)."""
+    table and raises PlanError when a bucket exceeds `memory_gb` (default: by device kind).
+
+    `devices`: what to compile for (default: this host's). `topology`: a TPU slice by name
+    (`v5p-64`, `v6e:8x8`; sora_jax/parallel/topology.py), `num_slices` of it, compiled
+    for on this host whatever it is: the plan of the TPU program the run will execute.
+    """
+    target = None
+    if topology:
+        if devices is not None:
+            raise ValueError("plan: pass devices or topology, not both")
+        slice_ = topology_lib.parse(topology, num_slices)
+        devices, target = topology_lib.devices(slice_), slice_.describe()
     validate_lib.validate(config, devices)
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
@@ -305,7 +343,7 @@ def plan(
     steps = config_step_shapes(config, manifest, data_parallel)
     _, plans = compile_steps(jitted, abstract, manifest, steps, config, mesh, rules)
     limit = memory_gb if memory_gb else device_memory_gb(mesh.devices.flat[0])
-    print(format_plan(plans, mesh, limit), flush=True)
+    print(format_plan(plans, mesh, limit, target), flush=True)
     if abstract.base is not None:  # LoRA: the frozen base is an argument, not trained
         print(
             f"  LoRA rank {config.lora.rank}: {state_lib.param_count(abstract.params):,} "
