@@ -54,6 +54,13 @@ TINY = {
         ["--latent=2x4x4", "--channels=4", "--text_len=8", "--text_dim=16", "--steps=1"],
         [rf"step_ms: {NUMBER}", rf"achieved_tflops: {NUMBER}"],
     ),
+    "packing.py": (
+        ["--clips=300", "--rows=4", "--window=128"],
+        [
+            rf"padding fraction\s+{NUMBER}\s+{NUMBER}",
+            rf"dropped clips fraction\s+{NUMBER}\s+{NUMBER}",
+        ],
+    ),
     "sample.py": (
         ["--workdir={run}"],
         [rf"denoise\s+{NUMBER} ms", rf"total\s+{NUMBER} ms\s+\({NUMBER} samples/s\)"],
