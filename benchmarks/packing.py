@@ -111,11 +111,11 @@ def bucketed(clips, native_tokens: dict[int, int], args) -> dict:
     by_name = {b.name: b for b in table}
     budget = args.rows * args.tokens_per_row  # tokens per step, as a packed step
     members: dict[str, list[int]] = {}
-    unplaced = 0
+    unplaced = Counter()  # why no bucket takes a clip
     for i, (t, h, w) in enumerate(clips):
         b = buckets.assign(t, h, w, table, key=str(i), policy="crop")
         if b is None:
-            unplaced += 1
+            unplaced["too_short" if all(x.frames > t for x in table) else "too_small"] += 1
         else:
             members.setdefault(b.name, []).append(i)
     slots = useful = dropped = 0
@@ -142,14 +142,18 @@ def bucketed(clips, native_tokens: dict[int, int], args) -> dict:
             content_kept.append(fov * min(1.0, frames) * min(1.0, scale**2))
             if k < steps * g:
                 content += native_tokens.get(i, 0) * content_kept[-1]
-    trained = len(clips) - dropped - unplaced
+    unplaced_total = sum(unplaced.values())
+    trained = len(clips) - dropped - unplaced_total
     return {
         "buckets_used": sum(1 for ids in members.values() if ids),
         "token_slots": slots,
         "useful_tokens": useful,
         "padding_fraction": 1 - useful / slots if slots else 1.0,
-        "dropped_clips": dropped + unplaced,
-        "dropped_fraction": (dropped + unplaced) / len(clips),
+        "dropped_clips": dropped + unplaced_total,
+        "dropped_fraction": (dropped + unplaced_total) / len(clips),
+        "dropped_too_short": unplaced["too_short"] / len(clips),
+        "dropped_too_small": unplaced["too_small"] / len(clips),
+        "dropped_remainder": dropped / len(clips),  # remainder rule, buckets under a batch
         "trained_clips": trained,
         "cropped_pixels": float(np.mean(crop)),
         "cut_frames": float(np.mean(cut)),
@@ -178,6 +182,10 @@ def main(argv=None) -> None:
     print(f"padding fraction          {p['padding_fraction']:9.4f}  {b['padding_fraction']:9.4f}")
     dropped = p["dropped_clips"] / len(clips)
     print(f"dropped clips fraction    {dropped:9.4f}  {b['dropped_fraction']:9.4f}")
+    print(
+        f"  of which too short {b['dropped_too_short']:.4f}, too small (no bucket without "
+        f"upscaling) {b['dropped_too_small']:.4f}, remainder rule {b['dropped_remainder']:.4f}"
+    )
     print(f"cropped pixels            {p['cropped_pixels']:9.4f}  {b['cropped_pixels']:9.4f}")
     print(f"cut frames                {0.0:9.4f}  {b['cut_frames']:9.4f}")
     print(f"resolution lost           {0.0:9.4f}  {b['resolution_lost']:9.4f}")

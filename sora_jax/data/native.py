@@ -39,7 +39,7 @@ from sora_jax.data import shards
 
 MODES = ("buckets", "native")
 SHARD = "native"  # the directory and shard prefix of a native dataset's clips
-# data.tokenize fields of this mode, with their defaults (documented in docs/tokenize.md)
+# data.tokenize fields of this mode, with their defaults (docs/data_pipeline.md)
 FIELDS = {"max_area": 0, "max_frames": 0, "multiple": 0}
 
 
