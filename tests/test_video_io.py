@@ -1,6 +1,7 @@
 """Video and image files: round trips through each format keep frame count, size (times
 `scale`) and pixels (exactly for gif and PNG, within a stated error for lossy codecs)."""
 
+import av
 import numpy as np
 import pytest
 
@@ -104,8 +105,6 @@ def test_png_and_contact_sheet(tmp_path):
 def write_rotated(path, coded, degrees, hflip=False):
     """An H.264 mp4 of the uint8 frames `coded` [T, H, W, 3] with a display matrix of a
     `degrees` counterclockwise rotation (then a mirror), as a phone writes portrait video."""
-    import av  # noqa: PLC0415 - only this helper writes raw streams
-
     t, h, w, _ = coded.shape
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=8, options={"crf": "10"})
