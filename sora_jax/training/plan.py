@@ -66,12 +66,20 @@ class PlanError(ValueError):
 
 
 def device_memory_gb(device: jax.Device | None = None) -> float | None:
-    """The listed memory of `device` (default: the first device), or None when unknown.
-    CPU devices share the host's RAM: its total divided by the local device count."""
+    """The memory `device` (default: the first device) can use, or None when unknown: a
+    real accelerator's allocator limit (`memory_stats()['bytes_limit']`), else the listed
+    memory of its kind (compile-only TPU devices). CPU devices share the host's RAM: its
+    total divided by the local device count."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         return ram / GB / jax.local_device_count()
+    try:  # a real accelerator: what its allocator may use (a GPU's XLA_PYTHON_CLIENT_MEM_FRACTION)
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # compile-only devices of a topology have no allocator
+        limit = None
+    if limit:
+        return limit / GB
     for key, gb in DEVICE_MEMORY_GB:
         if key.lower() in device.device_kind.lower():
             return gb

@@ -81,14 +81,24 @@ def test_production_flags_are_accepted_by_libtpu():
     assert out.returncode == 0 and out.stdout.strip() == "4", out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p-8"])
-def test_a_cpu_host_plans_the_tpu_program_with_mosaic_splash(topology, capsys):
+def count(p, prefix: str) -> int:
+    return sum(n for k, n in p.kernels.items() if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("topology, remat", [("v5e:2x2", "full"), ("v5p-8", "save_attention")])
+def test_a_cpu_host_plans_the_tpu_program_with_mosaic_splash(topology, remat, capsys):
     """attention_impl='auto' on a CPU host, planned for a TPU: splash compiled by Mosaic
-    (forward and fused backward per attention), neither XLA attention nor the
-    interpreter (both would leave no tpu_custom_call)."""
-    (p,) = plan.plan(tpu_config(), topology=topology)
+    (forward and backward kernels per attention), neither XLA attention nor the
+    interpreter (both would leave no tpu_custom_call). With remat='full' the backward
+    reruns each attention forward; 'save_attention' keeps the kernel's named residuals,
+    so there is one forward per attention (one dK/dV kernel each)."""
+    config = tpu_config()
+    config.model.remat = remat
+    (p,) = plan.plan(config, topology=topology)
     names = kernel_names(p)
     assert SPLASH_FWD in names and SPLASH_BWD in names, names
+    forwards_per_attention = count(p, SPLASH_FWD) / count(p, SPLASH_BWD)
+    assert forwards_per_attention == (2 if remat == "full" else 1), names
     out = capsys.readouterr().out
     assert f"plan for {topology}" in out and "TPU v" in out and "Mosaic kernels" in out
     assert "memory per device 16 GiB" in out or "memory per device 95 GiB" in out
