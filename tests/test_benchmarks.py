@@ -77,6 +77,14 @@ TINY = {
         ["--preset=tiny", "--clip=5x16x16", "--iters=1"],
         [rf"encode\s+{NUMBER} ms/call\s+{NUMBER} frames/s", rf"decode\s+{NUMBER} ms/call"],
     ),
+    "tpu_plan.py": (  # compile-only TPU devices (libtpu); the plan of the tiny demo
+        ["--plans=tiny/0/v5e:2x2/fsdp", "--attention_tokens=512"],
+        [
+            rf"\| tiny \| 0p \| v5e:2x2 \(4 chips\) \| fsdp \| 4 \| 80 \| {NUMBER} \|",
+            rf"\| 512 \| splash \| {NUMBER} \|",
+            rf"\| 512 \| xla \| {NUMBER} \|",
+        ],
+    ),
     "train_step.py": (
         ["--config=experiments/demo.py:tiny", "--steps=1"],
         [rf"perf/step_time_s: {NUMBER}", rf"perf/samples_per_s: {NUMBER}"],
