@@ -97,6 +97,32 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_norm=True,
         cross_attn_norm=True,
     ),
+    # Wan2.2 TI2V-5B (Wan2.2-TI2V-5B-Diffusers/transformer/config.json; 48 latent channels of
+    # the Wan 2.2 VAE, vae.PRESETS['wan2_2']): 4,999,787,712 params. Wan 2.1's architecture.
+    "wan2_2_ti2v_5b": dict(
+        dim=3072,
+        num_layers=30,
+        num_heads=24,
+        mlp_dim=14336,
+        patch_size=(1, 2, 2),
+        freq_dim=256,
+        mlp="gelu",
+        qk_norm=True,
+        cross_attn_norm=True,
+    ),
+    # One expert of Wan2.2 A14B (transformer and transformer_2 of Wan2.2-T2V-A14B-Diffusers):
+    # Wan 2.1 14B's shape, 14,288,491,584 params each (sora_jax.models.wan_experts).
+    "wan2_2_a14b": dict(
+        dim=5120,
+        num_layers=40,
+        num_heads=40,
+        mlp_dim=13824,
+        patch_size=(1, 2, 2),
+        freq_dim=256,
+        mlp="gelu",
+        qk_norm=True,
+        cross_attn_norm=True,
+    ),
 }
 
 REMAT_POLICIES = (
