@@ -62,6 +62,8 @@ from sora_jax.models.vae_layers import (
     MidBlock,
     Resample,
     ResidualBlock,
+    ResidualDownBlock,
+    ResidualUpBlock,
     RMSNorm,
 )
 
@@ -82,6 +84,15 @@ class VAEConfig:
     # RMS norm formula (`NORMS`): 'rms' x·rsqrt(mean(x²) + 1e-6), sora_jax's own; 'l2'
     # x / max(‖x‖, 1e-12) · sqrt(C), Wan 2.1's exactly (imported weights need it).
     norm: str = "rms"
+    # Pixels are cut into p x p patches stacked on channels before the encoder and put back
+    # after the decoder (Wan 2.2: 2, so the spatial compression is p · 2^(levels - 1) = 16).
+    patch_size: int = 1
+    # Wan 2.2's residual levels: every encoder level is `blocks + downsampler` plus a
+    # parameter-free averaging shortcut, every decoder level `blocks + upsampler` (which
+    # keeps the width) plus a duplicating shortcut (vae_layers.ResidualDownBlock / UpBlock).
+    residual: bool = False
+    # Decoder width `decoder_base_dim · dim_mult[i]`; 0 = base_dim (Wan 2.2: 256 vs 160).
+    decoder_base_dim: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "dim_mult", tuple(int(m) for m in self.dim_mult))
@@ -95,12 +106,26 @@ class VAEConfig:
             )
         if min(self.base_dim, self.z_dim, *self.dim_mult) < 1 or self.num_res_blocks < 0:
             raise ValueError(f"VAE config {self}: dims must be >= 1, num_res_blocks >= 0")
+        if self.patch_size < 1 or self.decoder_base_dim < 0:
+            raise ValueError(
+                f"VAE patch_size={self.patch_size} must be >= 1 and decoder_base_dim="
+                f"{self.decoder_base_dim} >= 0 (0 = base_dim)"
+            )
         if self.norm not in NORMS:
             raise ValueError(f"VAE norm={self.norm!r} is unknown; choose one of {list(NORMS)}")
 
     @property
     def spatial(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
+        return self.patch_size * 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def pixel_channels(self) -> int:
+        """Channels the encoder sees and the decoder gives: 3 per pixel of a patch."""
+        return 3 * self.patch_size**2
+
+    @property
+    def decoder_dim(self) -> int:
+        return self.decoder_base_dim or self.base_dim
 
     @property
     def temporal(self) -> int:
@@ -125,6 +150,17 @@ PRESETS = {
     # Wan 2.1's VAE (Wan2.1 repository, wan/modules/vae.py `_video_vae`), with its norm so
     # that imported weights (sora_jax.models.wan_vae_import) reproduce it.
     "wan2_1": VAEConfig(norm="l2"),
+    # Wan 2.2's VAE (TI2V-5B; diffusers `AutoencoderKLWan` with base_dim=160,
+    # decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2, in/out channels 12):
+    # 4x16x16 compression to 48 channels, 704,301,280 parameters (docs/wan.md).
+    "wan2_2": VAEConfig(
+        base_dim=160,
+        z_dim=48,
+        decoder_base_dim=256,
+        patch_size=2,
+        residual=True,
+        norm="l2",
+    ),
 }
 
 
@@ -153,6 +189,27 @@ class LatentNorm(NamedTuple):
 # --- Encoder and decoder ------------------------------------------------------------
 
 
+def patchify_pixels(x, p: int):
+    """`[B, T, H, W, 3] -> [B, T, H / p, W / p, 3 p²]`, channels ordered (c, dw, dh) as
+    diffusers' Wan `patchify` (the width offset before the height offset)."""
+    if p == 1:
+        return x
+    b, t, h, w, c = x.shape
+    x = x.reshape(b, t, h // p, p, w // p, p, c)  # [B, T, H', dh, W', dw, C]
+    x = x.transpose(0, 1, 2, 4, 6, 5, 3)  # [B, T, H', W', C, dw, dh]
+    return x.reshape(b, t, h // p, w // p, c * p * p)
+
+
+def unpatchify_pixels(x, p: int):
+    """The inverse of `patchify_pixels`: `[B, T, H', W', 3 p²] -> [B, T, H' p, W' p, 3]`."""
+    if p == 1:
+        return x
+    b, t, h, w, cp = x.shape
+    x = x.reshape(b, t, h, w, cp // (p * p), p, p)  # [B, T, H', W', C, dw, dh]
+    x = x.transpose(0, 1, 2, 6, 3, 5, 4)  # [B, T, H', dh, W', dw, C]
+    return x.reshape(b, t, h * p, w * p, cp // (p * p))
+
+
 class Encoder(nn.Module):
     """`[B, T, H, W, 3] -> [B, T', H', W', 2 z_dim]` (mean and logvar before quant_conv)."""
 
@@ -163,6 +220,32 @@ class Encoder(nn.Module):
         cfg = self.config
         dims = [cfg.base_dim * m for m in cfg.dim_mult]
         x = CausalConv3d(dims[0], name="conv_in")(x)
+        if cfg.residual:
+            x = self._residual_levels(x, dims)
+        else:
+            x = self._levels(x, dims)
+        x = MidBlock(cfg.mid_attention, cfg.norm, name="mid_block")(x)
+        x = nn.silu(RMSNorm(cfg.norm, name="norm_out")(x))
+        return CausalConv3d(2 * cfg.z_dim, name="conv_out")(x)
+
+    def _residual_levels(self, x, dims):
+        """Wan 2.2: level i is `down_blocks_i` (blocks, downsampler, shortcut)."""
+        cfg = self.config
+        for i, dim in enumerate(dims):
+            last = i == len(dims) - 1
+            x = ResidualDownBlock(
+                dim,
+                cfg.num_res_blocks,
+                temporal=not last and cfg.temporal_downsample[i],
+                down=not last,
+                norm=cfg.norm,
+                name=f"down_blocks_{i}",
+            )(x)
+        return x
+
+    def _levels(self, x, dims):
+        """Wan 2.1: blocks and resamplers in one list `down_blocks_k`."""
+        cfg = self.config
         k = 0  # diffusers numbers residual blocks and resamplers in one list
         for i, dim in enumerate(dims):
             for _ in range(cfg.num_res_blocks):
@@ -172,9 +255,7 @@ class Encoder(nn.Module):
                 mode = "down3d" if cfg.temporal_downsample[i] else "down2d"
                 x = Resample(mode, name=f"down_blocks_{k}")(x)
                 k += 1
-        x = MidBlock(cfg.mid_attention, cfg.norm, name="mid_block")(x)
-        x = nn.silu(RMSNorm(cfg.norm, name="norm_out")(x))
-        return CausalConv3d(2 * cfg.z_dim, name="conv_out")(x)
+        return x
 
 
 class UpBlock(nn.Module):
@@ -200,21 +281,39 @@ class Decoder(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dims = [cfg.base_dim * m for m in reversed(cfg.dim_mult)]
+        dims = [cfg.decoder_dim * m for m in reversed(cfg.dim_mult)]
         ups = list(reversed(cfg.temporal_downsample))
         self.conv_in = CausalConv3d(dims[0])
         self.mid_block = MidBlock(cfg.mid_attention, cfg.norm)
-        self.up_blocks = [
-            UpBlock(
+        self.up_blocks = (
+            self._residual_levels(dims, ups)
+            if cfg.residual
+            else [
+                UpBlock(
+                    dim,
+                    cfg.num_res_blocks,
+                    ("up3d" if ups[i] else "up2d") if i < len(ups) else None,
+                    cfg.norm,
+                )
+                for i, dim in enumerate(dims)
+            ]
+        )
+        self.norm_out = RMSNorm(cfg.norm)
+        self.conv_out = CausalConv3d(cfg.pixel_channels)
+
+    def _residual_levels(self, dims, ups):
+        """Wan 2.2: level i maps dims[i - 1] (dims[0] for i = 0) to dims[i] channels."""
+        cfg = self.config
+        return [
+            ResidualUpBlock(
                 dim,
                 cfg.num_res_blocks,
-                ("up3d" if ups[i] else "up2d") if i < len(ups) else None,
-                cfg.norm,
+                temporal=i < len(ups) and ups[i],
+                up=i < len(ups),
+                norm=cfg.norm,
             )
             for i, dim in enumerate(dims)
         ]
-        self.norm_out = RMSNorm(cfg.norm)
-        self.conv_out = CausalConv3d(3)
 
     def stem(self, z):
         return self.mid_block(self.conv_in(z))
@@ -243,6 +342,7 @@ class CausalVAE(nn.Module):
 
     def encode(self, x):
         """x `[B, T, H, W, 3]` -> mean, logvar `[B, T', H', W', C]` (logvar in [-30, 20])."""
+        x = patchify_pixels(x, self.config.patch_size)
         mean, logvar = jnp.split(self.quant_conv(self.encoder(x)), 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)  # exp(logvar) stays finite (LDM's clamp)
 
@@ -250,7 +350,7 @@ class CausalVAE(nn.Module):
         return self.decoder.stem(self.post_quant_conv(z))
 
     def decode_up(self, h):
-        return self.decoder.up(h)
+        return unpatchify_pixels(self.decoder.up(h), self.config.patch_size)
 
     def decode(self, z):
         return self.decode_up(self.decode_stem(z))

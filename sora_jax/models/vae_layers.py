@@ -163,9 +163,11 @@ class AttentionBlock(nn.Module):
 
 class Resample(nn.Module):
     """Halve (`down2d`, `down3d`) or double (`up2d`, `up3d`) H and W, and T for `*3d`
-    keeping frame 0 alone. Downsampling keeps C, upsampling halves it (Wan 2.1)."""
+    keeping frame 0 alone. Downsampling keeps C; upsampling gives `up_features` channels,
+    0 = half of C (Wan 2.1; Wan 2.2's residual up blocks keep C)."""
 
     mode: str
+    up_features: int = 0
 
     @nn.compact
     def __call__(self, x):
@@ -175,7 +177,8 @@ class Resample(nn.Module):
         y = x.reshape(b * t, h, w, c)  # the spatial part is per frame: fold T into B
         if self.mode.startswith("up"):
             y = jnp.repeat(jnp.repeat(y, 2, axis=1), 2, axis=2)  # nearest 2x
-            y = Conv(c // 2, (3, 3), padding=((1, 1), (1, 1)), name="conv")(y)
+            out = self.up_features or c // 2
+            y = Conv(out, (3, 3), padding=((1, 1), (1, 1)), name="conv")(y)
         else:  # Wan's ZeroPad2d((0, 1, 0, 1)) and a valid stride-2 conv
             y = Conv(c, (3, 3), (2, 2), ((0, 1), (0, 1)), name="conv")(y)
         x = y.reshape(b, t, *y.shape[1:])  # [B, T, H', W', C']
@@ -227,3 +230,95 @@ class MidBlock(nn.Module):
         if self.attention:
             x = AttentionBlock(self.norm, name="attentions_0")(x)
         return ResidualBlock(c, self.norm, name="resnets_1")(x)
+
+
+# --- Wan 2.2's residual resampling blocks ---------------------------------------------
+
+
+def avg_down(x, features: int, factor_t: int, factor_s: int):
+    """Wan 2.2's parameter-free shortcut (diffusers `AvgDown3D`): `[B, T, H, W, C] ->
+    [B, ceil(T / f_t), H / f_s, W / f_s, features]`.
+
+    T is zero-padded in front to a multiple of f_t (a 1 + 2m clip: frame 0 pairs with a zero
+    frame, as in the resampler that keeps frame 0 alone); each position's `C · f_t · f_s²`
+    values, ordered (c, dt, dh, dw), are split into `features` consecutive groups and averaged.
+    """
+    b, t, h, w, c = x.shape
+    factor = factor_t * factor_s * factor_s
+    if (c * factor) % features:
+        raise ValueError(
+            f"avg_down: {c} channels x factor {factor} is not divisible by {features} features"
+        )
+    pad = (factor_t - t % factor_t) % factor_t
+    x = jnp.pad(x, ((0, 0), (pad, 0), (0, 0), (0, 0), (0, 0)))
+    tt, hh, ww = (t + pad) // factor_t, h // factor_s, w // factor_s
+    x = x.reshape(b, tt, factor_t, hh, factor_s, ww, factor_s, c)  # split each axis
+    x = x.transpose(0, 1, 3, 5, 7, 2, 4, 6)  # [B, T', H', W', C, f_t, f_s, f_s]
+    x = x.reshape(b, tt, hh, ww, features, (c * factor) // features)  # groups of (c, dt, dh, dw)
+    return x.mean(axis=-1)
+
+
+def dup_up(x, features: int, factor_t: int, factor_s: int, frames: int):
+    """Wan 2.2's parameter-free shortcut up (diffusers `DupUp3D`): `[B, T, H, W, C] ->
+    [B, frames, H f_s, W f_s, features]`.
+
+    Each channel is repeated `features · f_t · f_s² / C` times; the result, ordered
+    (c', dt, dh, dw), spreads over `features` channels and the f_t x f_s x f_s block. The
+    first `T f_t - frames` frames are dropped: on a clip's first chunk frame 0 gives one frame
+    (diffusers' `first_chunk`), so the shortcut matches the main path's frame count.
+    """
+    b, t, h, w, c = x.shape
+    factor = factor_t * factor_s * factor_s
+    if (features * factor) % c:
+        raise ValueError(f"dup_up: {features} features x factor {factor} not divisible by {c}")
+    x = jnp.repeat(x, (features * factor) // c, axis=-1)  # torch repeat_interleave on C
+    x = x.reshape(b, t, h, w, features, factor_t, factor_s, factor_s)
+    x = x.transpose(0, 1, 5, 2, 6, 3, 7, 4)  # [B, T, f_t, H, f_s, W, f_s, C']
+    x = x.reshape(b, t * factor_t, h * factor_s, w * factor_s, features)
+    return x[:, t * factor_t - frames :]
+
+
+class ResidualDownBlock(nn.Module):
+    """Wan 2.2's encoder level: `main(x) + avg_down(x)`, main = `num_res_blocks` residual
+    blocks to `features` then the downsampler (`down3d` if `temporal`, `down2d`), or the
+    blocks alone on the last level (`down=False`, where the shortcut is the identity)."""
+
+    features: int
+    num_res_blocks: int
+    temporal: bool = False
+    down: bool = False
+    norm: str = "rms"
+
+    @nn.compact
+    def __call__(self, x):
+        h = x
+        for j in range(self.num_res_blocks):
+            h = ResidualBlock(self.features, self.norm, name=f"resnets_{j}")(h)
+        if self.down:
+            h = Resample("down3d" if self.temporal else "down2d", name="downsampler")(h)
+        factor_t, factor_s = (2 if self.temporal and self.down else 1), (2 if self.down else 1)
+        return h + avg_down(x, self.features, factor_t, factor_s).astype(h.dtype)
+
+
+class ResidualUpBlock(nn.Module):
+    """Wan 2.2's decoder level: `main(x) + dup_up(x)`, main = `num_res_blocks + 1` residual
+    blocks to `features` then the upsampler (`up3d` if `temporal`, `up2d`) keeping
+    `features`; the last level (`up=False`) has the blocks alone and no shortcut."""
+
+    features: int
+    num_res_blocks: int
+    temporal: bool = False
+    up: bool = False
+    norm: str = "rms"
+
+    @nn.compact
+    def __call__(self, x):
+        h = x
+        for j in range(self.num_res_blocks + 1):
+            h = ResidualBlock(self.features, self.norm, name=f"resnets_{j}")(h)
+        if not self.up:
+            return h
+        mode = "up3d" if self.temporal else "up2d"
+        h = Resample(mode, up_features=self.features, name="upsampler")(h)
+        factor_t = 2 if self.temporal else 1
+        return h + dup_up(x, self.features, factor_t, 2, h.shape[1]).astype(h.dtype)

@@ -1,4 +1,4 @@
-r"""Wan 2.1 VAE weights (diffusers `AutoencoderKLWan`) -> a sora_jax VAE tokenizer artifact.
+r"""Wan 2.1 / 2.2 VAE weights (diffusers `AutoencoderKLWan`) -> a sora_jax VAE tokenizer artifact.
 
     python -m sora_jax.models.wan_vae_import --src=Wan2.1-T2V-1.3B-Diffusers/vae --out=DIR
 
@@ -8,11 +8,13 @@ receives the artifact of sora_jax.models.vae_artifact (weights, config, norm, ha
 `tokenizer.name='vae'`, `tokenizer.path=DIR` loads; the CLI prints the load report.
 
 Config. `base_dim, z_dim, dim_mult, num_res_blocks, temperal_downsample` map onto
-`VAEConfig` with `norm='l2'` (Wan's RMS norm formula, `vae_layers.RMSNorm`); `latents_mean`,
-`latents_std` become norm.json, so `encode` gives `(mean - latents_mean) / latents_std`,
-what Wan pipelines feed the transformer. Variants sora_jax's VAE does not have (Wan 2.2's
-`is_residual`, `patch_size`, attention in down blocks, a separate decoder width, a first
-level wider than `base_dim`) are refused with the field named.
+`VAEConfig` with `norm='l2'` (Wan's RMS norm formula, `vae_layers.RMSNorm`), and Wan 2.2's
+`is_residual`, `patch_size`, `decoder_base_dim` onto `residual`, `patch_size`,
+`decoder_base_dim` (the `wan2_2` preset); `latents_mean`, `latents_std` become norm.json,
+so `encode` gives `(mean - latents_mean) / latents_std`, what Wan pipelines feed the
+transformer. Variants sora_jax's VAE does not have (attention in down blocks, pixel
+channels other than 3 p², a first level wider than `base_dim`) are refused with the
+field named. Wan 2.2's shortcuts (`avg_shortcut`) have no parameters.
 
 Names (vae.py module docstring, docs/vae.md): `a.b.3.c` -> `a/b_3/c`; a resampler's
 `resample.1` -> `conv`; `weight` -> `kernel` with torch `[O, I, *K]` -> `[*K, I, O]` (1x1
@@ -43,11 +45,7 @@ INDEX = WEIGHTS + ".index.json"
 
 # diffusers config fields that must hold these values: sora_jax's VAE has no other variant.
 _FIXED = {
-    "attn_scales": [],  # attention only in the mid blocks (Wan 2.1)
-    "is_residual": False,  # Wan 2.2's residual down/up blocks
-    "in_channels": 3,
-    "out_channels": 3,
-    "patch_size": None,  # Wan 2.2's pixel patchify
+    "attn_scales": [],  # attention only in the mid blocks (Wan 2.1 and 2.2)
 }
 
 
@@ -61,8 +59,8 @@ def weight_files(src: pathlib.Path) -> list[pathlib.Path]:
         src,
         single=WEIGHTS,
         index=INDEX,
-        hint="point --src at the `vae` folder of a diffusers Wan 2.1 repository "
-        "(e.g. Wan2.1-T2V-1.3B-Diffusers/vae)",
+        hint="point --src at the `vae` folder of a diffusers Wan 2.1 or 2.2 repository "
+        "(e.g. Wan2.1-T2V-1.3B-Diffusers/vae, Wan2.2-TI2V-5B-Diffusers/vae)",
     )
 
 
@@ -78,15 +76,19 @@ def config_from_diffusers(
     for key, want in _FIXED.items():
         if key in hf and hf[key] != want:
             raise WanVAEImportError(
-                f"{source}: {key}={hf[key]!r}, but sora_jax's VAE is Wan 2.1's ({key}={want!r}); "
-                "Wan 2.2's VAE is not supported"
+                f"{source}: {key}={hf[key]!r}, but sora_jax's VAE supports only {key}={want!r} "
+                "(attention in the mid blocks alone, as Wan 2.1 and 2.2)"
             )
     base = hf.get("base_dim", 96)
-    if hf.get("decoder_base_dim") not in (None, base):
-        raise WanVAEImportError(
-            f"{source}: decoder_base_dim={hf['decoder_base_dim']} differs from base_dim={base}; "
-            "sora_jax's decoder has the encoder's width"
-        )
+    patch = hf.get("patch_size") or 1  # None: no patchify (Wan 2.1); Wan 2.2: 2
+    for key in ("in_channels", "out_channels"):
+        if hf.get(key, 3) != 3 * patch * patch:
+            raise WanVAEImportError(
+                f"{source}: {key}={hf[key]} but patch_size={hf.get('patch_size')} needs "
+                f"3 x {patch}² = {3 * patch * patch} (RGB pixels cut into patches); other "
+                "pixel channel counts are not supported"
+            )
+    decoder_base = hf.get("decoder_base_dim") or base
     dim_mult = tuple(hf.get("dim_mult", (1, 2, 4, 4)))
     if dim_mult[0] != 1:  # diffusers' encoder.conv_in has base_dim channels, sora_jax's dims[0]
         raise WanVAEImportError(
@@ -100,7 +102,16 @@ def config_from_diffusers(
         temporal_downsample=tuple(hf.get("temperal_downsample", (False, True, True))),
         mid_attention=True,
         norm="l2",
+        patch_size=patch,
+        residual=bool(hf.get("is_residual", False)),
+        decoder_base_dim=0 if decoder_base == base else decoder_base,
     )
+    spatial = hf.get("scale_factor_spatial")
+    if spatial is not None and spatial != config.spatial:
+        raise WanVAEImportError(
+            f"{source}: scale_factor_spatial={spatial}, but patch_size={patch} and "
+            f"{len(dim_mult)} levels give {config.spatial}; check the config"
+        )
     stats = {k: hf.get(k) for k in ("latents_mean", "latents_std")}
     for key, value in stats.items():
         if value is None or len(value) != config.z_dim:
@@ -210,8 +221,9 @@ def convert(src, out, *, name: str = "") -> tuple[str, safetensors_io.LoadReport
         "diffusers_class": "AutoencoderKLWan",
         "weights_sha256": safetensors_io.sha256_files(files),
     }
+    default = "wan2_2" if config.residual else "wan2_1"
     digest = vae_artifact.export_tokenizer_streamed(
-        out, params, read, config, norm, name=name or "wan2_1", info=info
+        out, params, read, config, norm, name=name or default, info=info
     )
     return digest, report
 

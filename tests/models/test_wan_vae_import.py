@@ -182,9 +182,9 @@ def test_config_refuses_what_the_vae_cannot_express():
     config, norm = wan_vae_import.config_from_diffusers(hf)
     assert config.norm == "l2" and norm.std.tolist() == pytest.approx(hf["latents_std"])
     faults = {
-        "is_residual": True,  # Wan 2.2
+        "patch_size": 2,  # Wan 2.2's patches need in_channels 12 (test_wan22_vae.py)
+        "out_channels": 4,
         "attn_scales": [0.5],
-        "decoder_base_dim": 8,
         "dim_mult": [2, 2, 2, 2],
         "latents_mean": [0.0, 0.0],
     }
