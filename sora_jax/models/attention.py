@@ -308,17 +308,21 @@ def dot_product_attention(
 
 
 def count_forward_kernels(hlo: str) -> dict[str, int]:
-    """Attention forward computations in the text of a compiled (or lowered) program, per
-    kernel: 'cudnn', cuDNN's fused forward custom calls (`__cudnn$fmha…` without
-    `Backward`; never run on a GPU yet), and 'blockwise', the distinct op-name paths of the
-    blockwise kernel's forward (`blockwise_attention.FORWARD_SCOPE`: a rematerialized copy
-    has a path of its own). Counts are per program text: a scanned stack of layers counts
-    its body once. What the remat tests and benchmarks/accelerator.py compare.
+    """Attention forward computations in the text of a compiled program (`.as_text()` of
+    `jit(...).lower(...).compile()`), per kernel: 'cudnn', cuDNN's fused forward custom
+    calls (`__cudnn$fmha…` without `Backward`; never run on a GPU yet), and 'blockwise',
+    the distinct op-name paths of the blockwise kernel's forward
+    (`blockwise_attention.FORWARD_SCOPE`; a rematerialized copy has a path of its own)
+    among its exponentials, which depend on the scores and so are never hoisted out of a
+    loop the way its mask arithmetic can be. Counts are per program text: a scanned stack
+    of layers counts its body once. What the remat tests and benchmarks/accelerator.py
+    compare.
     """
     cudnn = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo)
-    scope = re.escape(blockwise_lib.FORWARD_SCOPE)
-    blockwise = set(re.findall(rf'op_name="([^"]*?/{scope})/', hlo))
-    blockwise |= set(re.findall(rf'loc\("([^"]*?/{scope})/', hlo))  # lowered StableHLO
+    path = re.compile(rf'op_name="([^"]*?/{re.escape(blockwise_lib.FORWARD_SCOPE)})/')
+    blockwise = {
+        match for line in hlo.splitlines() if "exponential(" in line for match in path.findall(line)
+    }
     return {
         "cudnn": sum("Backward" not in target for target in cudnn),
         "blockwise": len(blockwise),
