@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sora_jax.config import ConfigError
+from sora_jax.parallel import compiler_flags
 
 # The checkout's launch/ scripts (next to the sora_jax package).
 LAUNCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "launch"
@@ -140,7 +141,9 @@ def _slurm(job: Job, index: int, root: str, options: Options) -> Launch:
         job.workdir,
         *job.flags,
     )
-    return Launch(argv)
+    # sbatch exports the submitting environment to the job (its default --export=ALL): the
+    # GPU compiler and allocator settings of sora_jax/parallel/compiler_flags.py.
+    return Launch(argv, env=compiler_flags.env("gpu"))
 
 
 def _tpu_vm(job: Job, index: int, root: str, options: Options) -> Launch:
@@ -160,7 +163,10 @@ def _gke(job: Job, index: int, root: str, options: Options) -> Launch:
             f"--launcher=gke: workdir {job.workdir} is not under the shared volume that "
             f"launch/gke_jobset.yaml mounts at {mounts[0]}: use --workdir_root={mounts[0]}/NAME"
         )
-    manifest = render_gke(template, gke_values(job, root, options), job.flags, options.gke_variant)
+    variant = options.gke_variant
+    # The pods' compiler settings (sora_jax/parallel/compiler_flags.py), not this machine's.
+    settings = compiler_flags.env(variant, environ={})
+    manifest = render_gke(template, gke_values(job, root, options), job.flags, variant, settings)
     return Launch(("kubectl", "apply", "-f", "-"), stdin=manifest)
 
 
@@ -311,8 +317,15 @@ def gke_values(job: Job, root: str, options: Options) -> dict[str, str]:
     }
 
 
-def render_gke(template: str, values: dict[str, str], flags: tuple[str, ...], variant: str) -> str:
-    """The JobSet manifest for one job: `variant`'s lines, values in, one item per flag.
+def render_gke(
+    template: str,
+    values: dict[str, str],
+    flags: tuple[str, ...],
+    variant: str,
+    env: dict[str, str] | None = None,
+) -> str:
+    """The JobSet manifest for one job: `variant`'s lines, values in, one item per flag,
+    and `env` (the compiler settings) added to the container's environment.
 
     The same edits as the template's header describes doing by hand with sed and envsubst;
     comment lines are dropped. CONFIG, WORKDIR and the flags sit in double-quoted YAML
@@ -334,6 +347,11 @@ def render_gke(template: str, values: dict[str, str], flags: tuple[str, ...], va
             lines.extend(f"{indent}- {json.dumps(flag)}" for flag in flags)
             continue
         lines.append(body)
+        if body.strip() == "env:" and env:
+            indent = body[: len(body) - len(body.lstrip())] + "  "
+            for name, value in sorted(env.items()):
+                # JSON strings are valid double-quoted YAML scalars.
+                lines += [f"{indent}- name: {name}", f"{indent}  value: {json.dumps(value)}"]
 
     def substitute(match: re.Match) -> str:
         key = match.group(1)

@@ -15,6 +15,7 @@ import yaml
 
 from sora_jax import env as env_lib
 from sora_jax import launchers
+from sora_jax.parallel import compiler_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
@@ -278,6 +279,68 @@ def test_gke_render_rejects_unsafe_values_and_missing_ones():
     assert args["containers"][0]["args"][-1] == flags[0]
     names = {launchers.k8s_name(n, "/runs/sweep") for n in ("lr_0.1", "lr-0.1", "LR_0.1")}
     assert len(names) == 3  # same after sanitizing, still distinct
+
+
+# ---------------------------------------------------------------------------------------
+# Compiler settings: sora_jax/parallel/compiler_flags.py, exported by the launchers
+# ---------------------------------------------------------------------------------------
+
+
+def test_gpu_xla_flags_are_accepted_by_this_jaxlib():
+    """XLA aborts on an unknown XLA_FLAGS entry, and a CPU jaxlib parses the GPU flags too:
+    start a backend with exactly the flags a GPU run exports (plus a bad one to show the
+    check can fail)."""
+    code = "import jax; print(jax.numpy.ones(3).sum())"
+    gpu = compiler_flags.env("gpu", environ={})
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in gpu["XLA_FLAGS"]
+    for flags, ok in ((gpu["XLA_FLAGS"], True), ("--xla_gpu_no_such_flag=true", False)):
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**BASE_ENV, **gpu, "XLA_FLAGS": flags},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert (proc.returncode == 0 and proc.stdout.strip() == "3.0") == ok, proc.stderr[-2000:]
+
+
+def test_env_appends_to_the_users_flags_and_keeps_their_values():
+    user = {"XLA_FLAGS": "--xla_dump_to=/tmp/d --xla_gpu_enable_pipelined_all_gather=false"}
+    out = compiler_flags.env("gpu", environ={**user, "XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"})
+    flags = out["XLA_FLAGS"].split()
+    assert flags[:2] == user["XLA_FLAGS"].split()  # the user's first, unchanged
+    assert "--xla_gpu_enable_pipelined_all_gather=true" not in flags  # theirs wins
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+    assert out["XLA_PYTHON_CLIENT_MEM_FRACTION"] == ".5"
+    fresh = compiler_flags.env("gpu", environ={})
+    assert fresh["XLA_PYTHON_CLIENT_MEM_FRACTION"] == compiler_flags.GPU_MEM_FRACTION
+    assert set(compiler_flags.env("tpu", environ={})) == {"LIBTPU_INIT_ARGS"}
+    assert compiler_flags.env("cpu") == {}
+
+
+def test_launchers_export_the_compiler_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    job = launchers.Job(
+        "demo-b", {}, "/runs/demo-b", ("python",), spec="experiments/demo.py", flags=("--x=1",)
+    )
+    slurm = launchers.get("slurm", launchers.Options()).build(job, 0, "/runs", launchers.Options())
+    assert slurm.env == compiler_flags.env("gpu", environ={})
+    assert "XLA_FLAGS=" in slurm.shell()
+    for variant, accelerator in (("gpu", "nvidia-h100-80gb"), ("tpu", "tpu-v5p-slice")):
+        options = launchers.Options(
+            gke_variant=variant,
+            gke_image="img:1",
+            gke_accelerator=accelerator,
+            gke_tpu_topology="2x2x4" if variant == "tpu" else "",
+        )
+        launch = launchers.get("gke", options).build(job, 0, "/runs", options)
+        doc = yaml.safe_load(launch.stdin)
+        pod = doc["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        for name, value in compiler_flags.env(variant, environ={}).items():
+            assert env[name] == value, name
+        assert env["PYTHONUNBUFFERED"] == "1"  # the template's own entries stay
 
 
 # ---------------------------------------------------------------------------------------

@@ -191,6 +191,14 @@ def test_dry_run_slurm(tmp_path):
     lines = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
     assert len(lines) == 4
     for job, argv in zip(sweeping.expand(f"{DEMO}:tiny", root), lines):
+        # The GPU compiler settings come first, exported to the job (compiler_flags.py).
+        settings = [
+            w
+            for w in argv[:2]
+            if w.split("=", 1)[0] in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+        ]
+        assert len(settings) == 2 and "--xla_gpu_enable_latency_hiding_scheduler" in settings[0]
+        argv = argv[2:]
         assert argv[:3] == ["sbatch", "--parsable", f"--job-name={job.name}"]
         assert argv[3] == f"--output={root}/logs/{job.name}-%j.out"
         assert argv[4:6] == ["--nodes=2", "--gpus-per-node=8"]

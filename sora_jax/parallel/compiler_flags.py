@@ -7,8 +7,17 @@ them for real runs (sora_jax/launchers.py) and the planner applies them before i
 a topology (sora_jax/parallel/topology.py), so `--mode=plan --topology=...` compiles what
 the run will run. A value the user already exported is kept, never overwritten.
 
-Each flag is checked against the installed libtpu by the tests (an unknown flag aborts
-libtpu at start-up).
+On GPUs, XLA reads `XLA_FLAGS` when the backend starts: the latency-hiding scheduler,
+pipelined (and double-buffered) collectives of scanned layers, and combine thresholds that
+merge the per-layer all-gathers and reduce-scatters into few large ones, as large JAX GPU
+trainers set them; `XLA_PYTHON_CLIENT_MEM_FRACTION` is the share of GPU memory JAX's
+allocator takes at start-up (JAX's default 0.75 leaves a quarter of the card unused). Our
+flags go after any the user exported, and a flag the user set keeps the user's value. None
+of the GPU settings has run on a GPU yet (docs/perf.md).
+
+Each flag is checked against the installed jaxlib by the tests: an unknown flag aborts
+libtpu at start-up, and XLA aborts on an unknown `XLA_FLAGS` entry (a CPU jaxlib parses the
+GPU flags too).
 """
 
 from __future__ import annotations
@@ -31,22 +40,57 @@ TPU_FLAGS = (
     "--xla_tpu_data_parallel_opt_different_sized_ops=true",
 )
 
-ENV_VARS = {"tpu": "LIBTPU_INIT_ARGS"}
-FLAGS = {"tpu": TPU_FLAGS}
+# XLA GPU overlap flags. Thresholds: 1 GiB all-gather / 512 MiB reduce-scatter and
+# all-reduce combine buffers (large enough to merge one layer's FSDP collectives; smaller
+# ones issue per-parameter NCCL calls), the magnitudes MaxText's GPU recipes use.
+GPU_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    "--xla_gpu_enable_pipelined_all_gather=true",
+    "--xla_gpu_enable_pipelined_reduce_scatter=true",
+    "--xla_gpu_enable_pipelined_all_reduce=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+    "--xla_gpu_all_gather_combine_threshold_bytes=1073741824",
+    "--xla_gpu_reduce_scatter_combine_threshold_bytes=536870912",
+    "--xla_gpu_all_reduce_combine_threshold_bytes=536870912",
+    "--xla_gpu_enable_all_gather_combine_by_dim=false",
+    "--xla_gpu_enable_reduce_scatter_combine_by_dim=false",
+)
+# The share of GPU memory JAX preallocates: most of it, leaving room for cuDNN/NCCL
+# workspaces outside JAX's allocator. Plans should budget against this fraction.
+GPU_MEM_FRACTION = "0.9"
+
+ENV_VARS = {"tpu": "LIBTPU_INIT_ARGS", "gpu": "XLA_FLAGS"}
+FLAGS = {"tpu": TPU_FLAGS, "gpu": GPU_FLAGS}
+# Variables set as they are (kept where the user set them).
+VALUES = {"gpu": {"XLA_PYTHON_CLIENT_MEM_FRACTION": GPU_MEM_FRACTION}}
 
 
-def env(platform: str) -> dict[str, str]:
-    """The environment variables a run on `platform` ('tpu', 'gpu', 'cpu') exports."""
-    if platform not in FLAGS:
-        return {}
-    return {ENV_VARS[platform]: " ".join(FLAGS[platform])}
+def _merge(existing: str, flags: tuple[str, ...]) -> str:
+    """`existing` flags followed by those of `flags` whose name the user did not set."""
+    given = {f.split("=", 1)[0] for f in existing.split()}
+    extra = [f for f in flags if f.split("=", 1)[0] not in given]
+    return " ".join([*existing.split(), *extra])
+
+
+def env(platform: str, environ=None) -> dict[str, str]:
+    """The environment variables a run on `platform` ('tpu', 'gpu', 'cpu') exports, merged
+    with `environ` (default: this process's environment): flag variables keep the user's
+    flags and append ours (a flag the user set keeps the user's value), other variables
+    keep the user's value. Empty for a platform without settings."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    if platform in FLAGS:
+        name = ENV_VARS[platform]
+        out[name] = _merge(environ.get(name, ""), FLAGS[platform])
+    for name, value in VALUES.get(platform, {}).items():
+        out[name] = environ.get(name, value)
+    return out
 
 
 def apply(platform: str) -> dict[str, str]:
-    """Sets `env(platform)` in this process where the user has not set it; returns what is
-    in force. Call before the platform's backend (or libtpu) is first loaded."""
-    out = {}
-    for name, value in env(platform).items():
-        os.environ.setdefault(name, value)
-        out[name] = os.environ[name]
+    """Sets `env(platform)` in this process; returns what is in force. Call before the
+    platform's backend (or libtpu) is first loaded."""
+    out = env(platform)
+    os.environ.update(out)
     return out
