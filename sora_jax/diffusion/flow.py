@@ -178,6 +178,14 @@ def loss_weight(u: jax.Array, config) -> jax.Array:
     return time_density(jnp.clip(u, 1e-6, 1.0 - 1e-6), name, config)
 
 
+def time_range(config) -> tuple[float, float]:
+    """`diffusion.time_range` (lo, hi), default (0, 1): training times are mapped affinely
+    onto [lo, hi] after the shift, e.g. one Wan 2.2 expert's range
+    (sora_jax.models.wan_experts.time_range)."""
+    lo, hi = config.get("time_range", None) or (0.0, 1.0)
+    return float(lo), float(hi)
+
+
 def check_config(config, model_cfg, latent_channels: int | None = None) -> None:
     """Raises a ConfigError naming every bad field of `diffusion` (and `model.cond_channels`)."""
     errors = []
@@ -196,6 +204,12 @@ def check_config(config, model_cfg, latent_channels: int | None = None) -> None:
             _mode_scale(config)
         except ValueError as e:
             errors.append(str(e))
+    lo, hi = time_range(config)
+    if not 0.0 <= lo < hi <= 1.0:
+        errors.append(
+            f"diffusion.time_range=({lo}, {hi}) needs 0 <= lo < hi <= 1 (e.g. a Wan 2.2 "
+            "expert's range from sora_jax.models.wan_experts.time_range)"
+        )
     if not 0.0 <= config.caption_dropout <= 1.0:
         errors.append(f"diffusion.caption_dropout={config.caption_dropout} must be in [0, 1]")
     errors += conditioning.config_errors(config, model_cfg, latent_channels)
@@ -294,6 +308,8 @@ def loss_fn(
 
     u = per_row(PURPOSE_TIME, lambda k: sample_time(k, (), config))  # [B]
     t = shift_time(u, alpha)
+    lo, hi = time_range(config)
+    t = lo + (hi - lo) * t  # one expert's share of [0, 1] (models/wan_experts.py); else t
     eps = per_row(PURPOSE_NOISE, lambda k: jax.random.normal(k, x_0.shape[1:], x_0.dtype))
     keep = per_row(PURPOSE_DROPOUT, jax.random.uniform) >= config.caption_dropout  # [B]
     text = jnp.where(keep[:, None, None], batch["text"], 0.0)
