@@ -152,7 +152,7 @@ PRESETS = {
     "wan2_1": VAEConfig(norm="l2"),
     # Wan 2.2's VAE (TI2V-5B; diffusers `AutoencoderKLWan` with base_dim=160,
     # decoder_base_dim=256, z_dim=48, is_residual=True, patch_size=2, in/out channels 12):
-    # 4x16x16 compression to 48 channels, 704,301,280 parameters (docs/wan.md).
+    # 4x16x16 compression to 48 channels, 704,688,668 parameters (docs/wan.md).
     "wan2_2": VAEConfig(
         base_dim=160,
         z_dim=48,
