@@ -36,15 +36,6 @@ import pathlib
 import shutil
 import sys
 import time
-import types
-
-# sora_jax/parallel/mesh.py imports ml_collections for type annotations only (they are not
-# evaluated: `from __future__ import annotations`); where it is missing an empty stand-in
-# lets sora_jax.models import. Anything that really used it would fail on the attribute.
-try:
-    import ml_collections  # noqa: F401
-except ImportError:
-    sys.modules["ml_collections"] = types.ModuleType("ml_collections")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run from anywhere
 

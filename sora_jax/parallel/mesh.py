@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
-import ml_collections
 import numpy as np
 from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+if TYPE_CHECKING:  # annotations only: the model code (and the GPU benchmark) runs without it
+    import ml_collections
 
 AXES = ("data", "fsdp", "context", "tensor")
 
