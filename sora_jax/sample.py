@@ -14,6 +14,9 @@ before the checkpoint is restored or anything compiles. Writes `<index>_<slug>.m
 contact sheet, into --output (default WORKDIR/samples/<step>/); prints a time split per
 batch to stderr and a JSON summary to stdout. docs/sampling.md lists every flag and the
 JSONL prompt format.
+
+A distillation run (a few-step student, experiments/distill.py) is sampled the same way:
+its recorded `distill` section selects the consistency sampler, `--steps=1..4`, `--cfg=1`.
 """
 
 import json
@@ -29,7 +32,9 @@ PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
 PROMPTS = flags.DEFINE_string(
     "prompts", None, "A file with one prompt per line, or JSONL (.jsonl) with per-prompt options."
 )
-STEPS = flags.DEFINE_integer("steps", None, "ODE steps (default: sample.num_steps).")
+STEPS = flags.DEFINE_integer(
+    "steps", None, "ODE steps, or a student's consistency steps, 1-4 (default: sample.num_steps)."
+)
 CFG = flags.DEFINE_float("cfg", None, "Guidance scale (default: sample.cfg_scale).")
 SAMPLER = flags.DEFINE_enum("sampler", None, ["euler", "heun"], "ODE method.")
 SEED = flags.DEFINE_integer("seed", None, "Noise seed (default: sample.seed).")
@@ -87,6 +92,9 @@ def main(argv):
             requests = [
                 requests_lib.Request(p, options, index=i, **files) for i, p in enumerate(s.prompts)
             ]
+        for r in requests:  # a student: cfg 1, text-to-video (its guidance is distilled)
+            if generate.is_student(config):
+                generate.check_student_options(config, r.options, bool(r.image or r.video))
         requests_lib.validate_requests(
             config, entry.WORKDIR.value, requests, allow_untrained_shape=ALLOW_UNTRAINED.value
         )

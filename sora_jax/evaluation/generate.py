@@ -7,6 +7,11 @@ and `generate` runs the ODE sampler with classifier-free guidance, data-parallel
 batch, then decodes latents back to pixels with the run's tokenizer. `sample_to_dir`
 samples a list of requests (`sora_jax.evaluation.requests`, validated before the restore)
 in batches and writes videos, JSON sidecars and a contact sheet.
+
+A run whose config has a `distill` section is a few-step student (sora_jax/training/
+distill.py): it is sampled with the consistency sampler (sora_jax/diffusion/consistency.py)
+on the same time grid, its guidance in its weights (`cfg_scale` must be 1), text-to-video
+only; `sampler` in its sidecars reads 'consistency'.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import numpy as np
 from sora_jax import config as config_lib
 from sora_jax import video_io
 from sora_jax.data import shards, tokenization
-from sora_jax.diffusion import conditioning, flow, sampler
+from sora_jax.diffusion import conditioning, consistency, flow, sampler
 from sora_jax.evaluation.requests import (
     Request,
     SampleOptions,
@@ -76,6 +81,8 @@ class Generator:
         self.tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
         self.text_encoder = text_lib.build_text_encoder(config.text_encoder)
         self._compiled: dict[Any, Any] = {}
+        # A few-step student (a distillation run) samples with the consistency sampler.
+        self.student = is_student(config)
 
     @classmethod
     def from_workdir(
@@ -121,7 +128,7 @@ class Generator:
 
     def _sampler_fn(self, options, alpha, sharding, args):
         """The compiled sampler for these options and argument shapes, and its compile time."""
-        has_cond = args[-1] is not None
+        has_cond = args[4] is not None
         fn_key = (
             tuple((a.shape, str(a.dtype)) for a in args if a is not None),
             has_cond,
@@ -133,7 +140,19 @@ class Generator:
         if fn_key in self._compiled:
             return self._compiled[fn_key], 0.0
 
-        def run(params, noise, text, mask, cond_latents, cond_mask):
+        def run(params, noise, text, mask, cond_latents, cond_mask, key_data):
+            if self.student:
+                return consistency.sample(
+                    self.apply_fn,
+                    params,
+                    noise,
+                    text,
+                    mask,
+                    jax.random.wrap_key_data(key_data),
+                    num_steps=options.num_steps,
+                    alpha=alpha,
+                    cond_channels=int(self.config.model.get("cond_channels", 0) or 0),
+                )
             return sampler.sample(
                 self.apply_fn,
                 params,
@@ -177,6 +196,8 @@ class Generator:
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty: every prompt must be non-empty text")
+        if self.student:
+            check_student_options(self.config, options, given is not None)
         n = len(prompts)
         seeds = [options.seed] * n if seeds is None else list(seeds)
         indices = list(range(n)) if indices is None else list(indices)
@@ -213,7 +234,7 @@ class Generator:
         sharding = mesh_lib.batch_sharding(self.mesh)
         # Placed explicitly: inside a mesh context (the trainer's eval hook) jnp results
         # are committed replicated arrays, which jit would not reshard implicitly.
-        args = [noise, text, mask, cond_latents, cond_mask]
+        args = [noise, text, mask, cond_latents, cond_mask, jax.random.key_data(keys)]
         args = [None if a is None else jax.device_put(a, sharding) for a in args]
         with jax.set_mesh(self.mesh):
             fn, timings["compile_s"] = self._sampler_fn(options, alpha, sharding, args)
@@ -229,6 +250,26 @@ class Generator:
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {"step": self.step, "weights": self.weights}
+
+
+def is_student(config: ml_collections.ConfigDict) -> bool:
+    """Whether a run is a few-step student: its config has a `distill` section."""
+    return config.get("distill") is not None
+
+
+def check_student_options(config, options: SampleOptions, given: bool = False) -> None:
+    """A student samples text-to-video with cfg 1 (its guidance is in its weights)."""
+    if options.cfg_scale != 1.0:
+        raise ValueError(
+            f"cfg={options.cfg_scale:g}: this run is a few-step student with guidance "
+            f"distill.cfg_scale={config.distill.cfg_scale:g} in its weights; sample it with "
+            "--cfg=1 (sample.cfg_scale=1)"
+        )
+    if given:
+        raise ValueError(
+            "--image/--video: a few-step student is distilled for text-to-video only; "
+            "sample the teacher run for image-to-video or continuation"
+        )
 
 
 def slug(text: str, max_len: int = 48) -> str:
@@ -368,6 +409,7 @@ def sample_to_dir(
             sidecar = {
                 **base,
                 **dataclasses.asdict(r.options),
+                **({"sampler": "consistency"} if gen.student else {}),
                 "num_frames": shape[0],
                 "height": shape[1],
                 "width": shape[2],

@@ -38,7 +38,8 @@ from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
-from sora_jax.training import eval_hook, families, perf, resilience, resume, rollback, vae
+from sora_jax.training import distill, eval_hook, families, perf, resilience, resume, rollback, vae
+from sora_jax.training import experts as experts_lib
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import plan as plan_lib
 
@@ -64,6 +65,10 @@ def _host_log(workdir: pathlib.Path) -> logging.Handler:
 # Model families by `model.name` (a registry, not an if/elif chain); any other name is a
 # VideoDiT (models/dit.py checks it).
 FAMILIES = {"causal_vae": vae.VAE}
+# Training modes by config section, before the model's name: a config with `distill`
+# trains a few-step student of a frozen teacher (training/distill.py); one with `experts`
+# trains Wan 2.2 A14B's two experts together (training/experts.py).
+MODES = {"distill": distill.Distill, "experts": experts_lib.TwoExperts}
 
 
 def train(
@@ -82,7 +87,9 @@ def train(
     mesh = mesh_lib.create_mesh(config.mesh)
     rules = mesh_lib.logical_rules(config.mesh)
     log.info("mesh %s", dict(mesh.shape))
-    family = FAMILIES.get(config.model.name, families.DiT)(config, workdir, mesh, rules)
+    mode = next((m for m in MODES if config.get(m) is not None), None)
+    family_cls = MODES[mode] if mode else FAMILIES.get(config.model.name, families.DiT)
+    family = family_cls(config, workdir, mesh, rules)
 
     # --- Data ---------------------------------------------------------------------------
     data = family.data()  # next(data): a host batch; get_state/set_state in checkpoints

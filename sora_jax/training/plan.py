@@ -39,6 +39,7 @@ from sora_jax.parallel import topology as topology_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
+from sora_jax.training import distill_step
 from sora_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
@@ -345,14 +346,25 @@ def plan(
     mesh = mesh_lib.create_mesh(config.mesh, devices)
     rules = mesh_lib.logical_rules(config.mesh)
     manifest = dataset_geometry(config)
-    model, tx, _, abstract, shardings = setup.setup_state(config, manifest, mesh, rules)
-    jitted = step_lib.jit_train_step(model, tx, config, mesh, shardings)
+    distilling = distill_step.enabled(config)  # a few-step student: its step, its teacher
+    build = distill_step.setup_state if distilling else setup.setup_state
+    model, tx, _, abstract, shardings = build(config, manifest, mesh, rules)
+    jit_step = distill_step.jit_distill_step if distilling else step_lib.jit_train_step
+    jitted = jit_step(model, tx, config, mesh, shardings)
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     steps = config_step_shapes(config, manifest, data_parallel)
     _, plans = compile_steps(jitted, abstract, manifest, steps, config, mesh, rules)
     limit = memory_gb if memory_gb else device_memory_gb(mesh.devices.flat[0])
     print(format_plan(plans, mesh, limit, target), flush=True)
-    if abstract.base is not None:  # LoRA: the frozen base is an argument, not trained
+    if distilling:  # the frozen teacher is the state's `base`, an argument of the step
+        print(
+            f"  distillation: student {state_lib.param_count(abstract.params):,} trainable "
+            f"parameters, frozen teacher {state_lib.param_count(abstract.base):,} (both in "
+            "'args GiB'); TFLOP/step counts 3F, the step runs about 7F "
+            "(training/distill.py)",
+            flush=True,
+        )
+    elif abstract.base is not None:  # LoRA: the frozen base is an argument, not trained
         print(
             f"  LoRA rank {config.lora.rank}: {state_lib.param_count(abstract.params):,} "
             f"trainable parameters on a frozen base of {state_lib.param_count(abstract.base):,}",
