@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 
 from sora_jax import config as config_lib
-from sora_jax.parallel import distributed
+from sora_jax.parallel import compiler_flags, distributed
 from sora_jax.run import validate as validate_lib
 
 CONFIG = config_lib.define_config_flag()
@@ -44,7 +44,8 @@ def enable_compilation_cache() -> None:
 
 
 def run_main(main) -> None:
-    """`app.run` with one-line config errors instead of tracebacks.
+    """`app.run` with one-line config errors instead of tracebacks, and the compiler flags
+    of sora_jax/parallel/compiler_flags.py for this host's accelerator.
 
     Library INFO logs (Orbax, JAX) are hidden by default; `--verbosity=0` shows them.
     """
@@ -52,6 +53,9 @@ def run_main(main) -> None:
     def quiet_main(argv):
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
+        # The production compiler flags of this host's accelerator, before JAX starts its
+        # backend (an ssh command on TPU VM workers carries no exported variables).
+        compiler_flags.apply_for_host()
         enable_compilation_cache()
         distributed.initialize(
             coordinator_address=COORDINATOR.value,

@@ -461,3 +461,31 @@ def test_check_cluster_names_an_unreachable_coordinator():
     assert "no coordinator answered at --coordinator_address=localhost:12485 within 2 s" in (
         proc.stderr
     )
+
+
+def test_every_entry_point_applies_the_flags_of_the_hosts_accelerator(tmp_path):
+    """TPU VM workers (ssh, no exported variables) and GPU nodes get the production flags
+    from the entry points themselves; the host's kind is read from its device files."""
+    for files, kind in (
+        (["accel0"], "tpu"),
+        (["vfio/0", "vfio/vfio"], "tpu"),
+        (["nvidia0", "nvidiactl"], "gpu"),
+        (["null", "vfio/vfio"], "cpu"),
+    ):
+        root = tmp_path / kind / str(len(files))
+        for f in files:
+            (root / "dev" / f).parent.mkdir(parents=True, exist_ok=True)
+            (root / "dev" / f).touch()
+        assert compiler_flags.host_platform(str(root)) == kind, files
+    # This CPU host: the entry point leaves the environment as it was.
+    code = (
+        "import os, sys; from sora_jax import entry; from absl import app; "
+        "entry.run_main(lambda argv: print(os.environ.get('LIBTPU_INIT_ARGS', 'unset'), "
+        "os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', 'unset')))"
+    )
+    env = {k: v for k, v in BASE_ENV.items() if k not in ("LIBTPU_INIT_ARGS",)}
+    env.pop("XLA_PYTHON_CLIENT_MEM_FRACTION", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.split() == ["unset", "unset"], proc.stderr

@@ -94,3 +94,26 @@ def apply(platform: str) -> dict[str, str]:
     out = env(platform)
     os.environ.update(out)
     return out
+
+
+def host_platform(root: str = "/") -> str:
+    """The accelerator this host has, judged from its device files without starting any
+    backend: 'tpu' (a TPU VM: /dev/accel* or /dev/vfio/N), 'gpu' (/dev/nvidia0), else
+    'cpu'."""
+    dev = os.path.join(root, "dev")
+    names = os.listdir(dev) if os.path.isdir(dev) else []
+    vfio = os.path.join(dev, "vfio")
+    if any(n.startswith("accel") for n in names) or (
+        os.path.isdir(vfio) and any(n.isdigit() for n in os.listdir(vfio))
+    ):
+        return "tpu"
+    if "nvidia0" in names:
+        return "gpu"
+    return "cpu"
+
+
+def apply_for_host() -> dict[str, str]:
+    """`apply` for this host's accelerator: what `python -m sora_jax.train` calls before
+    JAX starts, so every launcher's runs (an ssh command on TPU VM workers included, which
+    carries no exported variables) compile with the production flags."""
+    return apply(host_platform())
