@@ -240,13 +240,18 @@ class DiTBlock(nn.Module):
             dtype=dt,
         )
 
+        # The three residual adds in float32 whatever the stream's dtype (VideoDiT.
+        # residual_dtype): one rounding per block at most, not one per add.
+        stream, f32 = x.dtype, jnp.float32
+        x = x.astype(f32)
         h = modulate(LayerNorm(name="norm1")(x), shift1, scale1).astype(dt)
-        x = x + gate(Attention(**attn, name="self_attn")(h, rope=rope), gate1)
+        x = x + gate(Attention(**attn, name="self_attn")(h, rope=rope).astype(f32), gate1)
         h = LayerNorm(affine=True, name="norm3")(x).astype(dt) if self.cross_attn_norm else x
-        x = x + Attention(**attn, zero_out=True, name="cross_attn")(h, context, context_mask)
+        cross = Attention(**attn, zero_out=True, name="cross_attn")
+        x = x + cross(h.astype(dt), context, context_mask).astype(f32)
         h = modulate(LayerNorm(name="norm2")(x), shift2, scale2).astype(dt)
-        x = x + gate(MLP(self.mlp_dim, self.mlp, dtype=dt, name="ffn")(h), gate2)
-        return nn.with_logical_constraint(x, ACT), None
+        x = x + gate(MLP(self.mlp_dim, self.mlp, dtype=dt, name="ffn")(h).astype(f32), gate2)
+        return nn.with_logical_constraint(x.astype(stream), ACT), None
 
 
 def _frame_times(t: jax.Array, batch: int, frames: int, pt: int) -> jax.Array:
@@ -292,6 +297,10 @@ class VideoDiT(nn.Module):
     # tokens (a multiple of 128; sora_jax/models/splash.py). 1024-2048 suit long videos.
     splash_block_size: int = 512
     dtype: Any = jnp.float32  # compute dtype; params are always float32
+    # The residual stream between blocks: 'compute' (the compute dtype: half the memory of
+    # the activations remat keeps in bfloat16) or 'float32' (as Wan keeps it). The adds
+    # inside a block are float32 either way.
+    residual_dtype: str = "compute"
     cond_channels: int = 0  # trailing input channels whose patch-embed rows start at zero
     scan_layers: bool = False  # stack blocks with nn.scan (params get a leading 'layers' axis)
     remat: str = "none"  # one of REMAT_POLICIES
@@ -324,6 +333,12 @@ class VideoDiT(nn.Module):
             bias_init=nn.with_logical_partitioning(ZEROS, ("embed",)),
         )
         x = patch_embed(tokens)  # [B, L, D]
+        if self.residual_dtype == "float32":
+            x = x.astype(jnp.float32)
+        elif self.residual_dtype != "compute":
+            raise ValueError(
+                f"model.residual_dtype={self.residual_dtype!r}: use 'compute' or 'float32'"
+            )
         if self.pos_embed == "sincos":
             x = x + rope_lib.sincos_embedding(grid, self.dim).astype(dt)[None]
         elif self.pos_embed != "none":
@@ -440,6 +455,7 @@ def model_fields(model_cfg) -> dict[str, Any]:
         "attention_impl": IMPLS,
         "context_parallel": CONTEXT_PARALLEL,
         "pos_embed": ("none", "sincos"),
+        "residual_dtype": ("compute", "float32"),
     }
     for key, allowed in choices.items():
         if key in fields and fields[key] not in allowed:

@@ -117,6 +117,26 @@ def test_bfloat16_compute_is_close_to_float32():
     assert rel < 3e-2, rel
 
 
+def test_a_float32_residual_stream_brings_bfloat16_closer_to_float32():
+    """model.residual_dtype='float32' (as Wan): the bf16 model's stream is not rounded to
+    bf16 between blocks, so over 8 blocks it lands measurably closer to the float32 model
+    than the bf16 stream does (measured: 0.0040 vs 0.0057 relative L2)."""
+    args = _inputs()
+    cfg = {**SMALL, "num_layers": 8}
+    m32 = build_model(cfg, C, D_TEXT)
+    params = _random_params(m32, args)
+    v32 = jit(m32.apply)({"params": params}, *args)
+
+    def rel(residual):
+        m = build_model({**cfg, "dtype": "bfloat16", "residual_dtype": residual}, C, D_TEXT)
+        v = jit(m.apply)({"params": params}, *args)
+        return float(jnp.linalg.norm(v - v32) / jnp.linalg.norm(v32))
+
+    assert rel("float32") < 0.85 * rel("compute")
+    with pytest.raises(ValueError, match="model.residual_dtype='half'"):
+        build_model({**cfg, "residual_dtype": "half"}, C, D_TEXT)
+
+
 def test_conditioning_channels_start_with_zero_weight():
     cond = 3
     model = build_model({**SMALL, "cond_channels": cond}, C, D_TEXT)
