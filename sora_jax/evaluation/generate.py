@@ -12,6 +12,10 @@ A run whose config has a `distill` section is a few-step student (sora_jax/train
 distill.py): it is sampled with the consistency sampler (sora_jax/diffusion/consistency.py)
 on the same time grid, its guidance in its weights (`cfg_scale` must be 1), text-to-video
 only; `sampler` in its sidecars reads 'consistency'.
+
+A run whose config has an `experts` section holds Wan 2.2 A14B's two experts
+(sora_jax/run/experts.py): each sampler step runs the expert of its time
+(`wan_experts.sampling_apply_fn`: the high-noise expert for t >= experts.boundary_ratio).
 """
 
 from __future__ import annotations
@@ -44,10 +48,11 @@ from sora_jax.evaluation.requests import (
     pixel_shape,
     validate_requests,
 )
-from sora_jax.models import dit
+from sora_jax.models import dit, wan_experts
 from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
+from sora_jax.run import experts as experts_run
 from sora_jax.run import params as params_lib
 from sora_jax.run import setup
 
@@ -76,8 +81,12 @@ class Generator:
         self.weights = weights
         self.mesh = mesh_lib.create_mesh(config.mesh)
         self.rules = mesh_lib.logical_rules(config.mesh)
-        self.model = setup.model_for(config, manifest)
-        self.apply_fn = dit.make_apply_fn(self.model)
+        if experts_run.enabled(config):  # Wan 2.2 A14B: each step runs the expert of its t
+            self.model = experts_run.model_for(config, manifest)
+            self.apply_fn = wan_experts.sampling_apply_fn(self.model)
+        else:
+            self.model = setup.model_for(config, manifest)
+            self.apply_fn = dit.make_apply_fn(self.model)
         self.tokenizer = tokenizer_lib.build_tokenizer(config.tokenizer)
         self.text_encoder = text_lib.build_text_encoder(config.text_encoder)
         self._compiled: dict[Any, Any] = {}
@@ -108,7 +117,12 @@ class Generator:
         mesh = mesh_lib.create_mesh(config.mesh)
         rules = mesh_lib.logical_rules(config.mesh)
         # EMA or raw weights; for a LoRA run the factors merged into its frozen base.
-        params, step, weights = params_lib.restore_params_for_sampling(
+        restore = (
+            experts_run.restore_params_for_sampling  # {'high': ..., 'low': ...}
+            if experts_run.enabled(config)
+            else params_lib.restore_params_for_sampling
+        )
+        params, step, weights = restore(
             workdir, config, manifest, mesh, rules, step=step, ema_decay=ema_decay
         )
         return cls(config, manifest, params, step, weights)

@@ -15,16 +15,24 @@ diffusers' scale, as the pipeline makes it, so the boundary step itself (t = 0.8
 the high expert.
 
 Training follows from it: each expert only ever sees its own time range at inference, so
-it is trained on that range (`time_range`); `restrict_time` maps a time drawn on [0, 1]
-into an expert's range (the affine map, so a density over [0, 1] keeps its shape).
+it is trained on that range. One expert per run: `time_range` and `restrict_time` (maps a
+time drawn on [0, 1] into an expert's range; the affine map, so a density over [0, 1] keeps
+its shape). Both experts in one run: `TwoExpertDiT`, one Flax module whose parameters are
+`{'high': expert tree, 'low': expert tree}` and whose output for sample b is the output of
+the expert of b's time; `sampling_apply_fn` runs only the expert of the step's time.
+
+A sample's time is its generated frames' time: with given frames (per-frame times
+`[B, T']`, 0 on given frames) that is the largest entry of its row (`sample_time`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 HIGH, LOW = 0, 1  # expert indices: diffusers' `transformer`, `transformer_2`
 EXPERT_NAMES = ("transformer", "transformer_2")  # their diffusers subfolders
@@ -81,12 +89,80 @@ def two_expert_apply(
 ) -> jax.Array:
     """One denoiser call of the two-expert model: `apply(params, x_t, t, *args)` with the
     expert of `t`. `t` is one time for the whole batch (a sampler step; `[B]` with equal
-    entries or a scalar): only the chosen expert runs (`lax.cond`)."""
+    entries, per-frame `[B, T']` with 0 on given frames, or a scalar): only the chosen expert
+    runs (`lax.cond`)."""
     t = jnp.asarray(t, jnp.float32)
-    first = t.reshape(-1)[0]
-    high = expert_index(first, boundary_ratio) == HIGH
+    # The step's time: given frames carry t = 0, every generated token the step's time.
+    high = expert_index(jnp.max(t), boundary_ratio) == HIGH
     return jax.lax.cond(
         high,
         lambda: apply(params_high, x_t, t, *args),
         lambda: apply(params_low, x_t, t, *args),
     )
+
+
+def sample_time(t: jax.Array) -> jax.Array:
+    """`[B]`: each sample's generated time from `t [B]` or per-frame `t [B, T']` (given frames
+    carry 0, generated frames the sample's time)."""
+    t = jnp.asarray(t, jnp.float32)
+    return t if t.ndim == 1 else jnp.max(t, axis=tuple(range(1, t.ndim)))
+
+
+class TwoExpertDiT(nn.Module):
+    """Wan 2.2 A14B as one model: `high` and `low` are two VideoDiTs of the same fields
+    (clones of one; their parameters are the subtrees `high` and `low`).
+
+    `__call__(x_t [B, T', H', W', C_in], t [B] | [B, T'], text, text_mask) -> v`: both experts
+    run on the whole batch and sample b takes `v_high[b]` where `expert_index(t_b) = HIGH`,
+    else `v_low[b]`. Under a gradient, an expert receives exactly the gradient of the loss
+    restricted to its samples (the other rows' cotangents are zero): per-sample routing with
+    static shapes, at the cost of both forwards and backwards on every sample (docs/wan.md,
+    "Both experts in one run"). Sampling runs one expert per step (`sampling_apply_fn`).
+    """
+
+    high: nn.Module
+    low: nn.Module
+    boundary_ratio: float = BOUNDARY_RATIO_T2V
+
+    @property
+    def out_channels(self) -> int:
+        return self.high.out_channels
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        return self.high.patch_size
+
+    @property
+    def cond_channels(self) -> int:
+        return self.high.cond_channels
+
+    def __call__(self, x_t, t, text, text_mask) -> jax.Array:
+        high = expert_index(sample_time(t), self.boundary_ratio) == HIGH  # [B]
+        v_high = self.high(x_t, t, text, text_mask)
+        v_low = self.low(x_t, t, text, text_mask)
+        return jnp.where(high.reshape(-1, *([1] * (v_high.ndim - 1))), v_high, v_low)
+
+
+def two_experts(expert: nn.Module, boundary_ratio: float) -> TwoExpertDiT:
+    """The two-expert model of one VideoDiT `expert` (the shape both experts share)."""
+    return TwoExpertDiT(
+        high=expert.clone(), low=expert.clone(), boundary_ratio=check_boundary(boundary_ratio)
+    )
+
+
+def sampling_apply_fn(model: TwoExpertDiT) -> Callable[..., jax.Array]:
+    """`apply(params, x_t, t, text, text_mask) -> v` over `{'high': ..., 'low': ...}` that runs
+    only the expert of the step's time (`two_expert_apply`); the sampler's model function.
+    Equal to `model.apply` whenever every sample of the batch has the same time."""
+    expert = model.high
+
+    def one(params, x_t, t, text, text_mask):
+        return expert.apply({"params": params}, x_t, t, text, text_mask)
+
+    def apply(params: dict[str, Any], x_t, t, text, text_mask):
+        return two_expert_apply(
+            one, params["high"], params["low"], x_t, t, text, text_mask,
+            boundary_ratio=model.boundary_ratio,
+        )  # fmt: skip
+
+    return apply

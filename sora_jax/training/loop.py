@@ -39,6 +39,7 @@ from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
 from sora_jax.training import distill, eval_hook, families, perf, resilience, resume, rollback, vae
+from sora_jax.training import experts as experts_lib
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import plan as plan_lib
 
@@ -65,8 +66,9 @@ def _host_log(workdir: pathlib.Path) -> logging.Handler:
 # VideoDiT (models/dit.py checks it).
 FAMILIES = {"causal_vae": vae.VAE}
 # Training modes by config section, before the model's name: a config with `distill`
-# trains a few-step student of a frozen teacher (training/distill.py).
-MODES = {"distill": distill.Distill}
+# trains a few-step student of a frozen teacher (training/distill.py); one with `experts`
+# trains Wan 2.2 A14B's two experts together (training/experts.py).
+MODES = {"distill": distill.Distill, "experts": experts_lib.TwoExperts}
 
 
 def train(
