@@ -73,6 +73,10 @@ TINY = {
             rf"dropped clips fraction\s+{NUMBER}\s+{NUMBER}",
         ],
     ),
+    "peer_step.py": (  # sora_jax's side only: the peer (torch + diffusers) is not installed
+        ["--latents=5x8x8", "--steps=1", "--warmup=1", "--peer_python="],
+        [rf"\n\s+80\s+{NUMBER}\s+-\s+-\s+4,944,192"],
+    ),
     "sample.py": (
         ["--workdir={run}"],
         [rf"denoise\s+{NUMBER} ms", rf"total\s+{NUMBER} ms\s+\({NUMBER} samples/s\)"],

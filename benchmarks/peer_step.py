@@ -1,0 +1,199 @@
+r"""sora_jax's training step on CPU against the same model in PyTorch (diffusers'
+`WanTransformer3DModel`, the Wan 2.1 DiT), alternating the two in one run.
+
+    python benchmarks/peer_step.py                                  # torch + diffusers here
+    python benchmarks/peer_step.py --peer_python=/path/to/venv/bin/python
+
+Both sides build the same architecture at the same widths (4 layers, 4 heads x 64, FFN
+1,024, patch 1x2x2, 16 latent channels, text 32 x 384, float32; the parameter counts are
+printed and must agree) and time one forward + backward of an MSE loss on a batch of 2,
+after warm-up. Each side runs in a worker process of its own (the peer needs only torch and
+diffusers, which are not dependencies of sora_jax: pass `--peer_python` for an interpreter
+that has them); the driver asks the two for one step in turn, so both see the same machine
+load, and reports the median of each and the ratio `peer time / sora_jax time` (above 1:
+sora_jax is faster). Without a peer, only sora_jax's time is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+WIDTHS = dict(layers=4, heads=4, head_dim=64, ffn=1024, channels=16, text_len=32, text_dim=384)
+BATCH = 2
+
+
+def _latent(spec: str) -> tuple[int, int, int]:
+    t, h, w = (int(n) for n in spec.split("x"))
+    return t, h, w
+
+
+def jax_worker(latent: tuple[int, int, int], attention: str):
+    """A `step()` of sora_jax's VideoDiT and its parameter count."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from sora_jax.models import build_model
+
+    w = WIDTHS
+    cfg = dict(
+        name="video_dit",
+        dim=w["heads"] * w["head_dim"],
+        num_layers=w["layers"],
+        num_heads=w["heads"],
+        mlp_dim=w["ffn"],
+        freq_dim=256,
+        patch_size=(1, 2, 2),
+        qk_norm=True,
+        cross_attn_norm=True,
+        attention_impl=attention,
+    )
+    model = build_model(cfg, w["channels"], w["text_dim"])
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (BATCH, *latent, w["channels"]))
+    t = jax.random.uniform(keys[1], (BATCH,))
+    text = jax.random.normal(keys[2], (BATCH, w["text_len"], w["text_dim"]))
+    mask = jnp.ones((BATCH, w["text_len"]), bool)
+    target = jax.random.normal(keys[3], x.shape)
+    params = nn.meta.unbox(jax.jit(model.init)(keys[4], x, t, text, mask)["params"])
+
+    @jax.jit
+    def grad(p):
+        return jax.value_and_grad(
+            lambda p: jnp.mean((model.apply({"params": p}, x, t, text, mask) - target) ** 2)
+        )(p)
+
+    def step():
+        jax.block_until_ready(grad(params))
+
+    return step, sum(a.size for a in jax.tree.leaves(params))
+
+
+def torch_worker(latent: tuple[int, int, int]):
+    """A `step()` of diffusers' WanTransformer3DModel and its parameter count."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    w = WIDTHS
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=w["heads"],
+        attention_head_dim=w["head_dim"],
+        in_channels=w["channels"],
+        out_channels=w["channels"],
+        text_dim=w["text_dim"],
+        freq_dim=256,
+        ffn_dim=w["ffn"],
+        num_layers=w["layers"],
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+    ).float()
+    x = torch.randn(BATCH, w["channels"], *latent)
+    t = torch.rand(BATCH) * 1000
+    text = torch.randn(BATCH, w["text_len"], w["text_dim"])
+    target = torch.randn_like(x)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, text, return_dict=False)[0]
+        torch.nn.functional.mse_loss(out, target).backward()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def serve(kind: str, latent: tuple[int, int, int], attention: str, warmup: int) -> None:
+    """Worker: builds its side, warms up, then times one step per line read on stdin."""
+    step, count = jax_worker(latent, attention) if kind == "jax" else torch_worker(latent)
+    for _ in range(warmup):
+        step()
+    print(json.dumps({"ready": True, "params": count}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        t0 = time.perf_counter()
+        step()
+        print(json.dumps({"s": time.perf_counter() - t0}), flush=True)
+
+
+class Worker:
+    def __init__(self, python: str, kind: str, args):
+        cmd = [python, os.path.abspath(__file__), f"--_worker={kind}", f"--latents={args.latent}"]
+        cmd += [f"--attention={args.attention}", f"--warmup={args.warmup}"]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}  # a CPU comparison
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.proc.args} exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def step(self) -> float:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        return self._read()["s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def _has_peer(python: str) -> bool:
+    probe = "import torch, diffusers"
+    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--latents", default="5x16x16,5x32x32", help="T x H x W: 320, 1280 tokens")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--attention", default="auto", help="sora_jax's model.attention_impl")
+    p.add_argument("--peer_python", default=sys.executable, help="'' = no peer")
+    p.add_argument("--_worker", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._worker:
+        serve(args._worker, _latent(args.latents), args.attention, args.warmup)
+        return
+    peer = args.peer_python and _has_peer(args.peer_python)
+    if not peer:
+        print("peer: torch + diffusers not found (pass --peer_python); timing sora_jax only")
+    print(f"{'tokens':>7} {'sora_jax s':>11} {'peer s':>9} {'peer / sora_jax':>16}  params")
+    for spec in args.latents.split(","):
+        args.latent = spec
+        t, h, w = _latent(spec)
+        tokens = t * (h // 2) * (w // 2)
+        ours = Worker(sys.executable, "jax", args)
+        theirs = Worker(args.peer_python, "torch", args) if peer else None
+        times = {"jax": [], "torch": []}
+        for _ in range(args.steps):  # alternate: both see the same load
+            times["jax"].append(ours.step())
+            if theirs:
+                times["torch"].append(theirs.step())
+        ours.close()
+        jax_s = statistics.median(times["jax"])
+        row = f"{tokens:>7} {jax_s:>11.3f}"
+        params = f"{ours.info['params']:,}"
+        if theirs:
+            theirs.close()
+            torch_s = statistics.median(times["torch"])
+            row += f" {torch_s:>9.3f} {torch_s / jax_s:>15.2f}x"
+            params += f" vs {theirs.info['params']:,}"
+        else:
+            row += f" {'-':>9} {'-':>16}"
+        print(f"{row}  {params}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
