@@ -13,7 +13,10 @@ reads through sora_jax.run.checkpoint.load_for_init), `OUT/model_config.json` (t
 text width) and `OUT/load_report.txt`. Export reads the parameters (`params` or an EMA copy,
 `ema/<key>`) and model fields of a run's checkpoint or an import's output
 (`load_run_params`) and writes `config.json` and `diffusion_pytorch_model*.safetensors`
-that `WanTransformer3DModel.from_pretrained` loads (sora_jax.models.wan_export).
+that `WanTransformer3DModel.from_pretrained` loads (sora_jax.models.wan_export). A
+two-expert run (Wan 2.2 A14B, `config.experts`) exports as a `WanPipeline` folder:
+`transformer/` (high noise), `transformer_2/` (low noise) and `model_index.json` with the
+run's `boundary_ratio` (`wan_export.export_two_experts`).
 
 The flags are defined only when this module runs as the program, so the library functions
 can be imported next to the other entry points (whose flags share names such as --step).
@@ -168,10 +171,36 @@ def _import(f) -> None:
     print(f"train from it: python -m sora_jax.train ... --init_from={f.out} {flags_text}")
 
 
+def saved_boundary_ratio(src: str | os.PathLike, step: int | None = None) -> float | None:
+    """`experts.boundary_ratio` of a two-expert run's saved config (or config.json), or None."""
+    directory, found = ckpt_lib.resolve_checkpoint(src)
+    saved = ckpt_lib.saved_config(directory, found if step is None else step) or {}
+    if "experts" not in saved and (directory.parent / "config.json").is_file():
+        saved = json.loads((directory.parent / "config.json").read_text())
+    return (saved.get("experts") or {}).get("boundary_ratio")
+
+
 def _export(f) -> None:
     params, fields, where = load_run_params(f.src, f.source, f.step)
     total = sum(int(x.size) for x in jax.tree.leaves(params))
+    two = set(params) == {"high", "low"}  # Wan 2.2 A14B: a WanPipeline folder
+    ratio = f.boundary_ratio
+    if two and ratio is None:
+        ratio = saved_boundary_ratio(f.src, f.step)
+        if ratio is None:
+            raise ValueError(
+                f"{where} holds two experts but no experts.boundary_ratio was saved with it: "
+                "pass --boundary_ratio (0.875 for T2V-A14B, 0.9 for I2V-A14B)"
+            )
     with tqdm(total=total, unit="param", unit_scale=True, desc="export") as bar:
+        if two:
+            config = wan_export.export_two_experts(
+                params, fields, f.out, boundary_ratio=ratio, dtype=f.dtype, progress=bar.update
+            )
+            print(f"{where} -> {f.out}/transformer, transformer_2 ({total:,} params, {f.dtype})")
+            print(json.dumps(config, indent=2, sort_keys=True))
+            print(f"load with: WanPipeline.from_pretrained({str(f.out)!r}, vae=..., ...)")
+            return
         config = wan_export.export_diffusers(
             params, fields, f.out, dtype=f.dtype, progress=bar.update
         )
@@ -203,6 +232,12 @@ def define_flags() -> None:
     flags.DEFINE_string("source", "params", "Export: 'params' or 'ema/<key>' (decay_0p9999).")
     flags.DEFINE_integer("step", None, "Export: checkpoint step (default: the latest).")
     flags.DEFINE_enum("dtype", "float32", list(wan_export.EXPORT_DTYPES), "Export: tensor dtype.")
+    flags.DEFINE_float(
+        "boundary_ratio",
+        None,
+        "Export of a two-expert run: the pipeline's boundary_ratio (default: the run's "
+        "experts.boundary_ratio).",
+    )
 
 
 def run() -> None:

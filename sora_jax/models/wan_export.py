@@ -1,4 +1,5 @@
-r"""sora_jax VideoDiT parameters -> a diffusers Wan 2.1 `WanTransformer3DModel` directory.
+r"""sora_jax VideoDiT parameters -> a diffusers Wan 2.1 `WanTransformer3DModel` directory
+(or, for Wan 2.2 A14B's two experts, a `WanPipeline` folder: `export_two_experts`).
 
 The inverse of `wan_import`, through the same name map (`wan_names`); the command line is
 `python -m sora_jax.wan export --src=RUN --out=DIR` (sora_jax/wan.py, which reads the
@@ -79,27 +80,13 @@ def _write_safetensors(
             fh.write(x.tobytes())
 
 
-def export_diffusers(
-    params: Mapping,
-    fields: Mapping[str, Any],
-    out: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    max_shard_bytes: int = 5 * 2**30,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Writes VideoDiT `params` as a diffusers WanTransformer3DModel directory at `out`.
-
-    `params` is the plain tree (numpy or jax arrays; stacked `blocks` when the model scans
-    its layers); `fields` are the VideoDiT fields it was built with (`dit.model_fields` of
-    the run's `config.model`). Channels and text width are read from the parameter shapes.
-    Tensors are converted and written one at a time, in shards of at most
-    `max_shard_bytes` (`diffusion_pytorch_model-0000i-of-0000n.safetensors` plus the index,
-    as `save_pretrained` names them), or one file. Returns the config.json written.
-    """
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {list(EXPORT_DTYPES)}")
-    np_dtype = np.dtype(EXPORT_DTYPES[dtype])
+def export_plan(
+    params: Mapping, fields: Mapping[str, Any], progress: Callable[[int], None] | None = None
+) -> tuple[list[tuple[str, tuple[int, ...], Callable[[], np.ndarray]]], dict[str, Any]]:
+    """What `export_diffusers` writes, from the parameters' shapes alone: `(name, diffusers
+    shape, make)` per tensor (`make()` converts it, reading the leaf only then, so abstract
+    `jax.ShapeDtypeStruct` leaves list a full-size model's tensors without memory) and the
+    `config.json`."""
     check_wan_fields(fields)
     patch = tuple(int(p) for p in fields.get("patch_size", (1, 2, 2)))
     leaves = leaf_paths(params)
@@ -144,6 +131,31 @@ def export_diffusers(
         shape = tuple(leaves[r.path].shape)
         shape = hf_shape(r.kind, shape[1:] if r.layer is not None else shape, patch)
         entries.append((r.name, shape, make(r, shape)))
+    return entries, diffusers_config(fields, shapes)
+
+
+def export_diffusers(
+    params: Mapping,
+    fields: Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = 5 * 2**30,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Writes VideoDiT `params` as a diffusers WanTransformer3DModel directory at `out`.
+
+    `params` is the plain tree (numpy or jax arrays; stacked `blocks` when the model scans
+    its layers); `fields` are the VideoDiT fields it was built with (`dit.model_fields` of
+    the run's `config.model`). Channels and text width are read from the parameter shapes.
+    Tensors are converted and written one at a time, in shards of at most
+    `max_shard_bytes` (`diffusion_pytorch_model-0000i-of-0000n.safetensors` plus the index,
+    as `save_pretrained` names them), or one file. Returns the config.json written.
+    """
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose one of {list(EXPORT_DTYPES)}")
+    np_dtype = np.dtype(EXPORT_DTYPES[dtype])
+    entries, config = export_plan(params, fields, progress)
     shards, size = [[]], 0
     for e in entries:
         nbytes = math.prod(e[1]) * np_dtype.itemsize
@@ -166,6 +178,57 @@ def export_diffusers(
                 total += math.prod(shape) * np_dtype.itemsize
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    config = diffusers_config(fields, shapes)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
+
+
+# diffusers' WanPipeline folder of a two-expert model (Wan2.2-T2V-A14B-Diffusers' layout).
+MODEL_INDEX_FILE = "model_index.json"
+PIPELINE_CLASS = "WanPipeline"
+# The components an export does not write: null in model_index.json, so diffusers loads
+# them as None; pass them to `WanPipeline.from_pretrained(DIR, vae=..., text_encoder=...,
+# tokenizer=..., scheduler=...)` or copy them from the original pipeline folder.
+NOT_EXPORTED = ("scheduler", "text_encoder", "tokenizer", "vae")
+
+
+def export_two_experts(
+    params: Mapping,
+    fields: Mapping[str, Any],
+    out: str | os.PathLike,
+    *,
+    boundary_ratio: float,
+    dtype: str = "float32",
+    max_shard_bytes: int = 5 * 2**30,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Writes a two-expert tree `{'high': ..., 'low': ...}` (sora_jax/run/experts.py) as the
+    transformers of a diffusers `WanPipeline` folder: `transformer/` (high noise),
+    `transformer_2/` (low noise), each as `export_diffusers` writes it, and
+    `model_index.json` with `boundary_ratio` (the components in `NOT_EXPORTED` null).
+    Returns the model index written."""
+    if set(params) != {"high", "low"}:
+        raise ValueError(
+            f"a two-expert export needs parameters {{'high': ..., 'low': ...}}, got keys "
+            f"{sorted(params)}: export a one-model run with export_diffusers"
+        )
+    ratio = float(boundary_ratio)
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(
+            f"boundary_ratio={boundary_ratio} must lie in (0, 1) (experts.boundary_ratio)"
+        )
+    out = pathlib.Path(out)
+    for key, folder in (("high", "transformer"), ("low", "transformer_2")):
+        export_diffusers(
+            params[key], fields, out / folder,
+            dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress,
+        )  # fmt: skip
+    index: dict[str, Any] = {
+        "_class_name": PIPELINE_CLASS,
+        "boundary_ratio": ratio,
+        "expand_timesteps": False,
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"],
+        **{name: [None, None] for name in NOT_EXPORTED},
+    }
+    (out / MODEL_INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index
