@@ -10,15 +10,19 @@ or the high-noise expert, `.../transformer_2` for the low-noise one; docs/wan.md
     python -m sora_jax.train --config=experiments/wan22.py:size=a14b,expert=low,mode=lora \
         --init_from=runs/wan22_a14b_low_imported --workdir=runs/wan22_a14b_low ...
 
+    # both experts in one run (an --init_from checkpoint holding {'high': ..., 'low': ...})
+    python -m sora_jax.train --config=experiments/wan22.py:size=a14b,expert=both,mode=lora ...
+
 Plan before taking the machines (8 simulated devices; the recipes are experiments/
 wan_finetune.py's for the nearest Wan 2.1 size and have not been planned for Wan 2.2):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m sora_jax.train \
         --config=experiments/wan22.py:size=ti2v_5b --workdir=runs/plan --mode=plan
 
-Variants: `size=ti2v_5b|a14b`; `expert=high|low` (a14b: which expert this run trains; its
-training times are restricted to the expert's range, `diffusion.time_range` from
-sora_jax.models.wan_experts.time_range with `boundary`); `boundary` (the A14B
+Variants: `size=ti2v_5b|a14b`; `expert=high|low|both` (a14b: which expert this run trains;
+one expert's training times are restricted to its range, `diffusion.time_range` from
+sora_jax.models.wan_experts.time_range with `boundary`; `both` trains the two together,
+`config.experts`, sora_jax/training/experts.py); `boundary` (the A14B
 boundary_ratio, 0.875 for T2V-A14B); `mode`, `device`, `rank`, `frames`, `height`,
 `width` as experiments/wan_finetune.py. TI2V-5B trains text-to-video and, as Wan 2.2 does,
 text-image-to-video: the first latent frame given clean with time 0 (`diffusion.tasks.i2v`,
@@ -59,8 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     if arg.size not in SIZES:
         raise config_lib.ConfigError(f"size={arg.size!r} is unknown; choose one of {list(SIZES)}")
-    if arg.expert not in ("high", "low"):
-        raise config_lib.ConfigError(f"expert={arg.expert!r} must be 'high' or 'low'")
+    if arg.expert not in ("high", "low", "both"):
+        raise config_lib.ConfigError(f"expert={arg.expert!r} must be 'high', 'low' or 'both'")
+    if arg.expert == "both" and arg.size != "a14b":
+        raise config_lib.ConfigError(f"expert=both needs size=a14b (size={arg.size!r} has one)")
     preset, recipe_size, vae_preset = SIZES[arg.size]
     c = finetune.get_config(
         f"size={recipe_size},mode={arg.mode},device={arg.device},rank={arg.rank},"
@@ -73,6 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # TI2V: latent frame 0 given clean at t = 0 (per-frame times), as Wan 2.2 5B's
         # pipelines do (expand_timesteps); no conditioning channels (model.cond_channels 0).
         c.diffusion.tasks = ml_collections.ConfigDict({"t2v": 0.5, "i2v": 0.5})
+    elif arg.expert == "both":
+        # Both experts in one run (training/experts.py): times over [0, 1], each sample
+        # routed to the expert of its time; each expert's parameters, optimizer state and
+        # EMA sharded like a one-expert run's.
+        # Wan2.2-T2V-A14B-Diffusers/model_index.json boundary_ratio (I2V-A14B: 0.9).
+        c.experts = ml_collections.ConfigDict(dict(boundary_ratio=arg.boundary))
     else:
         # One expert per run: it learns only the times it denoises at inference.
         expert = wan_experts.HIGH if arg.expert == "high" else wan_experts.LOW

@@ -82,3 +82,8 @@ def test_experiment_sets_the_expert_range():
     c = config_lib.load_config(EXPERIMENT + ":size=ti2v_5b")
     assert c.model.preset == "wan2_2_ti2v_5b" and c.tokenizer.preset == "wan2_2"
     assert c.diffusion.tasks.i2v > 0 and c.model.get("cond_channels", 0) == 0
+    # Both experts in one run: the experts section, times over [0, 1]; TI2V-5B has one model.
+    c = config_lib.load_config(EXPERIMENT + ":size=a14b,expert=both,boundary=0.9")
+    assert c.experts.boundary_ratio == 0.9 and c.diffusion.get("time_range", None) is None
+    with pytest.raises(config_lib.ConfigError, match="expert=both needs size=a14b"):
+        config_lib.load_config(EXPERIMENT + ":size=ti2v_5b,expert=both")

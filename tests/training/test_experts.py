@@ -14,15 +14,17 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sora_jax import config as config_lib
+from sora_jax import wan
 from sora_jax.data import tokenization
 from sora_jax.diffusion import flow, sampler
 from sora_jax.evaluation import generate
-from sora_jax.models import dit, wan_experts
+from sora_jax.models import dit, wan_experts, wan_export
 from sora_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RATIO = 0.875
 SMALL = {"model.dim": 32, "model.num_layers": 1, "model.num_heads": 2, "model.mlp_dim": 64}
+SMALL["model.pos_embed"] = "none"  # Wan's architecture, so the run exports to diffusers
 
 
 def _config(**overrides):
@@ -151,6 +153,14 @@ def test_two_expert_run_trains_both_resumes_exactly_and_samples_by_the_boundary(
     b8 = jax.tree.map(np.asarray, _state(resumed, 8))
     for x, y in zip(jax.tree.leaves(a8), jax.tree.leaves(b8), strict=True):
         np.testing.assert_array_equal(x, y)
+
+    # The run exports as a WanPipeline folder with its boundary (python -m sora_jax.wan export).
+    params, fields, _ = wan.load_run_params(straight)
+    assert wan.saved_boundary_ratio(straight) == RATIO
+    index = wan_export.export_two_experts(params, fields, tmp_path / "export", boundary_ratio=RATIO)
+    assert index["boundary_ratio"] == RATIO
+    for folder in ("transformer", "transformer_2"):
+        assert (tmp_path / "export" / folder / "diffusion_pytorch_model.safetensors").is_file()
 
     # Sampling the run: its model function is the two-expert one, and every step's output
     # is the expert of that step's time (checked against an Euler loop that picks by hand).
