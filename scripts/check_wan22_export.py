@@ -11,11 +11,11 @@ sora_jax's own; neither is a dependency of the other):
 weights with every leaf perturbed, so no norm or bias is at its initial value) written with
 `wan_export.export_two_experts` (boundary 0.875), and its parameters kept in DIR/params.npz.
 `diffusers`: `WanPipeline.from_pretrained(DIR)` (the exported folder; scheduler
-`FlowMatchEulerDiscreteScheduler(shift=5)` and vae, text encoder, tokenizer None passed in) runs 8 steps on fixed latents and
-text embeddings; a hook on each transformer records every step's timestep, input and
-output (DIR/diffusers_steps.npz). `compare`: sora_jax's sampling model function
-(`wan_experts.sampling_apply_fn`) on each recorded input: the expert it picks and its output
-against the pipeline's. Writes tests/models/golden/wan22/export_report.json.
+`FlowMatchEulerDiscreteScheduler(shift=5)` passed in, vae, text encoder and tokenizer None)
+runs 8 steps on fixed latents and text embeddings; a hook on each transformer records every
+step's timestep, input and output (DIR/diffusers_steps.npz). `compare`: sora_jax's sampling
+model function (`wan_experts.sampling_apply_fn`) on each recorded input: the expert it picks
+and its output against the pipeline's. Writes tests/models/golden/wan22/export_report.json.
 """
 
 from __future__ import annotations
