@@ -12,8 +12,9 @@ compiler's message. `--attention_tokens` compiles one self-attention forward + b
 (Wan-1.3B heads, 12 x 128, bfloat16) on one chip per kernel and reports its temporaries.
 
 Entries: SIZE/HEIGHT/TOPOLOGY/STRATEGY[/BATCH], HEIGHT 480 (832x480) or 720 (1280x720),
-81 frames; STRATEGY `fsdp` (every chip on fsdp) or `ulyssesN` (context N with Ulysses,
-fsdp on the rest); BATCH defaults to one sample per chip.
+81 frames; STRATEGY `fsdp` (every chip on fsdp), `ulyssesN` (context N with Ulysses,
+fsdp on the rest) or `zeroN` (the same, with parameters, optimizer state and EMA sharded
+over fsdp x context, i.e. over every chip); BATCH defaults to one sample per chip.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ SIZES = {480: (480, 832), 720: (720, 1280)}
 
 def _config(entry: str, chips: int):
     from sora_jax import config as config_lib
+    from sora_jax.parallel import mesh as mesh_lib
 
     size, height, _, strategy, *batch = entry.split("/")
     if size in ("demo", "tiny"):  # the test suite's tiny setting
@@ -52,11 +54,15 @@ def _config(entry: str, chips: int):
             f"{ROOT / 'experiments' / 'wan.py'}:size={size},height={h},width={w}"
         )
     c.mesh.ici_data, c.mesh.ici_fsdp, c.mesh.ici_context = 1, -1, 1
-    if strategy.startswith("ulysses"):
-        c.mesh.ici_context = int(strategy[len("ulysses") :])
+    if strategy.startswith(("ulysses", "zero")):
+        c.mesh.ici_context = int(strategy.removeprefix("ulysses").removeprefix("zero"))
         c.model.context_parallel = "ulysses"
     elif strategy != "fsdp":
-        raise SystemExit(f"{entry}: strategy {strategy!r} is not fsdp or ulyssesN")
+        raise SystemExit(f"{entry}: strategy {strategy!r} is not fsdp, ulyssesN or zeroN")
+    if strategy.startswith("zero"):  # parameters and optimizer state over fsdp x context
+        rules = dict(mesh_lib.DEFAULT_RULES)
+        rules.update(embed=("fsdp", "context"), conv_out=("fsdp", "context"))
+        c.mesh.logical_axis_rules = tuple(rules.items())
     c.data.global_batch_size = int(batch[0]) if batch else chips // c.mesh.ici_context
     return c
 
