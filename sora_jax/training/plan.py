@@ -36,6 +36,7 @@ from sora_jax.models import text as text_lib
 from sora_jax.models import tokenizer as tokenizer_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.parallel import topology as topology_lib
+from sora_jax.run import experts as experts_run
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
@@ -347,7 +348,12 @@ def plan(
     rules = mesh_lib.logical_rules(config.mesh)
     manifest = dataset_geometry(config)
     distilling = distill_step.enabled(config)  # a few-step student: its step, its teacher
-    build = distill_step.setup_state if distilling else setup.setup_state
+    two_experts = experts_run.enabled(config)  # Wan 2.2 A14B: both experts in one state
+    build = setup.setup_state
+    if distilling:
+        build = distill_step.setup_state
+    elif two_experts:
+        build = experts_run.setup_state
     model, tx, _, abstract, shardings = build(config, manifest, mesh, rules)
     jit_step = distill_step.jit_distill_step if distilling else step_lib.jit_train_step
     jitted = jit_step(model, tx, config, mesh, shardings)
@@ -356,6 +362,14 @@ def plan(
     _, plans = compile_steps(jitted, abstract, manifest, steps, config, mesh, rules)
     limit = memory_gb if memory_gb else device_memory_gb(mesh.devices.flat[0])
     print(format_plan(plans, mesh, limit, target), flush=True)
+    if two_experts:
+        n = {k: state_lib.param_count(v) for k, v in abstract.params.items()}
+        print(
+            f"  two experts (boundary {config.experts.boundary_ratio:g}): high {n['high']:,} "
+            f"and low {n['low']:,} trainable parameters; every sample runs both experts "
+            "(TFLOP/step counts one: the step runs twice that, training/experts.py)",
+            flush=True,
+        )
     if distilling:  # the frozen teacher is the state's `base`, an argument of the step
         print(
             f"  distillation: student {state_lib.param_count(abstract.params):,} trainable "

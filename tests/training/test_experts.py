@@ -19,7 +19,7 @@ from sora_jax.data import tokenization
 from sora_jax.diffusion import flow, sampler
 from sora_jax.evaluation import generate
 from sora_jax.models import dit, wan_experts, wan_export
-from sora_jax.training import loop
+from sora_jax.training import loop, plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RATIO = 0.875
@@ -184,3 +184,17 @@ def test_two_expert_run_trains_both_resumes_exactly_and_samples_by_the_boundary(
     swapped = {"high": gen.params["low"], "low": gen.params["high"]}
     other = sampler.sample(gen.apply_fn, swapped, noise, text, mask, num_steps=steps, alpha=alpha)
     assert np.abs(np.asarray(other) - np.asarray(x)).max() > 1e-3
+
+
+def test_plan_holds_both_experts(devices, capsys):
+    """--mode=plan of a two-expert run compiles the two-expert state: the step's outputs
+    (the new state: parameters, optimizer state, EMA) are twice one expert's per device."""
+    one, two = _config(), _config()
+    with one.unlocked():
+        del one["experts"]
+    for c in (one, two):
+        c.mesh.ici_data, c.mesh.ici_fsdp = 1, 8
+    (p1,) = plan.plan(one, devices=devices)
+    (p2,) = plan.plan(two, devices=devices)
+    assert f"two experts (boundary {RATIO:g})" in capsys.readouterr().out
+    assert p2.output_gb == pytest.approx(2 * p1.output_gb, rel=0.02), (p1, p2)
