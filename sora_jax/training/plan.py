@@ -231,7 +231,11 @@ def compile_steps(
         batch = abstract_batch(manifest, step, mesh)
         t0 = time.perf_counter()
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            exe = jitted.lower(abstract_state, batch).compile()
+            lowered = jitted.lower(abstract_state, batch)
+            try:
+                exe = lowered.compile()
+            except jax.errors.JaxRuntimeError as e:  # the target's compiler refused the step
+                raise _compile_error(step, mesh, e) from e
         compile_s = time.perf_counter() - t0
         compiled[step.key] = exe
         tokens = flops_lib.tokens_per_sample(config.model, step.shape)
@@ -262,6 +266,29 @@ def compile_steps(
             )
         )
     return compiled, plans
+
+
+def _compile_error(step: StepShape, mesh, error: Exception) -> PlanError:
+    """A compiler refusal as a PlanError naming the bucket, the device and the fixes: out of
+    device memory (HBM) or out of a kernel's memory space (SMEM, VMEM) on a TPU."""
+    kind = mesh.devices.flat[0].device_kind
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    message = next((ln for ln in lines if "memory" in ln.lower()), lines[0] if lines else "")
+    if "smem" in message.lower() or "vmem" in message.lower():
+        fix = (
+            "a kernel's per-core memory is exceeded: raise model.splash_block_size (fewer, "
+            "larger attention blocks), or shard the sequence (mesh.ici_context with "
+            "model.context_parallel)"
+        )
+    else:
+        fix = (
+            "shrink data.global_batch_size or the bucket, shard more (mesh.ici_fsdp, "
+            "ici_context, ici_tensor), or set model.remat"
+        )
+    return PlanError(
+        f"bucket {step.key} (global batch {step.global_batch}) does not compile for "
+        f"{mesh.devices.size} x {kind}: {message[:400]}; {fix}"
+    )
 
 
 def mosaic_kernels(hlo_text: str) -> dict[str, int]:

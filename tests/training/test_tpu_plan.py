@@ -154,3 +154,12 @@ def test_splash_leaves_out_the_scores_the_xla_kernel_materializes():
     splash_8k = temp_bytes("splash", 8_192)
     assert splash_8k < 0.15 * scores
     assert temp_bytes("splash", 16_384) < 2.5 * splash_8k  # linear in L, not quadratic
+
+
+def test_a_step_the_tpu_compiler_refuses_fails_the_plan_naming_the_bucket():
+    """Over the chip's HBM the TPU compiler itself refuses the step (a CPU compile would
+    not): the plan says which bucket, on what, and what to change."""
+    config = tpu_config()
+    config.data.global_batch_size = 262_144
+    with pytest.raises(plan.PlanError, match=r"bucket 5x16x16 .* TPU v5 lite: .*memory.*"):
+        plan.plan(config, topology="v5e:2x2")
