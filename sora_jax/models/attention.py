@@ -34,6 +34,14 @@ tokens for self-attention, text tokens for cross-attention). The optional boolea
 broadcasts to `[B, N, L, S]`; True means "may attend". Keys that are masked out get
 exactly zero weight; a query whose keys are all masked out gets an all-zero output (never
 NaN, never a uniform average over padding).
+
+Packed rows (several clips back to back in one sequence, sora_jax/data/packing.py):
+`segment_ids` `[B, L]` (self-attention) or a pair (`[B, L]`, `[B, S]`) keeps only the keys
+whose id equals the query's, on top of `mask`: attention is block-diagonal by clip. 'xla'
+turns them into a dense mask, 'blockwise' and 'splash' take them as their own segment ids
+(no `[L, S]` mask is stored), 'cudnn' refuses them (JAX exposes no packed form of the
+cuDNN kernel through `jax.nn.dot_product_attention`), and so do the context-parallel
+strategies (`segment_ids_check`).
 """
 
 from __future__ import annotations
@@ -141,6 +149,17 @@ def _key_padding(mask, q, k) -> jax.Array:
     return jnp.broadcast_to(mask[:, 0, 0, :], (b, s))
 
 
+def _key_padding_or_none(mask, q, k) -> jax.Array:
+    """A key padding mask `[B|1, 1, 1, S]` (or `[B|1, S]`-broadcastable) as `[B, S]` bool."""
+    mask = jnp.asarray(mask, bool)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    if mask.shape[1] != 1 or mask.shape[2] != 1:
+        raise ValueError(
+            f"with segment_ids, a mask must be key padding [B|1, 1, 1, S], got {mask.shape}"
+        )
+    return jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1]))
+
+
 def _is_prefix(valid: jax.Array, lengths: jax.Array) -> jax.Array:
     """`[B]` bool: row b of `valid [B, S]` is its first `lengths[b]` keys and nothing else."""
     return jnp.all(valid == (jnp.arange(valid.shape[1]) < lengths[:, None]), axis=-1)
@@ -201,12 +220,16 @@ def _cudnn(q, k, v, mask=None):
     return out
 
 
-def _splash(q, k, v, mask=None, *, block_size: int = splash_lib.DEFAULT_BLOCK):
+def _splash(q, k, v, mask=None, *, block_size: int = splash_lib.DEFAULT_BLOCK, segment_ids=None):
     """Splash per device: under a mesh, `jax.shard_map` gives each device its own batch rows
     (over the batch axes) and heads (over `tensor`), as a Pallas kernel cannot be partitioned
     by the compiler. Dimensions that do not divide stay whole on every device."""
     kernel = functools.partial(splash_lib.splash_attention, block_size=block_size)
     mesh = jax.sharding.get_abstract_mesh()
+    if segment_ids is not None:
+        kernel = functools.partial(kernel, segment_ids=segment_ids)
+        if not mesh.empty:
+            return _splash_segments(q, k, v, mask, block_size, segment_ids, mesh)
     if mesh.empty:
         return kernel(q, k, v, mask)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
@@ -234,6 +257,80 @@ def _splash(q, k, v, mask=None, *, block_size: int = splash_lib.DEFAULT_BLOCK):
     return fn(q, k, v, mask)
 
 
+def _segment_pair(segment_ids):
+    """`segment_ids` as `(q_ids [B, L], kv_ids [B, S])` int32 (one array: self-attention)."""
+    if isinstance(segment_ids, tuple | list):
+        q_ids, kv_ids = segment_ids
+    else:
+        q_ids = kv_ids = segment_ids
+    return jnp.asarray(q_ids, jnp.int32), jnp.asarray(kv_ids, jnp.int32)
+
+
+def segment_mask(segment_ids) -> jax.Array:
+    """The dense mask `[B, 1, L, S]` of segment ids: key s kept for query l when their ids
+    are equal (what 'xla' computes with; the other kernels never build it)."""
+    q_ids, kv_ids = _segment_pair(segment_ids)
+    return (q_ids[:, :, None] == kv_ids[:, None, :])[:, None]
+
+
+def segment_ids_check(impl: str, context_parallel: str) -> None:
+    """Raises a ValueError naming the field when packed rows cannot run on this kernel."""
+    if impl == "cudnn":
+        raise ValueError(
+            "model.attention_impl='cudnn' cannot attend within packed rows: JAX exposes no "
+            "segment-id (packed) form of the cuDNN kernel; set model.attention_impl to "
+            "'blockwise' (GPU and CPU), 'splash' (TPU) or 'xla' for packed training"
+        )
+    if context_parallel != "none" and context_lib.context_degree() > 1:
+        raise ValueError(
+            f"model.context_parallel={context_parallel!r} with a context axis > 1 does not "
+            "take segment ids yet: packed rows need mesh.ici_context=1 (or "
+            "model.context_parallel='none'); shard packed rows over data/fsdp instead"
+        )
+
+
+def _with_segments(impl: str, fn, segment_ids):
+    """`fn(q, k, v, mask)` of kernel `impl` that also keeps keys of the query's segment."""
+    if impl == "xla":
+        return lambda q, k, v, mask: fn(
+            q, k, v, segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
+        )
+    if impl == "blockwise":
+        pair = _segment_pair(segment_ids)
+        return lambda q, k, v, mask: blockwise_lib.blockwise_attention(
+            q, k, v, segment_ids=pair, **_blockwise_masks(mask, k)
+        )
+    if impl == "splash":
+        return functools.partial(fn, segment_ids=_segment_pair(segment_ids))
+    raise ValueError(f"attention impl={impl!r} takes no segment ids")
+
+
+def _splash_segments(q, k, v, mask, block_size, segment_ids, mesh):
+    """`_splash` with segment ids under a mesh: the ids `[B, L]`, `[B, S]` split over the
+    batch axes like the rows they label."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    batch_axes = tuple(a for a in ("data", "fsdp") if sizes.get(a, 1) > 1)
+    batch = batch_axes if q.shape[0] % math.prod(sizes[a] for a in batch_axes) == 0 else ()
+    heads = "tensor" if sizes.get("tensor", 1) > 1 and q.shape[2] % sizes["tensor"] == 0 else None
+    qkv_spec, ids_spec = P(batch or None, None, heads, None), P(batch or None, None)
+    keys = jnp.ones((q.shape[0], k.shape[1]), bool) if mask is None else mask
+    keys = _key_padding_or_none(keys, q, k)  # [B, S]
+
+    def local(q, k, v, keys, q_ids, kv_ids):
+        return splash_lib.splash_attention(
+            q, k, v, keys[:, None, None, :], block_size=block_size, segment_ids=(q_ids, kv_ids)
+        )
+
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(qkv_spec,) * 3 + (ids_spec,) * 3,
+        out_specs=qkv_spec,
+        check_vma=False,
+    )
+    return fn(q, k, v, keys, *segment_ids)
+
+
 _IMPL_FNS = {
     "blockwise": blockwise_attention,
     "xla": xla_attention,
@@ -258,10 +355,13 @@ def dot_product_attention(
     *,
     context_parallel="none",
     splash_block_size: int = splash_lib.DEFAULT_BLOCK,
+    segment_ids=None,
 ):
     """Multi-head attention `[B, L, N, E] x [B, S, N, E] -> [B, L, N, E]`.
 
     `mask`: bool, broadcastable to `[B, N, L, S]` (True = attend), or None (attend to all).
+    `segment_ids`: None, or int ids `[B, L]` (self-attention) or `([B, L], [B, S])`: keys
+    kept only where their id equals the query's (packed rows; module docstring).
     Rows whose keys are all masked come back as zeros, whatever the implementation.
     `context_parallel`: 'none', 'ulysses', 'allgather' or 'ring' (self-attention, L = S the
     same tokens), or 'queries' (cross-attention); see sora_jax/parallel/context.py.
@@ -287,6 +387,18 @@ def dot_product_attention(
     if impl == "splash":
         local = functools.partial(local, block_size=splash_block_size)
         whole = functools.partial(whole, block_size=splash_block_size)
+    if segment_ids is not None:
+        segment_ids_check(impl, context_parallel)
+        keys = None if mask is None else _key_padding_or_none(mask, q, k)  # [B, S]
+        out = _with_segments(impl, whole, segment_ids)(q, k, v, mask)
+        if isinstance(segment_ids, tuple | list) or keys is not None:
+            # Queries whose segment has no key (padding tokens, a dropped caption) get zeros.
+            q_ids, kv_ids = _segment_pair(segment_ids)
+            same = q_ids[:, :, None] == kv_ids[:, None, :]  # [B, L, S]
+            if keys is not None:
+                same = same & keys[:, None, :]
+            out = out * jnp.any(same, axis=-1)[:, :, None, None].astype(out.dtype)
+        return out
     if context_parallel != "none" and context_lib.context_degree() > 1:
         out = context_lib.context_parallel_attention(
             q,

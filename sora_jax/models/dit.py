@@ -14,6 +14,21 @@ frames inside one temporal patch are averaged). Every residual branch and the ou
 start at zero, so the initial model outputs exactly zero (adaLN-Zero, DiT; the cross-attention
 output projection is zero-initialized as in PixArt-α).
 
+Packed rows (several clips of any shapes back to back, sora_jax/data/packing.py): with
+`segment_ids` the call is
+
+    VideoDiT(tokens [B, L, P·C], t [B, L], text [B, S, D_text], text_mask [B, S],
+             segment_ids=[B, L], positions=[B, L, 3], text_segment_ids=[B, S]) -> [B, L, P·C_out]
+
+`tokens` are patchified latents (`patchify` per clip, concatenated; 0 = padding in
+`segment_ids`), `t` each token's time (its clip's, or its frame's), `positions` each token's
+(t, h, w) patch coordinates inside its own clip, and the text the row's captions
+concatenated, `text_segment_ids` naming each text token's clip. Self-attention keeps keys
+of the query's clip only, cross-attention its own caption only, RoPE uses the given
+positions (restarting per clip) and adaLN is per token (Tm = L); the output is token
+velocities, unpatchified per clip by the caller. Each clip's velocities equal those of
+the clip alone (tests/models/test_dit_packed.py). Not with `pooled_text`.
+
 Parameters. `model.init(rng, x_t, t, text, text_mask)['params']` holds
 `nn.LogicallyPartitioned` boxes (logical axis names for sharding, parallel/mesh.py). Callers
 unbox them, `params = nn.meta.unbox(variables['params'])`, and then
@@ -223,14 +238,17 @@ class DiTBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, e6, context, context_mask, rope):
-        # The (carry, out) signature lets nn.scan stack blocks without a wrapper.
+    def __call__(self, x, e6, context, context_mask, rope, segments=None):
+        # The (carry, out) signature lets nn.scan stack blocks without a wrapper. `segments`:
+        # None, or packed rows' (self ids [B, L], cross pair ([B, L], [B, S])).
         d, dt = x.shape[-1], self.dtype
         table = self.param(
             "modulation", nn.with_logical_partitioning(ZEROS, (None, "embed")), (6, d)
         )
-        mod = e6 + table  # [B, Tm, 6, D] float32
-        shift1, scale1, gate1, shift2, scale2, gate2 = (mod[:, :, i] for i in range(6))
+        # e6 [B, Tm, 6, D] float32 plus the table, one [B, Tm, D] part at a time (Tm = L for
+        # packed rows: no [B, L, 6, D] sum is kept per block).
+        shift1, scale1, gate1, shift2, scale2, gate2 = (e6[:, :, i] + table[i] for i in range(6))
+        self_ids, cross_ids = (None, None) if segments is None else segments
         attn = dict(
             num_heads=self.num_heads,
             qk_norm=self.qk_norm,
@@ -245,10 +263,11 @@ class DiTBlock(nn.Module):
         stream, f32 = x.dtype, jnp.float32
         x = x.astype(f32)
         h = modulate(LayerNorm(name="norm1")(x), shift1, scale1).astype(dt)
-        x = x + gate(Attention(**attn, name="self_attn")(h, rope=rope).astype(f32), gate1)
+        o = Attention(**attn, name="self_attn")(h, rope=rope, segment_ids=self_ids)
+        x = x + gate(o.astype(f32), gate1)
         h = LayerNorm(affine=True, name="norm3")(x).astype(dt) if self.cross_attn_norm else x
         cross = Attention(**attn, zero_out=True, name="cross_attn")
-        x = x + cross(h.astype(dt), context, context_mask).astype(f32)
+        x = x + cross(h.astype(dt), context, context_mask, segment_ids=cross_ids).astype(f32)
         h = modulate(LayerNorm(name="norm2")(x), shift2, scale2).astype(dt)
         x = x + gate(MLP(self.mlp_dim, self.mlp, dtype=dt, name="ffn")(h).astype(f32), gate2)
         return nn.with_logical_constraint(x.astype(stream), ACT), None
@@ -261,6 +280,36 @@ def _frame_times(t: jax.Array, batch: int, frames: int, pt: int) -> jax.Array:
     if t.shape == (batch, frames):
         return t.reshape(batch, frames // pt, pt).mean(-1)  # [B, T', pt] -> [B, T']
     raise ValueError(f"t must be [B]={(batch,)} or [B, T]={batch, frames}, got {t.shape}")
+
+
+def _check_packed(model, tokens, t, text, segment_ids, positions, text_segment_ids) -> None:
+    """Shapes of a packed call (module docstring), or a ValueError naming the argument."""
+    b, length, feat = tokens.shape
+    p = math.prod(model.patch_size)
+    want = {
+        "x_t (tokens)": (tokens.shape, (b, length, p * model.in_channels)),
+        "t": (jnp.shape(t), (b, length)),
+        "segment_ids": (jnp.shape(segment_ids), (b, length)),
+        "positions": (None if positions is None else jnp.shape(positions), (b, length, 3)),
+        "text_segment_ids": (
+            None if text_segment_ids is None else jnp.shape(text_segment_ids),
+            text.shape[:2],
+        ),
+    }
+    for name, (got, expected) in want.items():
+        if got != expected:
+            raise ValueError(
+                f"packed VideoDiT call: {name} has shape {got}, expected {expected} (tokens "
+                f"[B, L, P·C] with P·C = {p}·{model.in_channels}; per-token t, segment ids and "
+                "(t, h, w) positions; a clip id per text token)"
+            )
+    if feat % p:
+        raise ValueError(f"tokens have {feat} features, not a multiple of the patch's {p}")
+    if model.pooled_text:
+        raise ValueError(
+            "model.pooled_text=True is not supported on packed rows (the pooled caption would "
+            "need a per-clip mean); set model.pooled_text=False or train bucketed"
+        )
 
 
 def _patch_kernel_init(in_channels: int, cond_channels: int):
@@ -308,8 +357,17 @@ class VideoDiT(nn.Module):
     pooled_text: bool = False  # add the masked mean of the text to the adaLN conditioning
 
     @nn.compact
-    def __call__(self, x_t, t, text, text_mask):
-        b, frames, height, width, c = x_t.shape
+    def __call__(
+        self, x_t, t, text, text_mask, segment_ids=None, positions=None, text_segment_ids=None
+    ):
+        packed = segment_ids is not None
+        patch, dt = tuple(self.patch_size), self.dtype
+        if packed:
+            b, length, feat = x_t.shape
+            c = feat // math.prod(patch)
+            _check_packed(self, x_t, t, text, segment_ids, positions, text_segment_ids)
+        else:
+            b, frames, height, width, c = x_t.shape
         if c != self.in_channels:
             raise ValueError(f"x_t has {c} channels, the model was built for {self.in_channels}")
         if text.shape[-1] != self.text_dim:
@@ -318,11 +376,13 @@ class VideoDiT(nn.Module):
             )
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by num_heads={self.num_heads}")
-        patch, dt = tuple(self.patch_size), self.dtype
         split = rope_lib.check_split(self.rope_split, self.dim // self.num_heads)
 
         # --- Embeddings: patches, timesteps, text ---------------------------------------
-        tokens, grid = patchify(x_t.astype(dt), patch)  # [B, L, P·C]
+        if packed:
+            tokens, grid = x_t.astype(dt), None  # [B, L, P·C], patchified per clip
+        else:
+            tokens, grid = patchify(x_t.astype(dt), patch)  # [B, L, P·C]
         kernel = _patch_kernel_init(self.in_channels, self.cond_channels)
         patch_embed = nn.Dense(
             self.dim,
@@ -339,13 +399,18 @@ class VideoDiT(nn.Module):
             raise ValueError(
                 f"model.residual_dtype={self.residual_dtype!r}: use 'compute' or 'float32'"
             )
-        if self.pos_embed == "sincos":
+        if self.pos_embed == "sincos" and packed:
+            x = x + rope_lib.sincos_from_positions(positions, self.dim).astype(dt)  # [B, L, D]
+        elif self.pos_embed == "sincos":
             x = x + rope_lib.sincos_embedding(grid, self.dim).astype(dt)[None]
         elif self.pos_embed != "none":
             raise ValueError(f"model.pos_embed={self.pos_embed!r}: use 'none' or 'sincos'")
         x = nn.with_logical_constraint(x, ACT)
 
-        t_frames = _frame_times(jnp.asarray(t), b, frames, patch[0])  # [B, Tm]
+        if packed:
+            t_frames = jnp.asarray(t, jnp.float32)  # [B, L]: Tm = L, a time per token
+        else:
+            t_frames = _frame_times(jnp.asarray(t), b, frames, patch[0])  # [B, Tm]
         f32 = jnp.float32  # the timestep path is tiny: keep it in float32
         e = timestep_embedding(t_frames, self.freq_dim)  # [B, Tm, freq_dim]
         e = dense(
@@ -377,7 +442,17 @@ class VideoDiT(nn.Module):
         )
         ctx = nn.with_logical_constraint(ctx, ACT_TEXT)  # [B, S, D]
         ctx_mask = text_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S] over [B, N, L, S]
-        rope = rope_lib.rope_tables(grid, split)  # (cos, sin), each [L, E/2]
+        if packed:
+            rope = rope_lib.position_tables(positions, split)  # (cos, sin), each [B, L, E/2]
+            # A text token belongs to its clip (id >= 1); others (-1) are nobody's keys.
+            text_ids = jnp.where(
+                text_mask.astype(bool) & (text_segment_ids > 0), text_segment_ids, -1
+            )
+            segments = (segment_ids, (segment_ids, text_ids))
+            ctx_mask = None  # folded into text_ids
+        else:
+            rope = rope_lib.rope_tables(grid, split)  # (cos, sin), each [L, E/2]
+            segments = None
 
         # --- Blocks -------------------------------------------------------------------
         block_cls = DiTBlock
@@ -400,14 +475,15 @@ class VideoDiT(nn.Module):
                 block_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 4,
+                in_axes=(nn.broadcast,) * 5,
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(**block_kw, name="blocks")(x, e6, ctx, ctx_mask, rope)
+            x, _ = stack(**block_kw, name="blocks")(x, e6, ctx, ctx_mask, rope, segments)
         else:
             for i in range(self.num_layers):
-                x, _ = block_cls(**block_kw, name=f"blocks_{i}")(x, e6, ctx, ctx_mask, rope)
+                block = block_cls(**block_kw, name=f"blocks_{i}")
+                x, _ = block(x, e6, ctx, ctx_mask, rope, segments)
 
         # --- Output head: adaLN (shift, scale from e), zero-initialized linear ----------
         table = self.param(
@@ -417,6 +493,8 @@ class VideoDiT(nn.Module):
         h = modulate(LayerNorm(name="norm_out")(x), mod[:, :, 0], mod[:, :, 1]).astype(dt)
         out_features = math.prod(patch) * self.out_channels
         head = dense(out_features, ("embed", "conv_out"), dtype=dt, zero=True, name="head")
+        if packed:
+            return head(h).astype(jnp.float32)  # [B, L, P·C_out]: unpatchified per clip outside
         return unpatchify(head(h).astype(jnp.float32), grid, patch)  # [B, T, H, W, C_out]
 
 
@@ -518,9 +596,11 @@ def check_bucket(model: VideoDiT, latent_shape) -> tuple[int, int, int]:
 
 
 def make_apply_fn(model: nn.Module) -> Callable:
-    """`apply(params, x_t, t, text, text_mask) -> v` over a plain parameter tree."""
+    """`apply(params, x_t, t, text, text_mask) -> v` over a plain parameter tree (and, for
+    packed rows, `apply(params, tokens, t, text, text_mask, segment_ids=..., positions=...,
+    text_segment_ids=...)`, the module docstring's packed call)."""
 
-    def apply(params, x_t, t, text, text_mask):
-        return model.apply({"params": params}, x_t, t, text, text_mask)
+    def apply(params, x_t, t, text, text_mask, **packed):
+        return model.apply({"params": params}, x_t, t, text, text_mask, **packed)
 
     return apply

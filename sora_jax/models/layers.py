@@ -195,7 +195,8 @@ def timestep_embedding(t: jax.Array, freq_dim: int, max_period: float = 10_000.0
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-# --- adaLN modulation: per sample (Tm = 1) or per latent frame (Tm = T') ----------------
+# --- adaLN modulation: per sample (Tm = 1), per latent frame (Tm = T') or per token -----
+# (Tm = L: packed rows, each token modulated by its own clip's, or frame's, timestep).
 
 
 def _frames(x: jax.Array, m: jax.Array) -> jax.Array:
@@ -221,7 +222,9 @@ class Attention(nn.Module):
     """Multi-head attention with optional q/k RMSNorm and 3D RoPE.
 
     Self-attention when `context` is None, else cross-attention from x `[B, L, D]` to
-    context `[B, S, D]` with `mask` broadcastable to `[B, N, L, S]`.
+    context `[B, S, D]` with `mask` broadcastable to `[B, N, L, S]`. `segment_ids` (packed
+    rows: `[B, L]`, or a `([B, L], [B, S])` pair for cross-attention) keeps only keys of the
+    query's own clip (models.attention). `rope` tables are `[L, E/2]` or per row `[B, L, E/2]`.
     """
 
     num_heads: int
@@ -237,7 +240,7 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, context=None, mask=None, rope=None) -> jax.Array:
+    def __call__(self, x, context=None, mask=None, rope=None, segment_ids=None) -> jax.Array:
         d = x.shape[-1]
         n, e = self.num_heads, d // self.num_heads
         qkv_names = ("embed", "heads", "kv")
@@ -264,6 +267,7 @@ class Attention(nn.Module):
             impl=self.attention_impl,
             context_parallel=cp,
             splash_block_size=self.splash_block_size,
+            segment_ids=segment_ids,
         )
         # Named so the 'save_attention_out' / 'offload' remat policies can keep it.
         o = checkpoint_name(o, "attention_out")

@@ -46,11 +46,12 @@ def grid_positions(grid: tuple[int, int, int], offset=(0, 0, 0)) -> jax.Array:
 
 
 def rope_angles(positions: jax.Array, split, theta: float = THETA) -> jax.Array:
-    """Rotation angles `[L, E/2]` (float32) for positions `[L, 3]` and a split of E."""
+    """Rotation angles `[..., L, E/2]` (float32) for positions `[..., L, 3]` and a split of E
+    (`[L, 3]` for one grid; `[B, L, 3]` for packed rows, each token's place in its own clip)."""
     parts = []
     for a, e_a in enumerate(split):
         omega = 1.0 / theta ** (jnp.arange(0, e_a, 2, dtype=jnp.float32) / e_a)  # [E_a/2]
-        parts.append(positions[:, a : a + 1].astype(jnp.float32) * omega[None])
+        parts.append(positions[..., a : a + 1].astype(jnp.float32) * omega)
     return jnp.concatenate(parts, axis=-1)
 
 
@@ -60,15 +61,24 @@ def rope_tables(grid: tuple[int, int, int], split, offset=(0, 0, 0)) -> tuple:
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def position_tables(positions: jax.Array, split) -> tuple:
+    """`(cos, sin)`, each `[B, L, E/2]` float32, for per-token positions `[B, L, 3]`: packed
+    rows, whose positions restart at (0, 0, 0) in every clip, so each clip's tokens get the
+    angles `rope_tables` gives the clip alone."""
+    angles = rope_angles(positions, split)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates adjacent channel pairs of x `[B, L, N, E]` by the `[L, E/2]` tables.
+    """Rotates adjacent channel pairs of x `[B, L, N, E]` by the `[L, E/2]` tables (or
+    per-row `[B, L, E/2]` tables, `position_tables`).
 
     `(x_{2j}, x_{2j+1}) -> (x_{2j} cos - x_{2j+1} sin, x_{2j} sin + x_{2j+1} cos)`, computed in
     float32 and returned in x's dtype.
     """
     x32 = x.astype(jnp.float32)
     x_even, x_odd = x32[..., 0::2], x32[..., 1::2]  # [B, L, N, E/2] each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # [L, 1, E/2]: broadcast over heads
+    cos, sin = cos[..., None, :], sin[..., None, :]  # [(B,) L, 1, E/2]: broadcast over heads
     out = jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)  # [B, L, N, E/2, 2] -> [B, L, N, E]
 
@@ -82,11 +92,16 @@ def sincos_embedding(grid: tuple[int, int, int], dim: int) -> jax.Array:
     D_w = 2 (D // 6)` channels, the rest to time; each part is `[sin(p w_j), cos(p w_j)]`
     with `w_j = THETA^(-j / (D_a / 2))`.
     """
+    return sincos_from_positions(grid_positions(grid), dim)  # [L, D]
+
+
+def sincos_from_positions(positions: jax.Array, dim: int) -> jax.Array:
+    """`sincos_embedding` of positions `[..., L, 3]` -> `[..., L, D]` (packed rows: each
+    token's place in its own clip)."""
     split = default_split(dim)
-    positions = grid_positions(grid)  # [L, 3]
     parts = []
     for axis, d in enumerate(split):
         omega = THETA ** (-np.arange(d // 2) / max(d // 2, 1))  # [D_a / 2]
-        angle = positions[:, axis : axis + 1].astype(np.float32) * omega[None]  # [L, D_a / 2]
+        angle = positions[..., axis : axis + 1].astype(np.float32) * omega  # [..., L, D_a/2]
         parts += [jnp.sin(angle), jnp.cos(angle)]
-    return jnp.concatenate(parts, axis=-1).astype(jnp.float32)  # [L, D]
+    return jnp.concatenate(parts, axis=-1).astype(jnp.float32)  # [..., L, D]

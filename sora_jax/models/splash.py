@@ -15,6 +15,12 @@ Masks. Key padding (the text mask, padded tiles) becomes segment ids: real queri
 valid keys 1, masked and padded keys 0. When nothing is padded and no mask is given, no
 segment ids are passed and the kernel skips that work. Other masks are refused.
 
+Packed rows. `segment_ids=(q_ids [B, L], kv_ids [B, S])` (clip ids, 0 = padding tokens)
+are the kernel's own `SegmentIds`: a query attends to keys of its clip only. Masked keys
+take an id no query has (-1), padded tiles -2 for keys and -3 for queries, so neither
+reaches a real token; rows left with no key are zeroed by the caller
+(models.attention.dot_product_attention).
+
 Remat. The kernel names its output and log-sum-exp `RESIDUALS` (`jax.checkpoint_name`),
 so a remat policy that saves that name keeps them and the backward does not rerun the
 forward kernel.
@@ -90,12 +96,20 @@ def key_padding(mask, b: int, s: int):
 
 
 def splash_attention(
-    q, k, v, mask=None, *, block_size: int = DEFAULT_BLOCK, interpret: bool | None = None
+    q,
+    k,
+    v,
+    mask=None,
+    *,
+    block_size: int = DEFAULT_BLOCK,
+    interpret: bool | None = None,
+    segment_ids=None,
 ):
     """Splash attention `[B, L, N, E] x [B, S, N, E] -> [B, L, N, E]` on one device.
 
     `interpret=None` runs the Mosaic kernel when compiling for a TPU and the Pallas
-    interpreter otherwise (parallel.mesh.target_platform).
+    interpreter otherwise (parallel.mesh.target_platform). `segment_ids`: None or a pair
+    `(q_ids [B, L], kv_ids [B, S])` of ints (packed rows, module docstring).
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -123,7 +137,18 @@ def splash_attention(
 
     scale = jnp.asarray(1.0 / math.sqrt(e), q.dtype)  # the kernel does not scale q itself
     qk, kk, vk = to_kernel(q * scale, lq_pad), to_kernel(k, s_pad), to_kernel(v, s_pad)
-    if keep is None and lq_pad == lq and s_pad == s:  # nothing to mask: no segment ids
+    if segment_ids is not None:
+        q_seg, kv_seg = (jnp.asarray(x, jnp.int32) for x in segment_ids)  # [B, L], [B, S]
+        if keep is not None:
+            kv_seg = jnp.where(keep, kv_seg, -1)  # a masked key: an id no query has
+        q_ids = jnp.pad(q_seg, ((0, 0), (0, lq_pad - lq)), constant_values=-3)
+        kv_ids = jnp.pad(kv_seg, ((0, 0), (0, s_pad - s)), constant_values=-2)
+
+        def one_packed(qb, kb, vb, qi, ki):  # one row: [N, L_pad, E]
+            return kernel(qb, kb, vb, segment_ids=sk.SegmentIds(q=qi, kv=ki))
+
+        out = jax.vmap(one_packed)(qk, kk, vk, q_ids, kv_ids)
+    elif keep is None and lq_pad == lq and s_pad == s:  # nothing to mask: no segment ids
         out = jax.vmap(kernel)(qk, kk, vk)  # [B, N, L_pad, E]
     else:
         q_ids = jnp.broadcast_to(jnp.arange(lq_pad) < lq, (b, lq_pad)).astype(jnp.int32)
