@@ -20,6 +20,8 @@ import numpy as np
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
 
+from sora_jax.diffusion import packed as packed_lib
+
 
 class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True):
@@ -119,4 +121,10 @@ def window_scalars(fetched: list[tuple[str, dict]], bins) -> dict[str, float]:
             sel = (times >= lo) & (times < hi) if hi < bins[-1] else (times >= lo)
             if sel.any():
                 out[f"train/loss_t/{lo:.2f}-{hi:.2f}"] = float(losses[sel].mean())
+    if "train/shape_class" in metrics[-1]:
+        # Packed runs (diffusion/packed.py): the loss per shape class stands in for buckets.
+        classes = np.concatenate([np.ravel(m["train/shape_class"]) for m in metrics])
+        for i, name in enumerate(packed_lib.SHAPE_CLASSES):
+            if (classes == i).any():
+                out[f"train/loss_class/{name}"] = float(losses[classes == i].mean())
     return out
