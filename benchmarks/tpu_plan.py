@@ -14,7 +14,8 @@ compiler's message. `--attention_tokens` compiles one self-attention forward + b
 Entries: SIZE/HEIGHT/TOPOLOGY/STRATEGY[/BATCH], HEIGHT 480 (832x480) or 720 (1280x720),
 81 frames; STRATEGY `fsdp` (every chip on fsdp), `ulyssesN` (context N with Ulysses,
 fsdp on the rest) or `zeroN` (the same, with parameters, optimizer state and EMA sharded
-over fsdp x context, i.e. over every chip); BATCH defaults to one sample per chip.
+over fsdp x context, i.e. over every chip), each optionally `-noema` (no EMA copy of the
+parameters); BATCH defaults to one sample per chip.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def _config(entry: str, chips: int):
             f"{ROOT / 'experiments' / 'wan.py'}:size={size},height={h},width={w}"
         )
     c.mesh.ici_data, c.mesh.ici_fsdp, c.mesh.ici_context = 1, -1, 1
+    if strategy.endswith("-noema"):  # no EMA copy of the parameters
+        strategy = strategy.removesuffix("-noema")
+        c.optimizer.ema_decays, c.sample.ema_decay = (), 0.0
     if strategy.startswith(("ulysses", "zero")):
         c.mesh.ici_context = int(strategy.removeprefix("ulysses").removeprefix("zero"))
         c.model.context_parallel = "ulysses"
@@ -189,8 +193,15 @@ def table(rows: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in plans:
-            if "error" in r:
+            if "error" in r and "size" not in r:
                 out.append(f"| {r['entry']} | | | | | | | | | error: {r['error']} | |")
+                continue
+            if "error" in r:  # the compiler refused the step: its words
+                msg = r["error"].split("; shrink")[0].split(": ", 1)[-1]
+                out.append(
+                    f"| {r['size']} | {r['height']}p | {r['topology']} ({r['chips']} chips) | "
+                    f"{r['strategy']} | {r['batch']} | | | | | no: {msg} | {r['compile_s']} |"
+                )
                 continue
             fits = "yes" if r["fits"] else f"no ({r['chip_gib']:g} GiB)"
             out.append(
