@@ -16,6 +16,8 @@ Each stage alone (same config, same workdir):
     python -m sora_jax.evaluate --config=experiments/demo.py --workdir=runs/demo
 
 Variants: `experiments/demo.py:tiny` shrinks everything to run in seconds (tests);
+`packed` tokenizes clips at their native shapes and trains on packed rows (one compiled
+step; docs/data_pipeline.md);
 `steps=N` sets the training length. Override any field, e.g. `--config.optimizer.lr=1e-3`.
 """
 
@@ -36,7 +38,7 @@ PROMPTS = (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, tiny=False, steps=-1, res=16, frames=5, s2d=2)
+    arg = config_lib.parse_arg(arg, tiny=False, steps=-1, res=16, frames=5, s2d=2, packed=False)
     bucket = f"{arg.frames}x{arg.res}x{arg.res}"
     c = ml_collections.ConfigDict()
 
@@ -161,6 +163,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.strict_buckets = False
     # Check that all processes agree on the step's bucket every this many steps; 0 = never.
     c.data.schedule_check_every_steps = 100
+    if arg.packed:  # `:packed`: native-shape clips packed into rows (docs/data_pipeline.md)
+        # Each clip keeps its own shape (no bucket crop); data.buckets only names the shape
+        # the model is initialized from.
+        c.data.tokenize.mode = "native"
+        c.data.packing = ml_collections.ConfigDict()
+        # Video tokens per row (L): at least the largest clip's (the bucket's 80 by default).
+        c.data.packing.tokens_per_row = (arg.frames * arg.res * arg.res) // (4 * arg.s2d**2)
+        # Rows per global step (B).
+        c.data.packing.rows_per_batch = max(1, c.data.global_batch_size // 2)
+        # Clips per shuffle window packed together (first-fit decreasing).
+        c.data.packing.window = 256
+        # Clips per row at most (K).
+        c.data.packing.max_segments = 8
 
     # Rectified flow (sora_jax/diffusion/flow.py).
     c.diffusion = ml_collections.ConfigDict()

@@ -44,9 +44,15 @@ batches.
 
 Tokens within a clip are in (t, h, w) row-major order of its patch grid, each token the
 `p_t x p_h x p_w x C` block flattened in that order (as the DiT's patchify). The padding
-fraction of an epoch is `1 - Σ n_i / (E_e B L)` (`PackPlan.report`). The model side
-(segment ids in attention, per-segment timesteps and loss) is not wired yet: nothing in
-training reads these rows.
+fraction of an epoch is `1 - Σ n_i / (E_e B L)` (`PackPlan.report`).
+
+**Training** (`data.packing.tokens_per_row > 0`, training/families.py `PackedDiT`): the
+pipeline hands the loop host batches with `bucket = 'packed'` (one compiled step for the
+run), `step`, and `layout`, the rows this process's devices hold (`global_batch.row_layout`
+of the mesh: processes of one context or tensor group read the same rows), so
+`global_batch.to_global_batch` assembles them like bucketed batches. The step fields are
+`STEP_FIELDS` plus the text (`text` or `text_ids`) and `text_mask`; the model and the loss
+are `VideoDiT`'s packed call and `diffusion/packed.py`.
 """
 
 from __future__ import annotations
@@ -63,7 +69,11 @@ import grain
 import ml_collections
 import numpy as np
 
-from sora_jax.data import records, shards
+from sora_jax.data import global_batch, records, shards
+
+# The numeric fields of a packed row the train step reads (the text fields follow).
+STEP_FIELDS = ("tokens", "segment_ids", "positions", "segment_shapes")
+BUCKET = "packed"  # the one schedule key of a packed run: one compiled step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +207,12 @@ class PackPlan:
         }
 
 
+def enabled(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config trains on packed rows (`data.packing.tokens_per_row > 0`)."""
+    section = config.data.get("packing", None)
+    return bool(section) and int(section.get("tokens_per_row", 0) or 0) > 0
+
+
 def options_from_config(config: ml_collections.ConfigDict) -> PackingOptions:
     """`data.packing` (`tokens_per_row` required; `rows_per_batch` defaults to
     `data.global_batch_size`)."""
@@ -243,9 +259,11 @@ class PackedPipeline:
         rows: Sequence[int] | None = None,
         process_index: int = 0,
         process_count: int = 1,
+        layout: global_batch.RowLayout | None = None,
     ):
         self.dir = pathlib.Path(dataset_dir)
         manifest = shards.read_manifest(self.dir)
+        self.manifest = manifest
         if manifest.get("mode") != "native":
             raise ValueError(
                 f"{self.dir / shards.MANIFEST} is a bucketed dataset: packing reads datasets "
@@ -266,11 +284,24 @@ class PackedPipeline:
             )
         self.grids = shapes // np.array(self.patch)  # [N, 3] patch grid of every clip
         self.embed = manifest["text_encoder"].get("embed", "tokenize")
+        self.fields = (
+            *STEP_FIELDS,
+            "text_ids" if self.embed == "train_step" else "text",
+            "text_mask",
+        )
         self.options = options
         self.plan = PackPlan(self.grids.prod(axis=1), seed, options)
         self.source = grain.sources.ArrayRecordDataSource(self.files)
         self.shapes_hash = hashlib.sha256(json.dumps(shapes.tolist()).encode()).hexdigest()[:16]
         b = options.rows_per_batch
+        if layout is not None:  # the rows of this process's devices' batch shards
+            if b % layout.shards:
+                raise ValueError(
+                    f"data.packing.rows_per_batch={b} must be a multiple of the {layout.shards} "
+                    "batch shards of the mesh (mesh data x fsdp)"
+                )
+            rows = layout.rows(b)
+        self.layout = layout
         if rows is None:
             if b % process_count:
                 raise ValueError(
@@ -312,8 +343,24 @@ class PackedPipeline:
 
     def __next__(self) -> dict[str, Any]:
         out = self.batch(self.step)
+        out.update(bucket=BUCKET, step=self.step)
+        if self.layout is not None:
+            out["layout"] = self.layout
         self.step += 1
         return out
+
+    def report(self) -> str:
+        """The start-up lines: the budget, the clips and the first epoch's padding."""
+        o, r = self.options, self.plan.report(0)
+        return (
+            f"data: packed rows of {o.tokens_per_row} tokens, {o.rows_per_batch} rows per step, "
+            f"{r['clips']} clips of {len(np.unique(self.grids, axis=0))} shapes from {self.dir}; "
+            f"epoch 0: {r['steps']} steps, padding {100 * r['padding_fraction']:.1f}%, "
+            f"{r['clips_per_row']:.2f} clips per row"
+        )
+
+    def close(self) -> None:
+        pass
 
     def batch(self, step: int) -> dict[str, Any]:
         """This process's rows of global step `step`."""
@@ -328,7 +375,10 @@ class PackedPipeline:
             "segment_ids": np.zeros((n, length), np.int32),
             "positions": np.zeros((n, length, 3), np.int32),
             "segment_shapes": np.zeros((n, k, 3), np.int32),
-            text_key: np.zeros((n, k, *np.shape(first[text_key])), first[text_key].dtype),
+            text_key: np.zeros(
+                (n, k, *np.shape(first[text_key])),
+                np.int32 if text_key == "text_ids" else np.float32,
+            ),
             "text_mask": np.zeros((n, k, *np.shape(first["text_mask"])), bool),
             "clip_index": np.full((n, k), -1, np.int64),
             "captions": [[] for _ in range(n)],
@@ -357,8 +407,10 @@ def from_config(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    layout: global_batch.RowLayout | None = None,
 ) -> PackedPipeline:
-    """The packed pipeline of `config.data.packing` over a native dataset."""
+    """The packed pipeline of `config.data.packing` over a native dataset (`layout`: the
+    rows of the mesh's batch shards this process holds, `global_batch.row_layout`)."""
     return PackedPipeline(
         dataset_dir,
         options_from_config(config),
@@ -366,4 +418,5 @@ def from_config(
         seed=int(config.seed),
         process_index=process_index,
         process_count=process_count,
+        layout=layout,
     )

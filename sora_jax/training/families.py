@@ -18,7 +18,8 @@ supplies the rest, in the order the loop calls it:
                      (training/eval_hook.py), or every `eval_every_steps`
     finish           what a run does after its last step (the VAE exports its artifact)
 
-Families by `model.name`: the DiT (`DiT`, here) and the causal VAE (training/vae.py).
+Families by `model.name`: the DiT (`DiT`, here; `PackedDiT` on packed rows, chosen by
+`dit_family` from `data.packing`) and the causal VAE (training/vae.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from sora_jax.data import global_batch, packing
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.run import params as params_lib
 from sora_jax.run import setup
@@ -185,3 +187,82 @@ class DiT(Family):
 
     def evaluate(self, state, step: int) -> dict[str, float]:
         return self.evaluator(state, step)
+
+
+class PackedDiT(DiT):
+    """The video DiT on packed rows of a native-shape dataset (`data.packing.tokens_per_row
+    > 0`; data/packing.py, diffusion/packed.py): one step shape, so exactly one compiled
+    executable for the run; the packer's state (its next step and what the rows depend on)
+    is the data state of every checkpoint. Not yet: evaluation in the loop (the evaluators
+    read fixed-shape buckets) and context parallelism (models/attention.py refuses it)."""
+
+    def data(self):
+        dataset_dir = self.config.data.dataset_dir or self.workdir / "data"
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        rows = packing.options_from_config(self.config).rows_per_batch
+        if rows % shards:
+            raise ValueError(
+                f"data.packing.rows_per_batch={rows} is not a multiple of the {shards} batch "
+                "shards of the mesh (mesh data x fsdp): every shard holds whole rows"
+            )
+        layout = global_batch.row_layout(self.mesh) if jax.process_count() > 1 else None
+        self.pipeline = packing.from_config(
+            self.config, dataset_dir,
+            process_index=jax.process_index(), process_count=jax.process_count(), layout=layout,
+        )  # fmt: skip
+        self.manifest = self.pipeline.manifest
+        _check_manifest(self.config, self.manifest, self.pipeline.dir)
+        return self.pipeline
+
+    def check_schedule(self, step: int) -> None:
+        del step  # rows are a pure function of (seed, step, the clips' shapes): no schedule
+
+    def state(self):
+        manifest = plan_lib.packed_init_manifest(self.config, self.manifest)
+        self.model, self.tx, init_fn, abstract, shardings = setup.setup_state(
+            self.config, manifest, self.mesh, self.rules
+        )
+        self.lora = abstract.base is not None
+        return init_fn, abstract, shardings
+
+    def compile(self, abstract, shardings) -> dict[str, CompiledStep]:
+        jitted = step_lib.jit_packed_train_step(
+            self.model, self.tx, self.config, self.mesh, shardings
+        )
+        batch = plan_lib.packed_abstract_batch(self.config, self.manifest, self.mesh)
+        exe, p = plan_lib.compile_packed_step(
+            jitted, abstract, batch, self.config, self.mesh, self.rules
+        )
+        log.info("compiled the packed step in %.1f s", p.compile_s)
+        # perf/tokens_per_s counts row slots (padding included); train/useful_tokens the
+        # clips' own tokens per step.
+        return {packing.BUCKET: CompiledStep(exe, batch, p.global_batch, p.tokens, None)}
+
+    def evaluate(self, state, step: int) -> dict[str, float]:
+        del state, step
+        return {}
+
+
+def _check_manifest(config, manifest: dict, where) -> None:
+    """The native dataset's tokenizer and text encoder against the config (the fields the
+    model is built from), naming each field that differs."""
+    geometry = plan_lib.dataset_geometry(config)
+    want = {
+        "tokenizer.latent_channels": geometry["tokenizer"]["latent_channels"],
+        "text_encoder.dim": geometry["text_encoder"]["dim"],
+    }
+    have = {
+        "tokenizer.latent_channels": manifest["tokenizer"]["latent_channels"],
+        "text_encoder.dim": manifest["text_encoder"]["dim"],
+    }
+    diffs = [f"{k} (dataset {have[k]}, config {want[k]})" for k in want if have[k] != want[k]]
+    if diffs:
+        raise ValueError(
+            f"the native dataset {where} does not match the config: {', '.join(diffs)}; "
+            "re-tokenize it with this config"
+        )
+
+
+def dit_family(config: ml_collections.ConfigDict) -> type[Family]:
+    """The DiT family of a config: packed rows when `data.packing.tokens_per_row > 0`."""
+    return PackedDiT if packing.enabled(config) else DiT

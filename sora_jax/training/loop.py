@@ -88,7 +88,8 @@ def train(
     rules = mesh_lib.logical_rules(config.mesh)
     log.info("mesh %s", dict(mesh.shape))
     mode = next((m for m in MODES if config.get(m) is not None), None)
-    family_cls = MODES[mode] if mode else FAMILIES.get(config.model.name, families.DiT)
+    family_cls = MODES[mode] if mode else FAMILIES.get(config.model.name)
+    family_cls = family_cls or families.dit_family(config)  # packed rows or buckets
     family = family_cls(config, workdir, mesh, rules)
 
     # --- Data ---------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import ml_collections
 from flax import linen as nn
 
 from sora_jax.data import buckets as buckets_lib
-from sora_jax.data import mixture
+from sora_jax.data import mixture, packing
 from sora_jax.models import flops as flops_lib
 from sora_jax.models import lora as lora_lib
 from sora_jax.models import text as text_lib
@@ -381,6 +381,12 @@ def plan(
         build = distill_step.setup_state
     elif two_experts:
         build = experts_run.setup_state
+    if packing.enabled(config):  # one step shape for the run (the section at the end)
+        plans = [plan_packed(config, mesh, rules, manifest)[1]]
+        limit = memory_gb if memory_gb else device_memory_gb(mesh.devices.flat[0])
+        print(format_plan(plans, mesh, limit, target), flush=True)
+        check_memory(plans, limit)
+        return plans
     model, tx, _, abstract, shardings = build(config, manifest, mesh, rules)
     jit_step = distill_step.jit_distill_step if distilling else step_lib.jit_train_step
     jitted = jit_step(model, tx, config, mesh, shardings)
@@ -419,3 +425,93 @@ def plan(
         )
     check_memory(plans, limit)
     return plans
+
+
+# --- Packed rows (data.packing): one step shape for the whole run ------------------------
+#
+# A config with `data.packing.tokens_per_row > 0` trains on packed rows of a native-shape
+# dataset (data/packing.py, the model's packed call in models/dit.py, diffusion/packed.py).
+# Every step has one shape, so the run compiles exactly one executable:
+#
+#     tokens [B, L, P·C] float32, segment_ids [B, L] int32, positions [B, L, 3] int32,
+#     segment_shapes [B, K, 3] int32, text [B, K, S, D] float32 (text_ids [B, K, S] int32
+#     with text_encoder.embed='train_step'), text_mask [B, K, S] bool
+#
+# with B = data.packing.rows_per_batch, L = tokens_per_row, K = max_segments, rows sharded
+# over ('data', 'fsdp'). `tokens` in the plan is per row; model FLOPs are not reported (the
+# formula of models/flops.py assumes one clip per sequence).
+
+
+def packed_init_manifest(config: ml_collections.ConfigDict, manifest: dict) -> dict:
+    """`manifest` with one bucket of a single patch (`[p_t, p_h, p_w, C]`) under the first
+    name of `data.buckets`, what `run.setup.example_inputs` initializes the model from
+    (parameters do not depend on the video's shape); a native manifest has no buckets."""
+    names = [b.name for b in buckets_lib.buckets_from_config(config.data)]
+    if not names:
+        raise ValueError(
+            "data.buckets is empty: a packed run still names one bucket (any shape) from "
+            "which the model is initialized; keep the config's data.buckets"
+        )
+    c = int(manifest["tokenizer"]["latent_channels"])
+    shape = [*(int(p) for p in config.model.patch_size), c]
+    return {**manifest, "buckets": {names[0]: {"shape": shape}}}
+
+
+def packed_abstract_batch(
+    config: ml_collections.ConfigDict, manifest: dict, mesh
+) -> dict[str, Any]:
+    """The packed global batch (module docstring) as sharded `ShapeDtypeStruct`s."""
+    o = packing.options_from_config(config)
+    b, length, k = o.rows_per_batch, o.tokens_per_row, o.max_segments
+    text = manifest["text_encoder"]
+    s = int(text["max_length"])
+    p = 1
+    for v in config.model.patch_size:
+        p *= int(v)
+    feat = p * int(manifest["tokenizer"]["latent_channels"])
+    spec = {
+        "tokens": ((b, length, feat), jnp.float32),
+        "segment_ids": ((b, length), jnp.int32),
+        "positions": ((b, length, 3), jnp.int32),
+        "segment_shapes": ((b, k, 3), jnp.int32),
+        "text": ((b, k, s, int(text["dim"])), jnp.float32),
+        "text_ids": ((b, k, s), jnp.int32),
+        "text_mask": ((b, k, s), jnp.bool_),
+    }
+    names = (*packing.STEP_FIELDS, *text_lib.record_fields(text))
+    sharding = mesh_lib.batch_sharding(mesh)
+    return {n: jax.ShapeDtypeStruct(*spec[n], sharding=sharding) for n in names}
+
+
+def compile_packed_step(jitted, abstract_state, batch, config, mesh, rules):
+    """The one compiled packed step and its `BucketPlan` (memory, compile time): what the
+    trainer runs (training/families.py `PackedDiT`) and `--mode=plan` reports."""
+    o = packing.options_from_config(config)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        exe = jitted.lower(abstract_state, batch).compile()
+    mem = exe.memory_analysis()
+    return exe, BucketPlan(
+        bucket=packing.BUCKET,
+        latent_shape=(o.tokens_per_row,),
+        tokens=o.tokens_per_row,
+        global_batch=o.rows_per_batch,
+        model_tflops_per_step=float("nan"),
+        xla_tflops_per_step=None,
+        argument_gb=_gb(mem, "argument_size_in_bytes"),
+        output_gb=_gb(mem, "output_size_in_bytes"),
+        temp_gb=_gb(mem, "temp_size_in_bytes"),
+        alias_gb=_gb(mem, "alias_size_in_bytes"),
+        compile_s=time.perf_counter() - t0,
+        kernels=mosaic_kernels(exe.as_text()),
+    )
+
+
+def plan_packed(config, mesh, rules, manifest) -> tuple[Any, BucketPlan]:
+    """`--mode=plan` of a packed config: the one step, compiled without data."""
+    model, tx, _, abstract, shardings = setup.setup_state(
+        config, packed_init_manifest(config, manifest), mesh, rules
+    )
+    jitted = step_lib.jit_packed_train_step(model, tx, config, mesh, shardings)
+    batch = packed_abstract_batch(config, manifest, mesh)
+    return compile_packed_step(jitted, abstract, batch, config, mesh, rules)

@@ -34,6 +34,7 @@ import optax
 from flax import linen as nn
 
 from sora_jax.diffusion import flow
+from sora_jax.diffusion import packed as packed_lib
 from sora_jax.models import dit
 from sora_jax.models import lora as lora_lib
 from sora_jax.models import text as text_lib
@@ -170,6 +171,85 @@ def jit_train_step(model: nn.Module, tx, config: ml_collections.ConfigDict, mesh
     schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
     return jax.jit(
         make_train_step(model, tx, config, schedule),
+        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+        out_shardings=(shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+# --- Packed rows (data/packing.py, diffusion/packed.py) ----------------------------------
+
+
+def make_packed_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    schedule: optax.Schedule,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """`train_step(state, batch)` on packed rows: `tokens [B, L, P·C]`, `segment_ids`,
+    `positions`, `segment_shapes [B, K, 3]`, `text [B, K, S, D]` (or `text_ids [B, K, S]`)
+    and `text_mask [B, K, S]`. One shape for the whole run; the loss is
+    `diffusion.packed.packed_loss_fn` (each clip its own draws and loss, the batch loss the
+    mean over clips, or token-weighted). The update, EMA, skipping and metrics are the
+    bucketed step's; `train/per_sample_loss`, `train/t`, `train/task` and
+    `train/shape_class` are per sample slot `[B K]` (empty slots: t = -1, class -1)."""
+    apply_fn = dit.make_apply_fn(model)
+    lora = lora_lib.LoraConfig.from_config(config.get("lora"))
+    text_encoder = text_lib.step_encoder(config.text_encoder)
+    patch = tuple(config.model.patch_size)
+    cond_channels = int(config.model.get("cond_channels", 0) or 0)
+    flow.check_config(config.diffusion, config.model, getattr(model, "out_channels", None))
+    packed_lib.packed_loss_mode(config.diffusion)  # a bad name fails before compiling
+    decays = tuple(config.optimizer.ema_decays)
+    accum = int(config.optimizer.get("grad_accum_steps", 1) or 1)
+    if accum != 1:
+        raise ValueError(
+            f"optimizer.grad_accum_steps={accum}: packed rows train without accumulation "
+            "(micro-batches hold different numbers of clips); set it to 1 and size "
+            "data.packing.rows_per_batch / tokens_per_row instead"
+        )
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if text_encoder is not None:  # ids [B, K, S] -> embeddings [B, K, S, D]
+            ids, mask = batch["text_ids"], batch["text_mask"]
+            b, k, s = ids.shape
+            flat = {"text_ids": ids.reshape(b * k, s), "text_mask": mask.reshape(b * k, s)}
+            text = text_lib.embed_batch(text_encoder, state.text_encoder, flat)["text"]
+            batch = {**batch, "text": text.reshape(b, k, s, -1)}
+        key = step_key(config.seed, state.step)
+
+        def fn(params, *inputs, **kw):
+            if lora.enabled:
+                params = lora_lib.merge(state.base, params, lora.scale)
+            return apply_fn(params, *inputs, **kw)
+
+        def loss(params):
+            return packed_lib.packed_loss_fn(
+                fn, params, batch, key, config.diffusion, patch=patch, cond_channels=cond_channels
+            )
+
+        (loss_value, aux), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
+        new_state, finite, grad_norm = apply_update(state, grads, loss_value, tx, decays)
+        metrics = {
+            "train/loss": loss_value,
+            "train/grad_norm": grad_norm,
+            "train/param_norm": optax.tree.norm(new_state.params),
+            "train/lr": schedule(state.step),
+            "train/skipped": (~finite).astype(jnp.int32),
+            "train/samples": jnp.sum(aux["shape_class"] >= 0),
+            "train/useful_tokens": jnp.sum(batch["segment_ids"] > 0),
+            **{f"train/{k}": v for k, v in aux.items()},
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_packed_train_step(model: nn.Module, tx, config, mesh, shardings):
+    """`make_packed_train_step` jitted as `jit_train_step` jits the bucketed one."""
+    schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
+    return jax.jit(
+        make_packed_train_step(model, tx, config, schedule),
         in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
