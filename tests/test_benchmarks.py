@@ -66,6 +66,26 @@ TINY = {
         ["--latent=2x4x4", "--channels=4", "--text_len=8", "--text_dim=16", "--steps=1"],
         [rf"step_ms: {NUMBER}", rf"achieved_tflops: {NUMBER}"],
     ),
+    "packed_step.py": (  # one packed and one bucketed executable, dim 32 x 1 block
+        [
+            "--clips=200",
+            "--space=8",
+            "--rows=4",
+            "--dim=32",
+            "--layers=1",
+            "--heads=2",
+            "--text_len=8",
+            "--reps=1",
+            "--iters=1",
+            "--batches=1",
+            "--max_buckets=1",
+            "--attention=xla",
+        ],
+        [
+            rf"tokens stepped / s\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}",
+            rf"native tokens covered / s\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}",
+        ],
+    ),
     "packing.py": (
         ["--clips=300", "--rows=4", "--window=128"],
         [
