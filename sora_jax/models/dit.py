@@ -66,6 +66,7 @@ from sora_jax.models.layers import (
     gate,
     modulate,
     patchify,
+    stream_barrier,
     timestep_embedding,
     unpatchify,
 )
@@ -261,13 +262,17 @@ class DiTBlock(nn.Module):
         # The three residual adds in float32 whatever the stream's dtype (VideoDiT.
         # residual_dtype): one rounding per block at most, not one per add.
         stream, f32 = x.dtype, jnp.float32
-        x = x.astype(f32)
+        # On CPU, each point where the stream feeds a norm and a residual add materializes its
+        # cotangent once (layers.stream_barrier; the GPU and TPU fusers weigh duplication).
+        barrier = stream_barrier if mesh_lib.target_platform() == "cpu" else lambda y: y
+        x = barrier(x.astype(f32))
         h = modulate(LayerNorm(name="norm1")(x), shift1, scale1).astype(dt)
         o = Attention(**attn, name="self_attn")(h, rope=rope, segment_ids=self_ids)
-        x = x + gate(o.astype(f32), gate1)
+        x = barrier(x + gate(o.astype(f32), gate1))
         h = LayerNorm(affine=True, name="norm3")(x).astype(dt) if self.cross_attn_norm else x
         cross = Attention(**attn, zero_out=True, name="cross_attn")
         x = x + cross(h.astype(dt), context, context_mask, segment_ids=cross_ids).astype(f32)
+        x = barrier(x)
         h = modulate(LayerNorm(name="norm2")(x), shift2, scale2).astype(dt)
         x = x + gate(MLP(self.mlp_dim, self.mlp, dtype=dt, name="ffn")(h).astype(f32), gate2)
         return nn.with_logical_constraint(x.astype(stream), ACT), None

@@ -195,6 +195,32 @@ def timestep_embedding(t: jax.Array, freq_dim: int, max_period: float = 10_000.0
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+@jax.custom_jvp
+def stream_barrier(x: jax.Array) -> jax.Array:
+    """The identity, whose tangent (and so, transposed, whose cotangent) the compiler
+    computes once here instead of recomputing it in every consumer.
+
+    The residual stream's cotangent at block k is the sum of every later block's
+    contributions (each norm's and each branch's). XLA's CPU fuser treats that chain of adds
+    as cheap and duplicates it into each consumer (weight-gradient dots through
+    transposing copies, the norms' backward reductions): work quadratic in depth, about a
+    quarter of the 320-token step of benchmarks/peer_step.py (docs/perf.md, "CPU step
+    against PyTorch"). `optimization_barrier` does not stop it (the CPU compiler removes
+    barriers before fusing); an in-place update of one element with its own value does, as
+    a dynamic-update-slice needs its operand in a buffer. Values, tangents and gradients
+    are bit-identical (the same adds in the same order; the transposed update adds zeros).
+    """
+    return x
+
+
+@stream_barrier.defjvp
+def _stream_barrier_jvp(primals, tangents):
+    (t,) = tangents
+    corner = (0,) * t.ndim
+    one = jax.lax.slice(t, corner, (1,) * t.ndim)  # t's first element, [1, ..., 1]
+    return primals[0], jax.lax.dynamic_update_slice(t, one, corner)
+
+
 # --- adaLN modulation: per sample (Tm = 1), per latent frame (Tm = T') or per token -----
 # (Tm = L: packed rows, each token modulated by its own clip's, or frame's, timestep).
 
