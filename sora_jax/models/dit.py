@@ -75,6 +75,9 @@ from sora_jax.parallel.context import STRATEGIES as CONTEXT_PARALLEL
 
 __all__ = ["PRESETS", "VideoDiT", "build_model", "patchify", "unpatchify"]
 
+# The block settings every Wan preset shares (Wan 2.1 and 2.2 are one architecture).
+_WAN = dict(patch_size=(1, 2, 2), freq_dim=256, mlp="gelu", qk_norm=True, cross_attn_norm=True)
+
 # Size presets: fields of VideoDiT. Param counts are for 16 latent channels, text dim 4096
 # and patch (1, 2, 2) (the Wan2.1 setting), computed with `jax.eval_shape` (tests/models).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -91,54 +94,38 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Wan2.1 T2V-1.3B (github.com/Wan-Video/Wan2.1, wan/configs/wan_t2v_1_3B.py): 1,418,996,800
     # params; the published bf16 checkpoint (2.84 GB) holds 1.42e9 (the name rounds down).
     "wan2_1_1_3b": dict(
+        **_WAN,
         dim=1536,
         num_layers=30,
         num_heads=12,
         mlp_dim=8960,
-        patch_size=(1, 2, 2),
-        freq_dim=256,
-        mlp="gelu",
-        qk_norm=True,
-        cross_attn_norm=True,
     ),
     # Wan2.1 T2V-14B (wan/configs/wan_t2v_14B.py): 14,288,491,584 params; bf16 checkpoint
     # 28.6 GB = 1.43e10.
     "wan2_1_14b": dict(
+        **_WAN,
         dim=5120,
         num_layers=40,
         num_heads=40,
         mlp_dim=13824,
-        patch_size=(1, 2, 2),
-        freq_dim=256,
-        mlp="gelu",
-        qk_norm=True,
-        cross_attn_norm=True,
     ),
     # Wan2.2 TI2V-5B (Wan2.2-TI2V-5B-Diffusers/transformer/config.json; 48 latent channels of
     # the Wan 2.2 VAE, vae.PRESETS['wan2_2']): 4,999,787,712 params. Wan 2.1's architecture.
     "wan2_2_ti2v_5b": dict(
+        **_WAN,
         dim=3072,
         num_layers=30,
         num_heads=24,
         mlp_dim=14336,
-        patch_size=(1, 2, 2),
-        freq_dim=256,
-        mlp="gelu",
-        qk_norm=True,
-        cross_attn_norm=True,
     ),
     # One expert of Wan2.2 A14B (transformer and transformer_2 of Wan2.2-T2V-A14B-Diffusers):
     # Wan 2.1 14B's shape, 14,288,491,584 params each (sora_jax.models.wan_experts).
     "wan2_2_a14b": dict(
+        **_WAN,
         dim=5120,
         num_layers=40,
         num_heads=40,
         mlp_dim=13824,
-        patch_size=(1, 2, 2),
-        freq_dim=256,
-        mlp="gelu",
-        qk_norm=True,
-        cross_attn_norm=True,
     ),
 }
 
