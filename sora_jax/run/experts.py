@@ -15,7 +15,6 @@ be left at its default) and each sample goes to its expert by the boundary rule.
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import jax
@@ -24,9 +23,7 @@ import ml_collections
 
 from sora_jax.config import ConfigError
 from sora_jax.models import lora as lora_lib
-from sora_jax.models import text as text_lib
 from sora_jax.models import wan_experts
-from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import params as params_lib
 from sora_jax.run import setup
@@ -95,16 +92,7 @@ def setup_state(config, manifest, mesh, rules):
         lora=lora_lib.LoraConfig.from_config(config.get("lora")),
     )
     abstract, shardings = state_lib.abstract_state(init_fn, mesh, rules)
-    encoder = text_lib.step_encoder(config.text_encoder)
-    if encoder is not None:  # the frozen text encoder in the step, as setup.setup_state
-        text_shardings = encoder.param_shardings(mesh)
-        text_abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            encoder.abstract_params(),
-            text_shardings,
-        )
-        abstract = abstract.replace(text_encoder=text_abstract)
-        shardings = shardings.replace(text_encoder=text_shardings)
+    abstract, shardings = setup.with_text_encoder(config, abstract, shardings, mesh)
     return model, tx, init_fn, abstract, shardings
 
 
@@ -114,25 +102,7 @@ def restore_params_for_sampling(
     """`(params, step, weights)` of a two-expert run: `{'high': ..., 'low': ...}` (raw or an
     EMA; LoRA factors merged into the recorded base), as `params.restore_params_for_sampling`
     for one model."""
-    workdir = pathlib.Path(workdir)
-    _, _, init_fn, abstract, shardings = setup_state(config, manifest, mesh, rules)
-    if ema_decay:
-        key = state_lib.ema_key(ema_decay)
-        if key not in abstract.ema:
-            raise ValueError(
-                f"the run keeps no EMA with decay {ema_decay}; it has "
-                f"{list(config.optimizer.ema_decays)} (use 0 for the raw parameters)"
-            )
-        target, weights = {"ema": {key: abstract.ema[key]}}, f"ema {ema_decay:g}"
-    else:
-        target, weights = {"params": abstract.params}, "raw"
-    with jax.set_mesh(mesh):
-        restored, step = ckpt_lib.restore_params(workdir / "checkpoints", target, step)
-    params = restored["ema"][key] if ema_decay else restored["params"]
-    lora = lora_lib.LoraConfig.from_config(config.get("lora"))
-    if lora.enabled:
-        base = params_lib.lora_base(workdir, init_fn, abstract, shardings, mesh, rules, config)
-        with jax.set_mesh(mesh):
-            params = jax.jit(lora_lib.merge, static_argnums=2)(base, params, lora.scale)
-        weights += f" + lora r={lora.rank}"
+    params, step, weights = params_lib.restore_params_for_sampling(
+        workdir, config, manifest, mesh, rules, step=step, ema_decay=ema_decay, build=setup_state
+    )
     return params, step, weights + f" (two experts, boundary {check_config(config):g})"

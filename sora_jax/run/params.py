@@ -134,13 +134,16 @@ def restore_params_for_sampling(
     *,
     step: int | None = None,
     ema_decay: float | None = None,
+    build=None,
 ):
     """`(params, step, weights)`: the model parameters of a run's checkpoint, ready for
     `VideoDiT.apply`: the EMA with `ema_decay` (> 0) or the raw parameters (0/None); for a
     LoRA run (`config.lora.rank > 0`) the factors merged into the recorded frozen base.
-    `weights` names what was loaded ('raw', 'ema 0.999', '+ lora r=…')."""
+    `weights` names what was loaded ('raw', 'ema 0.999', '+ lora r=…'). `build`: the
+    state's constructor (default `setup.setup_state`; run/experts.py passes its own)."""
     workdir = pathlib.Path(workdir)
-    _, _, init_fn, abstract, shardings = setup.setup_state(config, manifest, mesh, rules)
+    build = build or setup.setup_state
+    _, _, init_fn, abstract, shardings = build(config, manifest, mesh, rules)
     if ema_decay:
         key = state_lib.ema_key(ema_decay)
         if key not in abstract.ema:

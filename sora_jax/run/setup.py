@@ -58,17 +58,26 @@ def setup_state(config, manifest, mesh, rules):
         lora=lora_lib.LoraConfig.from_config(config.get("lora")),
     )
     abstract, shardings = state_lib.abstract_state(init_fn, mesh, rules)
-    encoder = text_lib.step_encoder(config.text_encoder)
-    if encoder is not None:
-        text_shardings = encoder.param_shardings(mesh)
-        text_abstract = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            encoder.abstract_params(),
-            text_shardings,
-        )
-        abstract = abstract.replace(text_encoder=text_abstract)
-        shardings = shardings.replace(text_encoder=text_shardings)
+    abstract, shardings = with_text_encoder(config, abstract, shardings, mesh)
     return model, tx, init_fn, abstract, shardings
+
+
+def with_text_encoder(config, abstract, shardings, mesh):
+    """`(abstract, shardings)` with the frozen text encoder the step runs
+    (`text_encoder.embed='train_step'`) added, sharded on the mesh; unchanged otherwise."""
+    encoder = text_lib.step_encoder(config.text_encoder)
+    if encoder is None:
+        return abstract, shardings
+    text_shardings = encoder.param_shardings(mesh)
+    text_abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        encoder.abstract_params(),
+        text_shardings,
+    )
+    return (
+        abstract.replace(text_encoder=text_abstract),
+        shardings.replace(text_encoder=text_shardings),
+    )
 
 
 def place_text_encoder(state, config, shardings):
