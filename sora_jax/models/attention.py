@@ -22,6 +22,10 @@ with a head or query axis are refused (use 'blockwise'); a key mask that is not 
 refused when its values are known, and under `jit` its rows come back NaN instead of
 silently wrong. Never run on a GPU yet (docs/perf.md).
 
+Forward mode: the fused kernels define only a VJP; inside `attention_jvp.forward_mode()`
+(the distillation step's `jax.jvp`) they get a JVP rule whose tangent is the blockwise
+kernel's (models/attention_jvp.py), not under context parallelism.
+
 Context parallelism: `context_parallel='ulysses' | 'allgather' | 'ring'` computes
 self-attention with the video tokens split over the mesh axis `context`
 (sora_jax/parallel/context.py, where the maths is), and `'queries'` cross-attention with
@@ -55,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from sora_jax.models import attention_jvp
 from sora_jax.models import blockwise_attention as blockwise_lib
 from sora_jax.models import splash as splash_lib
 from sora_jax.parallel import context as context_lib
@@ -331,6 +336,25 @@ def _splash_segments(q, k, v, mask, block_size, segment_ids, mesh):
     return fn(q, k, v, keys, *segment_ids)
 
 
+def _forward_mode(whole):
+    """A fused kernel `whole(q, k, v, mask[, segment_ids=])` with a JVP rule whose tangent
+    is the blockwise kernel's, with the same masks (models/attention_jvp.py; only inside
+    `attention_jvp.forward_mode()`, so gradients keep the fused kernel's own backward)."""
+
+    def kernel(q, k, v, masks):
+        mask, ids = masks
+        return whole(q, k, v, mask) if ids is None else whole(q, k, v, mask, segment_ids=ids)
+
+    def reference(q, k, v, masks):
+        mask, ids = masks
+        return blockwise_lib.blockwise_attention(
+            q, k, v, segment_ids=ids, **_blockwise_masks(mask, k)
+        )
+
+    fused = attention_jvp.with_blockwise_jvp(kernel, reference)
+    return lambda q, k, v, mask=None, segment_ids=None: fused(q, k, v, (mask, segment_ids))
+
+
 _IMPL_FNS = {
     "blockwise": blockwise_attention,
     "xla": xla_attention,
@@ -387,6 +411,8 @@ def dot_product_attention(
     if impl == "splash":
         local = functools.partial(local, block_size=splash_block_size)
         whole = functools.partial(whole, block_size=splash_block_size)
+    if impl in ("splash", "cudnn") and attention_jvp.active():
+        whole = _forward_mode(whole)  # jax.jvp through the fused kernel (distillation)
     if segment_ids is not None:
         segment_ids_check(impl, context_parallel)
         keys = None if mask is None else _key_padding_or_none(mask, q, k)  # [B, S]

@@ -21,7 +21,10 @@ resumes and `--init_from`s as one. A step:
 
 The JVP runs through the model's attention: 'blockwise' (a custom_jvp,
 models/blockwise_attention.py) and 'xla' differentiate forward; the fused kernels ('cudnn',
-'splash') define only a VJP and are refused before anything compiles.
+'splash') define only a VJP, so the step traces its one `jax.jvp` inside
+`attention_jvp.forward_mode()`, which gives them a JVP rule whose tangent is the blockwise
+kernel's (models/attention_jvp.py); the teacher and the student's gradient run the fused
+kernels unchanged. Under context parallelism the fused kernels are refused.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from flax import linen as nn
 
 from sora_jax.config import ConfigError
 from sora_jax.diffusion import conditioning, consistency, flow, sampler
-from sora_jax.models import attention, dit
+from sora_jax.models import attention, attention_jvp, dit
 from sora_jax.models import text as text_lib
 from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import checkpoint as ckpt_lib
@@ -42,8 +45,9 @@ from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import setup
 from sora_jax.training.step import apply_update, step_key
 
-# Attention implementations with a forward-mode rule (the JVP of the tangent needs one).
-JVP_IMPLS = ("blockwise", "xla")
+# Attention implementations whose forward-mode rule is a fused kernel's JVP wrapper
+# (models/attention_jvp.py), which is not applied inside the context-parallel strategies.
+FUSED_IMPLS = ("cudnn", "splash")
 # Model fields that change how the network runs, not what it computes: the student may set
 # them differently from the teacher's run.
 RUNTIME_FIELDS = ("attention_impl", "remat", "dtype", "context_parallel", "splash_block_size")
@@ -83,10 +87,12 @@ def config_errors(config: ml_collections.ConfigDict, platform: str | None = None
     resolved = attention.resolve_impl(
         impl, jnp.dtype(config.model.get("dtype", "float32")), platform
     )
-    if resolved not in JVP_IMPLS:
+    context_parallel = config.model.get("context_parallel", "none")
+    if resolved in FUSED_IMPLS and context_parallel != "none":
         errors.append(
-            f"model.attention_impl={impl!r} resolves to the fused kernel {resolved!r}, which has "
-            "no JVP rule, and distillation differentiates the network forward: set "
+            f"model.attention_impl={impl!r} resolves to the fused kernel {resolved!r}, whose "
+            f"JVP rule does not run under model.context_parallel={context_parallel!r}, and "
+            "distillation differentiates the network forward: set "
             "model.attention_impl='blockwise' (memory-efficient) or 'xla'"
         )
     if int(config.get("lora", {}).get("rank", 0) or 0) > 0:
@@ -215,9 +221,10 @@ def make_distill_step(
             lambda p, x, tt, s, m: net(p, x, tt, s, m), teacher, x_t, t, text, mask, d.cfg_scale
         )
         frozen = jax.lax.stop_gradient(state.params)
-        u_minus, du_dt = consistency.tangent(
-            lambda x, tt: net(frozen, x, tt, text, mask), x_t, t, v_t
-        )
+        with attention_jvp.forward_mode():  # a JVP rule for fused attention kernels
+            u_minus, du_dt = consistency.tangent(
+                lambda x, tt: net(frozen, x, tt, text, mask), x_t, t, v_t
+            )
         r = 1.0 if warmup == 0 else jnp.minimum(1.0, state.step.astype(jnp.float32) / warmup)
         u_tgt, g_norm = consistency.target(
             u_minus, du_dt, v_t, t, tangent_scale=r, norm_c=float(d.tangent_norm_c)

@@ -1,5 +1,6 @@
 """Consistency distillation maths against closed forms on Gaussian data, and the tangent's
-JVP through the real DiT against central finite differences (blockwise and XLA attention).
+JVP through the real DiT against central finite differences (blockwise, XLA and splash
+attention, the last through its JVP rule, models/attention_jvp.py).
 
 For x_0 ~ N(mu, sigma²) elementwise the rectified-flow ODE is affine: x_t = (1 - t) mu +
 s(t) z with s(t) = sqrt((1 - t)² sigma² + t²), so the exact consistency function is
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from sora_jax.diffusion import consistency
-from sora_jax.models import dit
+from sora_jax.models import attention_jvp, dit
 
 MU, SIGMA = 0.7, 0.4
 SHAPE = (2, 3, 4, 4, 2)  # [B, T', H', W', C]
@@ -108,7 +109,7 @@ def test_multistep_sampling_renoises_per_sample_and_is_deterministic():
     assert float(jnp.max(jnp.abs(other - full))) > 1e-3
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+@pytest.mark.parametrize("impl", ["blockwise", "xla", "splash"])
 def test_tangent_through_the_dit_matches_central_finite_differences(impl):
     model = dit.VideoDiT(
         in_channels=4, out_channels=4, text_dim=8, dim=32, num_layers=2, num_heads=2, mlp_dim=64,
@@ -128,7 +129,8 @@ def test_tangent_through_the_dit_matches_central_finite_differences(impl):
     def u(x_, t_):
         return model.apply({"params": params}, x_, t_, text, mask)
 
-    _, jvp = consistency.tangent(u, x, t, v)
+    with attention_jvp.forward_mode():  # splash: the fused kernel's JVP rule
+        _, jvp = consistency.tangent(u, x, t, v)
     scale = float(jnp.max(jnp.abs(jvp)))
     assert scale > 1e-2  # a tangent worth comparing
     # The time enters as sinusoids of 1000 t (models/layers.py), so d/dt has frequencies up
@@ -137,6 +139,7 @@ def test_tangent_through_the_dit_matches_central_finite_differences(impl):
     fd = (u(x + eps * v, t + eps) - u(x - eps * v, t - eps)) / (2 * eps)
     np.testing.assert_allclose(jvp, fd, atol=3e-3 * scale, rtol=0)
     # Along x alone (through the attention's JVP rule) a coarser step is exact to 1e-4.
-    _, jvp_x = jax.jvp(lambda x_: u(x_, t), (x,), (v,))
+    with attention_jvp.forward_mode():
+        _, jvp_x = jax.jvp(lambda x_: u(x_, t), (x,), (v,))
     fd_x = (u(x + 1e-2 * v, t) - u(x - 1e-2 * v, t)) / 2e-2
     np.testing.assert_allclose(jvp_x, fd_x, atol=1e-4 * float(jnp.max(jnp.abs(jvp_x))), rtol=0)

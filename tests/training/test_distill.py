@@ -63,13 +63,22 @@ def student(tiny_run, tmp_path_factory):
 
 
 @pytest.mark.parametrize("impl", ["cudnn", "splash"])
-def test_fused_attention_kernels_are_refused(tiny_run, impl):
+def test_fused_attention_kernels_are_refused_only_under_context_parallelism(tiny_run, impl):
     config = student_config(tiny_run[0], **{"model.attention_impl": impl})
+    distill_step.check_config(config, "cpu")  # a JVP rule (models/attention_jvp.py)
+    config = student_config(
+        tiny_run[0], **{"model.attention_impl": impl, "model.context_parallel": "ulysses"}
+    )
     with pytest.raises(ConfigError, match=f"model.attention_impl='{impl}'.*'blockwise'"):
         distill_step.check_config(config, "cpu")
     # 'auto' is judged by what it resolves to on the target: a fused kernel on GPU (bf16).
     config = student_config(
-        tiny_run[0], **{"model.attention_impl": "auto", "model.dtype": "bfloat16"}
+        tiny_run[0],
+        **{
+            "model.attention_impl": "auto",
+            "model.dtype": "bfloat16",
+            "model.context_parallel": "ulysses",
+        },
     )
     distill_step.check_config(config, "cpu")  # blockwise on CPU
     with pytest.raises(ConfigError, match="resolves to the fused kernel 'cudnn'"):
