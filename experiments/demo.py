@@ -169,8 +169,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # the model is initialized from.
         c.data.tokenize.mode = "native"
         c.data.packing = ml_collections.ConfigDict()
-        # Video tokens per row (L): at least the largest clip's (the bucket's 80 by default).
-        c.data.packing.tokens_per_row = (arg.frames * arg.res * arg.res) // (4 * arg.s2d**2)
+        # Video tokens per row (L): at least the largest clip's; two of the bucket's clips
+        # (2 x 80 by default), so B rows hold the bucketed run's global_batch_size clips.
+        c.data.packing.tokens_per_row = 2 * (arg.frames * arg.res * arg.res) // (4 * arg.s2d**2)
         # Rows per global step (B).
         c.data.packing.rows_per_batch = max(1, c.data.global_batch_size // 2)
         # Clips per shuffle window packed together (first-fit decreasing).

@@ -183,3 +183,79 @@ def manifest_entry(out, markers: list[dict], opts: NativeOptions) -> dict[str, A
         "shapes": shapes,  # file -> [[T', H', W'], ...] in record order
         "shape_counts": dict(sorted(counts.items())),
     }
+
+
+def is_native(manifest: dict[str, Any]) -> bool:
+    """Whether a dataset manifest is a native-shape dataset (`mode: 'native'`)."""
+    return manifest.get("mode") == "native"
+
+
+def init_manifest(config: ml_collections.ConfigDict, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A native `manifest` with one bucket of a single patch (`[p_t, p_h, p_w, C]`) under
+    the first name of `data.buckets`: what `run.setup.example_inputs` initializes (and the
+    sampler restores) the model from; parameters do not depend on the video's shape, and a
+    native manifest has no buckets. Other manifests come back unchanged."""
+    if not is_native(manifest):
+        return manifest
+    names = [b.name for b in buckets_lib.buckets_from_config(config.data)]
+    if not names:
+        raise ValueError(
+            "data.buckets is empty: a run on a native-shape dataset still names one bucket "
+            "(any shape) from which the model is initialized; keep the config's data.buckets"
+        )
+    c = int(manifest["tokenizer"]["latent_channels"])
+    shape = [*(int(p) for p in config.model.patch_size), c]
+    return {**manifest, "buckets": {names[0]: {"shape": shape}}}
+
+
+def sample_shape_errors(
+    config: ml_collections.ConfigDict, tokenizer, frames: int, height: int, width: int
+) -> list[str]:
+    """What keeps a run trained on native shapes (packed rows) from sampling `frames x
+    height x width` pixels: the frame count and sides the tokenizer and patch accept are
+    checked by the caller; here the budget the model was trained within, as errors naming
+    the sampler's flag (`--num_frames`, `--resolution`) and the allowed range:
+
+        T <= data.tokenize.max_frames,  H W <= data.tokenize.max_area  (when > 0),
+        (T' / p_t)(H / m_h)(W / m_w) <= data.packing.tokens_per_row     (one clip per row)
+
+    with `T'` the latent frames and `m = stride x patch`; a clip longer than a row was never
+    trained on (its positions and sequence length were never seen)."""
+    opts = options_from_config(config, tokenizer)
+    section = config.data.get("packing", None) or {}
+    length = int(section.get("tokens_per_row", 0) or 0) if hasattr(section, "get") else 0
+    _, s, _ = tokenizer.manifest_entry()["compression"]
+    patch = tuple(int(p) for p in config.model.get("patch_size", None) or (1, 1, 1))
+    errors = []
+    if opts.max_frames > 0 and frames > opts.max_frames:
+        errors.append(
+            f"--num_frames={frames} is over the trained budget data.tokenize.max_frames="
+            f"{opts.max_frames}; use 1..{opts.frames_for(opts.max_frames)} frames"
+        )
+    if opts.max_area > 0 and height * width > opts.max_area:
+        errors.append(
+            f"--resolution={height}x{width} ({height * width} pixels) is over the trained "
+            f"budget data.tokenize.max_area={opts.max_area} pixels per frame; pick sides in "
+            f"multiples of {opts.multiple} with height x width <= {opts.max_area}"
+        )
+    latent_t = opts.latent_frames(frames)
+    tokens = (latent_t // patch[0]) * (height // (s * patch[1])) * (width // (s * patch[2]))
+    if length > 0 and tokens > length:
+        per_frame = (height // (s * patch[1])) * (width // (s * patch[2]))
+        fits = [
+            t
+            for t in range(frames, 0, -1)
+            if opts.frames_ok(t) and opts.latent_frames(t) // patch[0] * per_frame <= length
+        ]
+        fix = (
+            f"at {height}x{width} use --num_frames <= {fits[0]}, or a smaller --resolution"
+            if fits
+            else f"no frame count fits at {height}x{width}: use a smaller --resolution"
+        )
+        errors.append(
+            f"--num_frames={frames} --resolution={height}x{width} is {tokens} video tokens "
+            f"(latent frames/{patch[0]} x height/{s * patch[1]} x width/{s * patch[2]}), over "
+            f"the packed rows' budget data.packing.tokens_per_row={length} the model was "
+            f"trained within; {fix}"
+        )
+    return errors

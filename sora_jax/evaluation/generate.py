@@ -39,7 +39,7 @@ import numpy as np
 
 from sora_jax import config as config_lib
 from sora_jax import video_io
-from sora_jax.data import shards, tokenization
+from sora_jax.data import native, shards, tokenization
 from sora_jax.diffusion import conditioning, consistency, flow, sampler
 from sora_jax.evaluation.requests import (
     Request,
@@ -114,6 +114,7 @@ class Generator:
                 f"--config=... --workdir={workdir})"
             )
         manifest = shards.read_manifest(tokenization.dataset_dir(config, workdir))
+        manifest = native.init_manifest(config, manifest)  # native shapes: no buckets
         mesh = mesh_lib.create_mesh(config.mesh)
         rules = mesh_lib.logical_rules(config.mesh)
         # EMA or raw weights; for a LoRA run the factors merged into its frozen base.

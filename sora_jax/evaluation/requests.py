@@ -12,7 +12,8 @@ Options are resolved in three layers, each overriding the one before: the config
 
 `validate_requests` reports every bad request at once, reading only files' existence and
 the tokenizer's compression: empty prompts, unknown samplers, frame counts and sizes the
-tokenizer and patch size cannot take, shapes outside the trained buckets (unless allowed),
+tokenizer and patch size cannot take, shapes outside the trained buckets, or for a run on
+native shapes outside its budget (`data.native.sample_shape_errors`; unless allowed),
 missing input files, and a workdir without checkpoints. `load_given_pixels` reads a
 request's image or video frames once it is sampled.
 """
@@ -31,6 +32,7 @@ import numpy as np
 
 from sora_jax import video_io
 from sora_jax.data import buckets as buckets_lib
+from sora_jax.data import native
 from sora_jax.models import tokenizer as tokenizer_lib
 
 
@@ -142,7 +144,11 @@ def request_errors(
                 f"{s * p}; use a multiple of {s * p}, e.g. {max(s * p, size // (s * p) * s * p)}"
             )
     trained = {b.shape: b.name for b in buckets_lib.buckets_from_config(config.data)}
-    if not errors and (frames, height, width) not in trained and not allow_untrained_shape:
+    if native.mode(config) == "native":  # trained on native shapes: a budget, not buckets
+        if not errors and not allow_untrained_shape:
+            shape_errors = native.sample_shape_errors(config, tokenizer, frames, height, width)
+            errors += [f"{where}{e}" for e in shape_errors]
+    elif not errors and (frames, height, width) not in trained and not allow_untrained_shape:
         listed = ", ".join(f"{n} (frames x height x width)" for n in trained.values())
         errors.append(
             f"{where}shape {frames}x{height}x{width} is outside the buckets the model was "

@@ -1,6 +1,8 @@
-"""Training on packed rows: one compiled step for the run, shape-class metrics, `--mode=plan`,
-and a SIGKILL resume that continues bit-identically (the packer's state in the checkpoint)."""
+"""Training on packed rows: one compiled step for the run, shape-class metrics, sampling at
+native shapes within the packed budget, `--mode=plan`, and a SIGKILL resume that continues
+bit-identically (the packer's state in the checkpoint)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -18,6 +20,8 @@ import pytest
 
 from sora_jax import config as config_lib
 from sora_jax.data import native, records, shards, tokenization
+from sora_jax.evaluation import generate
+from sora_jax.evaluation import requests as requests_lib
 from sora_jax.training import loop, plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -93,13 +97,32 @@ def test_a_packed_run_compiles_one_step_and_reports_shape_classes(
     assert classes == {
         f"train/loss_class/{c}" for c in ("image", "landscape", "portrait", "square")
     }
-    assert all(0 < m["train/useful_tokens"] <= 8 * 80 for m in metrics)
+    assert all(0 < m["train/useful_tokens"] <= 8 * 160 for m in metrics)  # B = 8, L = 160
     assert len({m["train/useful_tokens"] for m in metrics}) > 1  # rows of different mixes
+
+    # Sampling the run at native shapes within its budget (L = 160 tokens of 4x4 px).
+    config = packed_config()
+    gen = generate.Generator.from_workdir(work, config, ema_decay=0)
+    base = requests_lib.SampleOptions.from_config(config.sample, num_steps=2)
+
+    def check(frames, height, width):
+        options = dataclasses.replace(base, num_frames=frames, height=height, width=width)
+        request = requests_lib.Request("a red square moving left slowly", options)
+        requests_lib.validate_requests(config, work, [request], tokenizer=gen.tokenizer)
+        return options
+
+    for shape in ((5, 16, 16), (3, 8, 24)):  # 80 and 36 tokens: the bucket's and a wide one
+        videos, _ = gen.generate(["a red square moving left slowly"], check(*shape))
+        assert videos.shape == (1, *shape, 3) and np.isfinite(videos).all()
+    with pytest.raises(ValueError, match=r"--num_frames=5 --resolution=32x32 is 320 video "):
+        check(5, 32, 32)  # 5 x 8 x 8 tokens > 160
+    with pytest.raises(ValueError, match=r"tokens_per_row=160 .*use --num_frames <= 2"):
+        check(5, 32, 32)
 
 
 def test_plan_of_a_packed_config_is_one_step(capsys):
     plans = plan.plan(packed_config(), devices=jax.devices()[:1])
-    assert [p.bucket for p in plans] == ["packed"] and plans[0].tokens == 80
+    assert [p.bucket for p in plans] == ["packed"] and plans[0].tokens == 160
     assert "packed" in capsys.readouterr().out
 
 
