@@ -286,6 +286,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Nearest-neighbour upscaling of written videos (32 px clips are tiny on screen).
     c.sample.video_scale = 256 // arg.res
     c.sample.batch_size = 8
+    # Step-skipping cache of the ODE sampler: a step reuses the last velocity while the
+    # accumulated relative change of its input stays under this (diffusion/sampler.py); 0 = off.
+    c.sample.cache_threshold = 0.0
 
     # Evaluators run by `sora_jax.evaluate`.
     c.evaluate = ml_collections.ConfigDict()

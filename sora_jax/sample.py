@@ -15,6 +15,10 @@ contact sheet, into --output (default WORKDIR/samples/<step>/); prints a time sp
 batch to stderr and a JSON summary to stdout. docs/sampling.md lists every flag and the
 JSONL prompt format.
 
+`--cache_threshold=X` turns on the ODE sampler's step-skipping cache (sora_jax/diffusion/
+sampler.py: a step reuses the last velocity while the accumulated relative change of its
+input stays under X); sidecars record it.
+
 A distillation run (a few-step student, experiments/distill.py) is sampled the same way:
 its recorded `distill` section selects the consistency sampler, `--steps=1..4`, `--cfg=1`.
 """
@@ -53,6 +57,12 @@ VIDEO = flags.DEFINE_string("video", None, "Continuation: a video whose last fra
 COND_FRAMES = flags.DEFINE_integer(
     "cond_frames", None, "Latent frames given from --video (default: half of them)."
 )
+CACHE = flags.DEFINE_float(
+    "cache_threshold",
+    None,
+    "Step-skipping cache of the ODE sampler: reuse the last velocity while the accumulated "
+    "relative input change stays under this; 0 = off (default: sample.cache_threshold).",
+)
 ALLOW_UNTRAINED = flags.DEFINE_bool(
     "allow_untrained_shape", False, "Sample shapes outside the trained buckets."
 )
@@ -65,6 +75,16 @@ def main(argv):
     del argv
     entry.require(entry.WORKDIR, "workdir")
     config = entry.loaded_config(from_workdir=True)
+    if CACHE.value is not None:
+        if CACHE.value < 0 or (CACHE.value > 0 and generate.is_student(config)):
+            print(
+                f"error: --cache_threshold={CACHE.value} must be >= 0, and 0 for a few-step "
+                "student (the cache skips steps of the ODE sampler)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+        with config.unlocked():
+            config.sample.cache_threshold = CACHE.value
     s = config.sample
     try:
         options = requests_lib.SampleOptions.from_config(

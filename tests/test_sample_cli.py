@@ -295,3 +295,18 @@ def test_cli_without_config_uses_the_run_config(tiny_run, tmp_path):
     assert summary["params_sha256"] == want["params_sha256"]
     a, b = (video_io.read_video(s["videos"][0]) for s in (summary, want))
     np.testing.assert_array_equal(a, b)
+
+
+def test_cli_step_cache_is_switched_by_a_flag_and_recorded(tiny_run, tmp_path):
+    """The flag reaches the sampler through `sample.cache_threshold` (what the sidecar
+    records; the cache itself is tested in tests/diffusion/test_sampler.py)."""
+    work, _ = tiny_run
+    proc = _cli(work, "--prompt=a red square moving left slowly", "--cache_threshold=-1")
+    assert proc.returncode == 2 and "--cache_threshold=-1.0 must be >= 0" in proc.stderr
+    out = tmp_path / "out"
+    args = ("--prompt=a red square moving left slowly", "--steps=3", f"--output={out}")
+    proc = _cli(work, *args, "--cache_threshold=1e9")  # every step reuses step 0's velocity
+    assert proc.returncode == 0, proc.stderr
+    path = json.loads(proc.stdout[proc.stdout.index("{") :])["videos"][0]
+    sidecar = json.loads(pathlib.Path(path).with_suffix(".json").read_text())
+    assert sidecar["cache_threshold"] == 1e9

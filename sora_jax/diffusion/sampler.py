@@ -15,6 +15,24 @@ unconditional half. `guidance_interval = (t_lo, t_hi)` guides only at grid times
 t_lo <= t_i <= t_hi (after the shift) and uses the conditional v elsewhere (Kynkäänniemi et
 al. 2024, "Applying guidance in a limited interval"); outside it the doubled pass is skipped.
 
+Step-skipping cache (`cache_threshold > 0`, Euler), in the manner of TeaCache (Liu et al.
+2024, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model") and MagCache
+(Ma et al. 2025): the network's output changes little between neighbouring steps while its
+input changes little, so a step may reuse the last computed (guided) velocity, which is the
+step's residual x_{i+1} - x_i up to dt. Per sample, with x_{i-1} the state one step before,
+
+    delta_i = ‖x_i - x_{i-1}‖₁ / ‖x_{i-1}‖₁        the relative L1 change of the input
+    A_i     = A_{i-1} + delta_i                     accumulated since the last evaluation
+    reuse   = A_i < cache_threshold;   if not: evaluate and set A_i = 0
+
+with step 0 always evaluated. Each sample keeps its own decision (so a video does not depend
+on its batch); the network runs in a step when any sample needs it (`lax.cond`), so the
+saving is the steps every sample reuses. Departures from TeaCache: it measures the change
+of the first block's timestep-modulated input and rescales it with a polynomial fitted per
+model; here the change is that of the network's input x_t itself (no model hook, no fit),
+and the last step is not forced to evaluate. `cache_threshold = 0` evaluates every step
+(the same samples as without the cache); a huge threshold evaluates only step 0.
+
 Conditioning frames (`cond_latents [B, T', H', W', C]`, `cond_mask [B, T']`, see
 `sora_jax.diffusion.conditioning`): the given frames are re-imposed on x before every model
 call and after every step, so they stay exactly `cond_latents`; the model gets per-frame
@@ -78,11 +96,15 @@ def sample(
     cond_latents: jax.Array | None = None,
     cond_mask: jax.Array | None = None,
     cond_channels: int = 0,
-) -> jax.Array:
+    cache_threshold: float = 0.0,
+    return_calls: bool = False,
+):
     """Integrates from `noise [B, T', H', W', C]` (t = 1) to a sample (t = 0).
 
     `cond_latents`/`cond_mask` give frames (both or neither); `cond_channels` is the model's
-    `model.cond_channels` (0 or C + 1).
+    `model.cond_channels` (0 or C + 1). `cache_threshold`: the step-skipping cache's
+    threshold on the accumulated relative input change (module doc; 0 = off). With
+    `return_calls`, returns `(x, calls)`: calls (int32) the steps in which the network ran.
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"sampler={method!r} is unknown; use 'euler' or 'heun'")
@@ -94,6 +116,14 @@ def sample(
         lo, hi = (float(v) for v in guidance_interval)
         if not lo <= hi:
             raise ValueError(f"guidance_interval={guidance_interval} needs t_lo <= t_hi")
+    if cache_threshold < 0:
+        raise ValueError(f"sample.cache_threshold={cache_threshold} must be >= 0 (0 = off)")
+    if cache_threshold > 0 and method != "euler":
+        raise ValueError(
+            f"sample.cache_threshold={cache_threshold} (the step-skipping cache) runs with the "
+            f"Euler sampler only, got sampler={method!r}: set sampler='euler' or the "
+            "threshold to 0"
+        )
     ts = time_grid(num_steps, alpha)
     b = noise.shape[0]
     given = None if cond_mask is None else cond_mask.astype(bool)
@@ -124,4 +154,34 @@ def sample(
         x_pred = x + dt * v
         return hold(x + dt * 0.5 * (v + velocity(x_pred, t_next)))
 
-    return jax.lax.fori_loop(0, num_steps, step, hold(noise.astype(jnp.float32)))
+    x_init = hold(noise.astype(jnp.float32))
+    if cache_threshold == 0:
+        x = jax.lax.fori_loop(0, num_steps, step, x_init)
+        return (x, jnp.asarray(num_steps, jnp.int32)) if return_calls else x
+
+    def cached_step(i, carry):
+        x, x_prev, v_last, acc, calls = carry
+        t, t_next = ts[i], ts[i + 1]
+        axes = tuple(range(1, x.ndim))
+        change = jnp.sum(jnp.abs(x - x_prev), axes)  # [B]
+        acc = acc + change / jnp.maximum(jnp.sum(jnp.abs(x_prev), axes), 1e-20)
+        reuse = acc < cache_threshold  # [B]; step 0 has acc = inf
+        keep = reuse.reshape((b,) + (1,) * (x.ndim - 1))
+        v = jax.lax.cond(
+            jnp.all(reuse),
+            lambda: v_last,
+            lambda: jnp.where(keep, v_last, velocity(x, t)),
+        )
+        acc = jnp.where(reuse, acc, 0.0)
+        calls = calls + (~jnp.all(reuse)).astype(jnp.int32)
+        return hold(x + (t_next - t) * v), x, v, acc, calls
+
+    init = (
+        x_init,
+        x_init,
+        jnp.zeros_like(x_init),  # the last computed velocity
+        jnp.full((b,), jnp.inf, jnp.float32),  # A: inf evaluates step 0
+        jnp.asarray(0, jnp.int32),
+    )
+    x, _, _, _, calls = jax.lax.fori_loop(0, num_steps, cached_step, init)
+    return (x, calls) if return_calls else x

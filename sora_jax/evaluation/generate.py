@@ -181,6 +181,7 @@ class Generator:
                 cond_latents=cond_latents,
                 cond_mask=cond_mask,
                 cond_channels=int(self.config.model.get("cond_channels", 0) or 0),
+                cache_threshold=cache_threshold(self.config),
             )
 
         t0 = time.perf_counter()
@@ -265,6 +266,12 @@ class Generator:
 
     def checkpoint_info(self) -> dict[str, Any]:
         return {"step": self.step, "weights": self.weights}
+
+
+def cache_threshold(config: ml_collections.ConfigDict) -> float:
+    """`sample.cache_threshold`: the ODE sampler's step-skipping cache (0 = off, the default;
+    sora_jax/diffusion/sampler.py)."""
+    return float(config.sample.get("cache_threshold", 0.0) or 0.0)
 
 
 def is_student(config: ml_collections.ConfigDict) -> bool:
@@ -425,6 +432,7 @@ def sample_to_dir(
                 **base,
                 **dataclasses.asdict(r.options),
                 **({"sampler": "consistency"} if gen.student else {}),
+                **({"cache_threshold": cache_threshold(config)} if cache_threshold(config) else {}),
                 "num_frames": shape[0],
                 "height": shape[1],
                 "width": shape[2],

@@ -200,3 +200,47 @@ def test_image_to_video_samples_the_conditional_gaussian():
     resid = b - rho * np.asarray(cond_a)
     assert abs(resid.mean()) < 0.04 and abs(resid.var() - (1 - rho**2)) < 0.03
     assert abs(np.corrcoef(resid, np.asarray(cond_a))[0, 1]) < 0.05
+
+
+def _cached(threshold, noise, steps=12, **kw):
+    n = noise.shape[0]
+    text, mask = jnp.zeros((n, 1, 1)), jnp.ones((n, 1), bool)
+    run = jax.jit(
+        lambda z: sampler.sample(
+            gaussian_velocity(MU, SIGMA), None, z, text, mask, num_steps=steps, alpha=3.0,
+            cache_threshold=threshold, return_calls=True, **kw,
+        )
+    )  # fmt: skip
+    return run(noise)
+
+
+def test_step_cache_thresholds_zero_and_huge():
+    noise = jax.random.normal(jax.random.key(0), (64, 1, 1, 2, 3))
+    plain, calls = _cached(0.0, noise)
+    assert int(calls) == 12
+    # A threshold below every change: the cached loop evaluates every step, same samples.
+    every, calls = _cached(1e-30, noise)
+    assert int(calls) == 12
+    np.testing.assert_allclose(every, plain, rtol=1e-6, atol=1e-6)
+    # A huge one: step 0's velocity reused to the end, x = eps + (0 - 1) v(eps, 1).
+    once, calls = _cached(1e9, noise)
+    assert int(calls) == 1
+    v0 = gaussian_velocity(MU, SIGMA)(None, noise, jnp.ones((64,)), None, None)
+    np.testing.assert_allclose(once, noise - v0, rtol=1e-5, atol=1e-5)
+
+
+def test_step_cache_skips_steps_per_sample_and_stays_near_the_flow():
+    noise = jax.random.normal(jax.random.key(1), (64, 1, 1, 2, 3))
+    exact = exact_map(noise)
+    plain, _ = _cached(0.0, noise, steps=24)
+    cached, calls = _cached(0.15, noise, steps=24)
+    assert 1 < int(calls) < 24  # some steps reused, not all
+    # Each sample follows its own decisions: a sub-batch gives the same samples.
+    part, _ = _cached(0.15, noise[:5], steps=24)
+    np.testing.assert_allclose(part, cached[:5], rtol=1e-6, atol=1e-6)
+    # Reusing a velocity costs accuracy, but the result stays a sample of the flow.
+    err_plain = float(np.mean(np.abs(np.asarray(plain) - exact)))
+    err_cached = float(np.mean(np.abs(np.asarray(cached) - exact)))
+    assert err_plain < err_cached < 0.3
+    with pytest.raises(ValueError, match="sample.cache_threshold.*Euler"):
+        _cached(0.15, noise, method="heun")
