@@ -18,6 +18,8 @@ Each stage alone (same config, same workdir):
 Variants: `experiments/demo.py:tiny` shrinks everything to run in seconds (tests);
 `packed` tokenizes clips at their native shapes and trains on packed rows (one compiled
 step; docs/data_pipeline.md);
+`causal` trains a block-causal model with diffusion forcing, sampled chunk by chunk with a
+rolling KV cache to any length (docs/sampling.md, Long videos);
 `steps=N` sets the training length. Override any field, e.g. `--config.optimizer.lr=1e-3`.
 """
 
@@ -38,7 +40,9 @@ PROMPTS = (
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    arg = config_lib.parse_arg(arg, tiny=False, steps=-1, res=16, frames=5, s2d=2, packed=False)
+    arg = config_lib.parse_arg(
+        arg, tiny=False, steps=-1, res=16, frames=5, s2d=2, packed=False, causal=False
+    )
     bucket = f"{arg.frames}x{arg.res}x{arg.res}"
     c = ml_collections.ConfigDict()
 
@@ -203,6 +207,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.diffusion.tasks = ml_collections.ConfigDict({"t2v": 1.0})
     # Largest number of given latent frames for 'continuation'; -1 = up to T' - 1.
     c.diffusion.continuation_frames = -1
+    if arg.causal:  # `:causal`: diffusion forcing over 1-frame chunks (diffusion/forcing.py)
+        # Latent frames per chunk of block-causal attention; 0 = full attention.
+        c.model.causal_chunk_frames = 1
+        # Chunk times: 'independent' | 'prefix' (a clean-ish prefix at forcing_context_t).
+        c.diffusion.forcing_schedule = "prefix"
+        # The noise level of context chunks in training and in the rollout (t_ctx).
+        c.diffusion.forcing_context_t = 0.05
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-3
@@ -289,6 +300,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Step-skipping cache of the ODE sampler: a step reuses the last velocity while the
     # accumulated relative change of its input stays under this (diffusion/sampler.py); 0 = off.
     c.sample.cache_threshold = 0.0
+    if arg.causal:
+        # Past chunks kept in the rollout's KV cache (W); W + 1 chunks must fit a clip.
+        c.sample.rollout_window = arg.frames - 1
 
     # Evaluators run by `sora_jax.evaluate`.
     c.evaluate = ml_collections.ConfigDict()

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from sora_jax.models import causal as causal_lib
 from sora_jax.models import rope as rope_lib
 from sora_jax.models import splash as splash_lib
 from sora_jax.models.attention import IMPLS
@@ -226,9 +227,11 @@ class DiTBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, e6, context, context_mask, rope, segments=None):
+    def __call__(self, x, e6, context, context_mask, rope, segments=None, causal=None):
         # The (carry, out) signature lets nn.scan stack blocks without a wrapper. `segments`:
-        # None, or packed rows' (self ids [B, L], cross pair ([B, L], [B, S])).
+        # None, or packed rows' (self ids [B, L], cross pair ([B, L], [B, S])). `causal`:
+        # None, or CausalSelfAttention's keywords (models/causal.py); then `out` is the
+        # chunk's (k, v) in a cached call.
         d, dt = x.shape[-1], self.dtype
         table = self.param(
             "modulation", nn.with_logical_partitioning(ZEROS, (None, "embed")), (6, d)
@@ -254,7 +257,11 @@ class DiTBlock(nn.Module):
         barrier = stream_barrier if mesh_lib.target_platform() == "cpu" else lambda y: y
         x = barrier(x.astype(f32))
         h = modulate(LayerNorm(name="norm1")(x), shift1, scale1).astype(dt)
-        o = Attention(**attn, name="self_attn")(h, rope=rope, segment_ids=self_ids)
+        if causal is None:
+            o, kv = Attention(**attn, name="self_attn")(h, rope=rope, segment_ids=self_ids), None
+        else:
+            self_attn = causal_lib.CausalSelfAttention(**attn, name="self_attn")
+            o, kv = self_attn(h, rope, **causal)
         x = barrier(x + gate(o.astype(f32), gate1))
         h = LayerNorm(affine=True, name="norm3")(x).astype(dt) if self.cross_attn_norm else x
         cross = Attention(**attn, zero_out=True, name="cross_attn")
@@ -262,7 +269,7 @@ class DiTBlock(nn.Module):
         x = barrier(x)
         h = modulate(LayerNorm(name="norm2")(x), shift2, scale2).astype(dt)
         x = x + gate(MLP(self.mlp_dim, self.mlp, dtype=dt, name="ffn")(h).astype(f32), gate2)
-        return nn.with_logical_constraint(x.astype(stream), ACT), None
+        return nn.with_logical_constraint(x.astype(stream), ACT), kv
 
 
 def _frame_times(t: jax.Array, batch: int, frames: int, pt: int) -> jax.Array:
@@ -347,12 +354,23 @@ class VideoDiT(nn.Module):
     remat: str = "none"  # one of REMAT_POLICIES
     pos_embed: str = "none"  # 'none' (RoPE only, as Wan) | 'sincos' (adds absolute positions)
     pooled_text: bool = False  # add the masked mean of the text to the adaLN conditioning
+    # Latent frames per chunk of block-causal self-attention (chunk c sees chunks <= c;
+    # models/causal.py); 0 = full attention. A `cache` call runs one chunk over a KV cache.
+    causal_chunk_frames: int = 0
 
     @nn.compact
     def __call__(
-        self, x_t, t, text, text_mask, segment_ids=None, positions=None, text_segment_ids=None
+        self,
+        x_t,
+        t,
+        text,
+        text_mask,
+        segment_ids=None,
+        positions=None,
+        text_segment_ids=None,
+        cache=None,
     ):
-        packed = segment_ids is not None
+        packed, causal = segment_ids is not None, self.causal_chunk_frames > 0
         patch, dt = tuple(self.patch_size), self.dtype
         if packed:
             b, length, feat = x_t.shape
@@ -369,6 +387,11 @@ class VideoDiT(nn.Module):
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by num_heads={self.num_heads}")
         split = rope_lib.check_split(self.rope_split, self.dim // self.num_heads)
+        if causal:
+            causal_lib.check_call(self, 0 if packed else frames, packed, cache)
+            chunk_t = self.causal_chunk_frames // patch[0]  # F' token frames per chunk
+        elif cache is not None:
+            raise ValueError("a KV cache needs a causal model: set model.causal_chunk_frames > 0")
 
         # --- Embeddings: patches, timesteps, text ---------------------------------------
         if packed:
@@ -393,6 +416,8 @@ class VideoDiT(nn.Module):
             )
         if self.pos_embed == "sincos" and packed:
             x = x + rope_lib.sincos_from_positions(positions, self.dim).astype(dt)  # [B, L, D]
+        elif self.pos_embed == "sincos" and causal:  # (t mod F', h, w): models/causal.py
+            x = x + causal_lib.sincos(grid, chunk_t, self.dim).astype(dt)[None]
         elif self.pos_embed == "sincos":
             x = x + rope_lib.sincos_embedding(grid, self.dim).astype(dt)[None]
         elif self.pos_embed != "none":
@@ -445,6 +470,17 @@ class VideoDiT(nn.Module):
         else:
             rope = rope_lib.rope_tables(grid, split)  # (cos, sin), each [L, E/2]
             segments = None
+        causal_kw = [None] * self.num_layers
+        if causal and cache is None:
+            causal_kw = [dict(block_ids=causal_lib.token_chunks(grid, chunk_t))] * self.num_layers
+        elif causal:  # one chunk over the window: RoPE at window positions (models/causal.py)
+            rope, past_rope = causal_lib.cache_rope(
+                grid, cache.k.shape[2] // rope[0].shape[0], split
+            )
+            causal_kw = [
+                dict(past=(cache.k[i], cache.v[i], cache.valid, past_rope))
+                for i in range(self.num_layers)
+            ]
 
         # --- Blocks -------------------------------------------------------------------
         block_cls = DiTBlock
@@ -467,15 +503,18 @@ class VideoDiT(nn.Module):
                 block_cls,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 5,
+                in_axes=(nn.broadcast,) * 6,
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(**block_kw, name="blocks")(x, e6, ctx, ctx_mask, rope, segments)
+            blocks = stack(**block_kw, name="blocks")
+            x, _ = blocks(x, e6, ctx, ctx_mask, rope, segments, causal_kw[0])
         else:
+            kvs = []
             for i in range(self.num_layers):
                 block = block_cls(**block_kw, name=f"blocks_{i}")
-                x, _ = block(x, e6, ctx, ctx_mask, rope, segments)
+                x, kv = block(x, e6, ctx, ctx_mask, rope, segments, causal_kw[i])
+                kvs.append(kv)
 
         # --- Output head: adaLN (shift, scale from e), zero-initialized linear ----------
         table = self.param(
@@ -487,7 +526,10 @@ class VideoDiT(nn.Module):
         head = dense(out_features, ("embed", "conv_out"), dtype=dt, zero=True, name="head")
         if packed:
             return head(h).astype(jnp.float32)  # [B, L, P·C_out]: unpatchified per clip outside
-        return unpatchify(head(h).astype(jnp.float32), grid, patch)  # [B, T, H, W, C_out]
+        v = unpatchify(head(h).astype(jnp.float32), grid, patch)  # [B, T, H, W, C_out]
+        if cache is not None:  # and the chunk's (k, v), each [layers, B, Lc, N, E]
+            return v, tuple(jnp.stack(x) for x in zip(*kvs, strict=True))
+        return v
 
 
 # --- Registry and factory ---------------------------------------------------------------

@@ -33,7 +33,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from sora_jax.diffusion import flow
+from sora_jax.diffusion import flow, forcing
 from sora_jax.diffusion import packed as packed_lib
 from sora_jax.models import dit
 from sora_jax.models import lora as lora_lib
@@ -84,6 +84,7 @@ def make_train_step(
     cond_channels = int(config.model.get("cond_channels", 0) or 0)
     # VideoDiT's velocity has the latent channels C; check tasks and channels before jit.
     flow.check_config(config.diffusion, config.model, getattr(model, "out_channels", None))
+    loss_fn = forcing.loss_for(config)  # flow.loss_fn; a time per chunk for causal models
     decays = tuple(config.optimizer.ema_decays)
     # Micro-batches per step: gradients are summed over them, so a step of batch B costs
     # the activation memory of B / accum samples and computes the same update.
@@ -104,7 +105,7 @@ def make_train_step(
             return apply_fn(params, *inputs)
 
         def loss(params, micro, row_offset):
-            return flow.loss_fn(
+            return loss_fn(
                 fn, params, micro, key, config.diffusion, alpha,
                 cond_channels=cond_channels, row_offset=row_offset,
             )  # fmt: skip
