@@ -178,7 +178,12 @@ def packed_loss_fn(
     shape = (b, length, pt, area * c)  # token features by latent frame
     x0f, epsf = x_0.reshape(shape), eps.reshape(shape)
     x_t = (1.0 - t_frame[..., None]) * x0f + t_frame[..., None] * epsf  # x_0 where given
-    t_tok = jnp.mean(t_frame, axis=-1) * (seg > 0)  # [B, L]: the mean over a temporal patch
+    # Token time: the mean over its temporal patch, t_k g / pt with g of its pt latent frames
+    # generated (0 for padding). The model takes the row's K (pt + 1) distinct values and a
+    # slot per token, so its time MLP runs per slot, not per token (models/dit.py time_ids).
+    g_tok = jnp.sum(~given, axis=-1)  # [B, L] in [0, pt]
+    time_ids = jnp.where(seg > 0, (seg - 1) * (pt + 1) + g_tok, 0)  # [B, L] slot of a token
+    t_slots = (t[..., None] * jnp.arange(pt + 1) / pt).reshape(b, k * (pt + 1))  # [B, K(pt+1)]
     if cond_channels:
         g = given[..., None, None].astype(jnp.float32)  # [B, L, pt, 1, 1]
         x5, c5 = x_t.reshape(b, length, pt, area, c), x0f.reshape(b, length, pt, area, c)
@@ -194,8 +199,8 @@ def packed_loss_fn(
     text_seg = jnp.broadcast_to(jnp.repeat(jnp.arange(1, k + 1), s), (b, k * s))
 
     v = apply_fn(
-        params, x_in, t_tok, text, text_mask,
-        segment_ids=seg, positions=pos, text_segment_ids=text_seg,
+        params, x_in, t_slots, text, text_mask,
+        segment_ids=seg, positions=pos, text_segment_ids=text_seg, time_ids=time_ids,
     )  # fmt: skip
     # --- Per-sample loss over generated elements ---------------------------------------
     err = jnp.sum(jnp.square(v.reshape(shape) - (epsf - x0f)), axis=-1)  # [B, L, pt]

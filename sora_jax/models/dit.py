@@ -26,8 +26,11 @@ Packed rows (several clips of any shapes back to back, sora_jax/data/packing.py)
 concatenated, `text_segment_ids` naming each text token's clip. Self-attention keeps keys
 of the query's clip only, cross-attention its own caption only, RoPE uses the given
 positions (restarting per clip) and adaLN is per token (Tm = L); the output is token
-velocities, unpatchified per clip by the caller. Each clip's velocities equal those of
-the clip alone (tests/models/test_dit_packed.py). Not with `pooled_text`.
+velocities, unpatchified per clip by the caller. With `time_ids=[B, L]`, `t` is instead the
+row's `M` distinct times `[B, M]` (each clip's, and 0 for given frames) and token `l` takes
+time `t[time_ids[l]]`: the timestep MLP and its `6 D` projection run once per time slot
+(Tm = M) and their rows are gathered to the tokens, instead of once per token. Each clip's
+velocities equal those of the clip alone (tests/models/test_dit_packed.py). Not with `pooled_text`.
 
 Parameters. `model.init(rng, x_t, t, text, text_mask)['params']` holds
 `nn.LogicallyPartitioned` boxes (logical axis names for sharding, parallel/mesh.py). Callers
@@ -369,13 +372,20 @@ class VideoDiT(nn.Module):
         positions=None,
         text_segment_ids=None,
         cache=None,
+        time_ids=None,
     ):
         packed, causal = segment_ids is not None, self.causal_chunk_frames > 0
         patch, dt = tuple(self.patch_size), self.dtype
         if packed:
             b, length, feat = x_t.shape
             c = feat // math.prod(patch)
-            _check_packed(self, x_t, t, text, segment_ids, positions, text_segment_ids)
+            per_token_t = t if time_ids is None else time_ids  # [B, L] either way
+            _check_packed(self, x_t, per_token_t, text, segment_ids, positions, text_segment_ids)
+            if time_ids is not None and (jnp.ndim(t) != 2 or jnp.shape(t)[0] != b):
+                raise ValueError(
+                    f"packed VideoDiT call: with time_ids, t is the row's time slots [B, M] "
+                    f"with B = {b}, got shape {jnp.shape(t)}"
+                )
         else:
             b, frames, height, width, c = x_t.shape
         if c != self.in_channels:
@@ -425,7 +435,8 @@ class VideoDiT(nn.Module):
         x = nn.with_logical_constraint(x, ACT)
 
         if packed:
-            t_frames = jnp.asarray(t, jnp.float32)  # [B, L]: Tm = L, a time per token
+            # [B, L]: Tm = L, a time per token; or [B, M]: Tm = M time slots (time_ids)
+            t_frames = jnp.asarray(t, jnp.float32)
         else:
             t_frames = _frame_times(jnp.asarray(t), b, frames, patch[0])  # [B, Tm]
         f32 = jnp.float32  # the timestep path is tiny: keep it in float32
@@ -450,6 +461,9 @@ class VideoDiT(nn.Module):
             e = e + pooled[:, None]  # [B, Tm, D]
         proj = dense(6 * self.dim, ("embed", "mlp"), dtype=f32, zero=True, name="time_projection")
         e6 = proj(nn.silu(e)).reshape(*e.shape[:2], 6, self.dim)  # [B, Tm, 6·D] -> [B, Tm, 6, D]
+        if packed and time_ids is not None:  # each token takes its slot's rows: Tm = L
+            e = jnp.take_along_axis(e, time_ids[..., None], axis=1)  # [B, M, D] -> [B, L, D]
+            e6 = jnp.take_along_axis(e6, time_ids[..., None, None], axis=1)  # [B, L, 6, D]
 
         ctx = dense(
             self.dim, ("vocab", "embed"), dtype=dt, init=EMBED_INIT, name="text_embedding_0"

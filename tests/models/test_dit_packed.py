@@ -154,6 +154,14 @@ def test_packed_row_gives_each_clip_its_velocity_and_gradient_alone(impl):
     g_packed, v = packed_fn(params, tokens)
     assert v.shape == (len(rows), L, np.prod(PATCH) * C)
     assert np.all(np.isfinite(v))
+    # The row's distinct times [B, M] and a slot per token (time_ids): the same velocities.
+    slots = [np.unique(row, return_inverse=True) for row in t]
+    m = max(len(u) for u, _ in slots)
+    t_slots = np.stack([np.pad(u, (0, m - len(u))) for u, _ in slots])
+    time_ids = np.stack([inv.reshape(-1) for _, inv in slots]).astype(np.int32)
+    assert m < L // 4  # a few slots per row: the time MLP runs on them, not on L tokens
+    v_slots = _jit_apply(model)(params, tokens, t_slots, text, mask, **packed, time_ids=time_ids)
+    np.testing.assert_allclose(v_slots, v, **TOL)
     g_alone = []
     for r, clips in enumerate(rows):
         for clip, target, sl in zip(clips, targets[r], spans[r], strict=True):
