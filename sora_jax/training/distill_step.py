@@ -43,6 +43,7 @@ from sora_jax.parallel import mesh as mesh_lib
 from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import setup
+from sora_jax.training import dmd_step
 from sora_jax.training.step import apply_update, step_key
 
 # Attention implementations whose forward-mode rule is a fused kernel's JVP wrapper
@@ -52,7 +53,9 @@ FUSED_IMPLS = ("cudnn", "splash")
 # them differently from the teacher's run.
 RUNTIME_FIELDS = ("attention_impl", "remat", "dtype", "context_parallel", "splash_block_size")
 
+METHODS = ("scm", "dmd2")
 DEFAULTS = dict(
+    method="scm",
     teacher="",
     teacher_source="ema/decay_0p99",
     cfg_scale=3.0,
@@ -60,6 +63,10 @@ DEFAULTS = dict(
     logit_std=1.6,
     tangent_warmup_steps=0,
     tangent_norm_c=0.1,
+    dmd_steps=4,
+    fake_updates_per_generator=5,
+    dmd_t_min=0.02,
+    dmd_t_max=0.98,
 )
 
 
@@ -101,6 +108,20 @@ def config_errors(config: ml_collections.ConfigDict, platform: str | None = None
         errors.append(
             "optimizer.grad_accum_steps > 1 is not implemented for distillation; set it to 1"
         )
+    if d.method not in METHODS:
+        errors.append(f"distill.method={d.method!r} is unknown; choose one of {METHODS}")
+    if d.method == "dmd2":
+        if d.dmd_steps < 1:
+            errors.append(f"distill.dmd_steps={d.dmd_steps} must be >= 1 (the generator's steps)")
+        if d.fake_updates_per_generator < 1:
+            errors.append(
+                f"distill.fake_updates_per_generator={d.fake_updates_per_generator} must be >= 1"
+            )
+        if not 0.0 <= d.dmd_t_min < d.dmd_t_max <= 1.0:
+            errors.append(
+                f"distill.dmd_t_min={d.dmd_t_min}, distill.dmd_t_max={d.dmd_t_max}: need "
+                "0 <= dmd_t_min < dmd_t_max <= 1"
+            )
     if d.cfg_scale < 1.0:
         errors.append(f"distill.cfg_scale={d.cfg_scale} must be >= 1 (1 = no guidance)")
     if d.logit_std <= 0:
@@ -121,9 +142,20 @@ def check_config(config: ml_collections.ConfigDict, platform: str | None = None)
 
 def setup_state(config, manifest, mesh, rules):
     """`(model, tx, init_fn, abstract, shardings)` of the DiT's state with the teacher as
-    its frozen `base` (same shapes and shardings as the student's parameters)."""
+    its frozen `base` (same shapes and shardings as the student's parameters); for DMD2 the
+    fake-score network and its optimizer state in `opt_state` (training/dmd_step.py)."""
     check_config(config, mesh.devices.flat[0].platform)
     model, tx, init_fn, abstract, shardings = setup.setup_state(config, manifest, mesh, rules)
+    if options(config).method == "dmd2":
+        base_init = init_fn
+
+        def init_fn(rng):
+            return dmd_step.with_fake_score(base_init(rng))
+
+        abstract, shardings = (
+            dmd_step.with_fake_score(abstract),
+            dmd_step.with_fake_score(shardings),
+        )
     abstract = abstract.replace(base=abstract.params)
     shardings = shardings.replace(base=shardings.params)
     return model, tx, init_fn, abstract, shardings
@@ -260,8 +292,13 @@ def jit_distill_step(model, tx, config, mesh, shardings):
     """`make_distill_step` jitted as the trainer runs it (state donated, batch over
     ('data', 'fsdp'), metrics replicated), like step.jit_train_step."""
     schedule = optimizer_lib.learning_rate(config.optimizer, config.total_steps)
+    d = options(config)
+    if d.method == "dmd2":
+        step = dmd_step.make_dmd2_step(model, tx, config, schedule, d)
+    else:
+        step = make_distill_step(model, tx, config, schedule)
     return jax.jit(
-        make_distill_step(model, tx, config, schedule),
+        step,
         in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),

@@ -403,7 +403,17 @@ def plan(
             "(TFLOP/step counts one: the step runs twice that, training/experts.py)",
             flush=True,
         )
-    if distilling:  # the frozen teacher is the state's `base`, an argument of the step
+    if distilling and distill_step.options(config).method == "dmd2":
+        print(
+            f"  distillation (DMD2): generator {state_lib.param_count(abstract.params):,} "
+            f"trainable parameters, frozen teacher {state_lib.param_count(abstract.base):,}, "
+            "fake-score network "
+            f"{state_lib.param_count(abstract.opt_state['fake_score']):,} trainable with its "
+            "optimizer state (all in 'args GiB'); TFLOP/step counts 3F "
+            "(training/distill.py: DMD2_FORWARDS)",
+            flush=True,
+        )
+    elif distilling:  # the frozen teacher is the state's `base`, an argument of the step
         print(
             f"  distillation: student {state_lib.param_count(abstract.params):,} trainable "
             f"parameters, frozen teacher {state_lib.param_count(abstract.base):,} (both in "
