@@ -19,6 +19,9 @@ JSONL prompt format.
 sampler.py: a step reuses the last velocity while the accumulated relative change of its
 input stays under X); sidecars record it.
 
+A causal run (`model.causal_chunk_frames > 0`) is rolled out chunk by chunk over its KV
+cache to any `--num_frames` (docs/sampling.md, Long videos).
+
 A distillation run (a few-step student, experiments/distill.py) is sampled the same way:
 its recorded `distill` section selects the consistency sampler, `--steps=1..4`, `--cfg=1`.
 """
@@ -29,7 +32,7 @@ import sys
 from absl import flags
 
 from sora_jax import entry
-from sora_jax.evaluation import generate
+from sora_jax.evaluation import generate, long_video
 from sora_jax.evaluation import requests as requests_lib
 
 PROMPT = flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).")
@@ -112,6 +115,13 @@ def main(argv):
             requests = [
                 requests_lib.Request(p, options, index=i, **files) for i, p in enumerate(s.prompts)
             ]
+        if long_video.is_causal(config):  # any --num_frames: the KV-cache rollout
+            summary = long_video.sample_to_dir(
+                config, entry.WORKDIR.value, requests, step=STEP.value, output=OUTPUT.value,
+                ema_decay=s.ema_decay if EMA.value is None else EMA.value, gif=GIF.value,
+            )  # fmt: skip
+            print(json.dumps(summary, indent=2))
+            return
         for r in requests:  # a student: cfg 1, text-to-video (its guidance is distilled)
             if generate.is_student(config):
                 generate.check_student_options(config, r.options, bool(r.image or r.video))

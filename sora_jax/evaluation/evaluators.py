@@ -34,6 +34,13 @@ sanity metric, not comparable to published FVD).
 The item evaluators (all but val_loss) are sharded over processes and resumable item by
 item (sora_jax.evaluation.items); their `protocol.json` records what each item computes.
 
+`temporal_consistency`: `evaluate.num_videos` synthetic prompts (as prompt_adherence's)
+sampled as long videos of `evaluate.long_frames` pixel frames (default 4x the bucket's;
+sora_jax.evaluation.long_video: the KV-cache rollout of a causal run, sliding-window
+continuation otherwise), measured by sora_jax.evaluation.temporal with segments of the
+bucket's frames: colour and histogram drift from the first segment, flicker, and the
+colour / direction / shape / speed adherence of every segment on its own.
+
 `samples`: the fixed-seed sample grid of `sample.prompts` into WORKDIR/samples/<step>/,
 the grid the trainer writes without `config.evals`; in training its contact sheet (one row
 of frames per prompt) also goes to TensorBoard as an image.
@@ -64,8 +71,9 @@ from sora_jax.data import global_batch as rows_lib
 from sora_jax.data import holdout, shards, sources, synthetic, tokenization
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.diffusion import validation
-from sora_jax.evaluation import adherence, features, frechet, generate, metrics
+from sora_jax.evaluation import adherence, features, frechet, generate, long_video, metrics
 from sora_jax.evaluation import requests as requests_lib
+from sora_jax.evaluation import temporal as temporal_lib
 from sora_jax.evaluation.items import ItemEvaluator, ItemStore, run_items
 from sora_jax.evaluation.val_loss import ValidationLoss
 from sora_jax.models import tokenizer as tokenizer_lib
@@ -190,6 +198,46 @@ def _adherence_aggregate(config, items):
     return adherence.summarize(records)
 
 
+# --- temporal_consistency ---------------------------------------------------------------
+
+
+def _long_frames(config, options) -> tuple[int, int]:
+    """(long video frames, segment frames): `evaluate.long_frames` (<= 0: 4 clips) and the
+    sample bucket's frames."""
+    clip = _shape(config, options)[0]
+    frames = int(config.evaluate.get("long_frames", 0) or 0)
+    return (frames if frames > 0 else 4 * clip), clip
+
+
+def _temporal_compute(config, gen, options, indices, batch):
+    del batch  # one compiled rollout per call: no padding needed
+    prompts = _adherence_prompts(config)
+    frames, clip = _long_frames(config, options)
+    videos, _ = long_video.long_videos(
+        gen, [prompts[i] for i in indices], options, frames, indices=indices
+    )
+    out = []
+    for i, video in zip(indices, videos, strict=True):
+        r = temporal_lib.record(video, prompts[i], clip)
+        item = {k: float(v) for k, v in r.items() if isinstance(v, float | int)}
+        for k, matches in enumerate(r["segment_matches"]):
+            item.update({f"seg{k}_{a}": float(v) for a, v in matches.items()})
+        out.append(item)
+    return out
+
+
+def _temporal_aggregate(config, items):
+    prompts = _adherence_prompts(config)
+    records = []
+    for caption, item in zip(prompts, items, strict=True):
+        item = {k: float(v) for k, v in item.items()}
+        k = int(item["segments"])
+        attrs = (*adherence.ATTRIBUTES, "both")
+        matches = [{a: bool(item.pop(f"seg{i}_{a}")) for a in attrs} for i in range(k)]
+        records.append({"caption": caption, **item, "segments": k, "segment_matches": matches})
+    return temporal_lib.summarize(records)
+
+
 # --- reconstruction ---------------------------------------------------------------------
 
 
@@ -311,6 +359,17 @@ def _protocol(kind: str):
         if kind in ("prompt_adherence", "fvd"):
             p["sampling"] = {k: getattr(options, k) for k in T2V_SAMPLING_FIELDS}
             p["noise"] = "normal(fold_in(key(sampling.seed), item index))"
+        if kind == "temporal_consistency":
+            frames, clip = _long_frames(config, options)
+            p["sampling"] = {k: getattr(options, k) for k in T2V_SAMPLING_FIELDS}
+            p["long_frames"], p["segment_frames"] = frames, clip
+            p["prompt_seed"] = adherence_prompt_seed(config)
+            if long_video.is_causal(config):
+                p["generation"] = "KV-cache rollout (sora_jax/diffusion/rollout.py)"
+                p["rollout_window"] = long_video.window(config)
+                p["context_t"] = long_video.context_t(config)
+            else:
+                p["generation"] = "sliding-window continuation (long_video.continuation_videos)"
         if kind == "prompt_adherence":
             p["prompt_seed"] = adherence_prompt_seed(config)
             p["prompts"] = "synthetic.clip_spec(i, prompt_seed).caption, i < num_items"
@@ -358,6 +417,9 @@ ITEM_EVALUATORS = {
         needs_generator=False,
     ),
     "fvd": ItemEvaluator(_count, _protocol("fvd"), _fvd_compute, _fvd_aggregate),
+    "temporal_consistency": ItemEvaluator(
+        _count, _protocol("temporal_consistency"), _temporal_compute, _temporal_aggregate
+    ),
 }
 
 

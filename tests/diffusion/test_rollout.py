@@ -28,7 +28,7 @@ def setup():
     x = jnp.zeros((2, 3, 4, 4, 4))
     text = jax.random.normal(jax.random.key(1), (2, 5, 8))
     mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
-    params = nn.meta.unbox(model.init(jax.random.key(0), x, jnp.zeros((2, 3)), text, mask))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x, jnp.zeros((2, 3)), text, mask))
     leaves, tree = jax.tree.flatten(params["params"])
     keys = jax.random.split(jax.random.key(2), len(leaves))
     params = jax.tree.unflatten(
