@@ -4,9 +4,11 @@ r"""Temporal consistency of long videos, from the pixels, with no learned weight
 cut into consecutive segments of `segment` frames (the last partial one dropped):
 
 - `colour_drift`: the L2 distance in RGB ([0, 1] units) between the mean colour of the
-  first segment and of each later one; reported for the last segment and as the maximum.
-  A video whose palette drifts (a red object turning orange, the background fading) grows
-  it; a steady scene keeps it near 0. Per segment the mean is over all pixels.
+  first segment's foreground and of each later segment's; reported for the last segment
+  and as the maximum. Foreground pixels are those whose brightest channel exceeds
+  `adherence.FOREGROUND_THRESHOLD` (a segment without any counts as black), so a small
+  object that changes hue or fades away moves it as much as a whole scene would; a
+  steady video keeps it near 0.
 - `histogram_drift`: the total-variation distance (in [0, 1]) between the first segment's
   joint colour histogram (`BINS`³ bins of RGB) and each later segment's; last and max.
   It catches changes of the colour distribution that leave the mean in place.
@@ -74,11 +76,19 @@ def _histogram(x: np.ndarray) -> np.ndarray:
     return h / max(h.sum(), 1.0)
 
 
+def _foreground_mean(x: np.ndarray) -> np.ndarray:
+    """Mean RGB `[3]` of the pixels of `x [..., 3]` whose brightest channel is above the
+    foreground threshold (zeros when there are none)."""
+    px = x.reshape(-1, 3)
+    fg = px[px.max(-1) > adherence.FOREGROUND_THRESHOLD]
+    return fg.mean(0) if len(fg) else np.zeros(3, np.float32)
+
+
 def measure(video, segment: int) -> dict[str, Any]:
     """Drift and flicker of one video (module docstring); `segment` frames per segment."""
     x = _unit(video)
     parts = segments(x, segment)
-    means = np.stack([p.reshape(-1, 3).mean(0) for p in parts])  # [K, 3]
+    means = np.stack([_foreground_mean(p) for p in parts])  # [K, 3]
     colour = np.linalg.norm(means - means[0], axis=-1)  # [K]
     hists = np.stack([_histogram(p) for p in parts])  # [K, BINS³]
     tv = 0.5 * np.abs(hists - hists[0]).sum(-1)  # [K]
