@@ -307,8 +307,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Evaluators run by `sora_jax.evaluate`.
     c.evaluate = ml_collections.ConfigDict()
     # 'prompt_adherence' (pixels vs prompt) | 'val_loss' (fixed-noise validation loss) |
-    # 'reconstruction' (tokenizer PSNR/SSIM) | 'fvd' (Fréchet video distance); docs/sampling.md.
+    # 'reconstruction' (tokenizer PSNR/SSIM) | 'fvd' (Fréchet video distance) |
+    # 'temporal_consistency' (drift and per-segment adherence of long videos); docs/sampling.md.
     c.evaluate.type = "prompt_adherence"
+    # Pixel frames of temporal_consistency's long videos; 0 = 4x the sample bucket's.
+    c.evaluate.long_frames = 0
     # Items evaluated: videos sampled (prompts drawn from the synthetic caption space) or
     # held-out synthetic clips (reconstruction, fvd).
     c.evaluate.num_videos = 8 if arg.tiny else 96
