@@ -105,8 +105,8 @@ def rollout(
     frames = chunk_shape[0]
     double = (lambda x: x) if cfg_scale == 1.0 else (lambda x: jnp.concatenate([x, x]))
 
-    def chunk_step(carry, c):
-        cache, video = carry
+    def chunk_step(carry, _):
+        cache, video, c = carry
         noise, ctx_noise = _draws(keys, c, chunk_shape)
 
         def ode_step(x, i):
@@ -120,10 +120,13 @@ def rollout(
         _, kv = apply_cached(params, double(x_ctx), t_ctx, text, text_mask, cache)
         # Written in place into the output (no stacked copy of the chunks to transpose).
         video = jax.lax.dynamic_update_slice_in_dim(video, x, c * frames, axis=1)
-        return (causal_lib.push(cache, kv), video), None
+        return (causal_lib.push(cache, kv), video, c + 1), None
 
     video = jnp.zeros((b, num_chunks * frames, *chunk_shape[1:]), jnp.float32)
-    (_, video), _ = jax.lax.scan(chunk_step, (cache, video), jnp.arange(num_chunks))
+    # The chunk index is carried (not scanned over an arange): nothing has length C but
+    # the output.
+    start = (cache, video, jnp.zeros((), jnp.int32))
+    (_, video, _), _ = jax.lax.scan(chunk_step, start, None, length=num_chunks)
     return video  # [B, C·F, H', W', C_lat]
 
 
