@@ -68,7 +68,8 @@ def with_blockwise_jvp(kernel: Callable, reference: Callable) -> Callable:
         q, k, v, masks = primals
         dq, dk, dv = tangents[:3]  # masks are boolean/integer: their tangents are float0
         out = kernel(q, k, v, masks)
-        _, d_out = jax.jvp(lambda q, k, v: reference(q, k, v, masks), (q, k, v), (dq, dk, dv))
+        with forward_mode():  # the reference's own JVP rule, wherever this rule is traced
+            _, d_out = jax.jvp(lambda q, k, v: reference(q, k, v, masks), (q, k, v), (dq, dk, dv))
         return out, d_out.astype(out.dtype)
 
     return fused

@@ -11,12 +11,21 @@ path of `models.attention` (`attention_impl='blockwise'`, what 'auto' picks wher
 kernel applies) and the local kernel of the context-parallel strategies there.
 
 **Blocks.** S is split into the fewest key blocks of at most `block_kv` columns, of equal
-size K (rounded up to a multiple of 8), and L likewise into query blocks of Q rows, at most
+size K (a multiple of 8; an exact split of S when one exists within twice the fewest blocks,
+so no padded key needs a mask), and L likewise into query blocks of Q rows, at most
 `block_q`, except that all of L is one query block when its scores fit the budget of a
 default block (L·K <= block_q·block_kv: short videos, cross-attention to a caption).
 L and S are padded to whole blocks; padded keys are masked, padded query rows are dropped.
-A `lax.map` over the L_pad / Q query blocks runs a `lax.scan` over the S_pad / K key
-blocks, so one `[B, N, Q, K]` score block is live at a time.
+The blocks are head-major (`[B, N, Q, E]`), so every product below is a batched
+`[X, Y] @ [Y, Z]` or `[X, Y] @ [Z, Y]ᵀ` matmul (a matmul that contracts the leading axis of
+both operands ran ~3× slower on the CPU of docs/perf.md). A `lax.map` over the L_pad / Q
+query blocks runs a `lax.scan` over the S_pad / K key blocks, so one `[B, N, Q, K]` score
+block is live at a time.
+
+**Skipped blocks.** With segment ids, block-causal ids or a dense mask, a (query block,
+key block) pair where no query keeps any key (another clip of a packed row, a later frame)
+is skipped by a `lax.cond` in the forward, the backward and the tangent: packed rows and
+causal videos cost the pairs they use, not L·S.
 
 **Forward** (per query block; the online softmax of Milakov & Gimelshein 2018), with
 statistics in float32, from m = f32 min, z = 0, acc = 0:
@@ -31,21 +40,28 @@ statistics in float32, from m = f32 min, z = 0, acc = 0:
 A query row with no kept key (an all-padding caption, a dropped one) has z = 0 and gets
 o = 0, the convention of `models.attention.dot_product_attention`, with finite gradients.
 
-**Derivatives.** The function is a `jax.custom_jvp` whose tangent rule is itself blockwise
-and linear in the tangents (dq, dk, dv). With P = exp(s - lse) (the softmax, recomputed
-per block from q, k and the saved lse) and ds = (dq kᵀ + q dkᵀ) / sqrt(E):
+**Reverse mode** is a `jax.custom_vjp`: FlashAttention-2's backward (Dao 2023,
+arXiv:2307.08691), key blocks outside and query blocks inside, recomputing P = exp(s - lse)
+per block from q, k and the saved lse. With a cotangent dlse of the log-sum-exp (ring
+attention merges through it) entering D:
+
+    D  = rowsum(dO ⊙ o) - dlse,   dP = dO v_jᵀ,   dS = P ⊙ (dP - D) / sqrt(E)
+    dq = Σ_j dS k_j,   dk_jᵀ = Σ_i q_iᵀ dS,   dv_jᵀ = Σ_i dO_iᵀ P
+
+dkᵀ and dvᵀ are accumulated `[E, K]` from the transposed q and dO blocks (plain matmuls).
+Residuals are q, k, v, o and lse: O(L + S).
+
+**Forward mode** (`jax.jvp`, needed by consistency distillation) is a `jax.custom_jvp`
+whose tangent rule is itself blockwise and linear in the tangents (dq, dk, dv); with
+ds = (dq kᵀ + q dkᵀ) / sqrt(E):
 
     do   = Σ_j [ (P ⊙ ds) v_j + P dv_j ]  -  o ⊙ r,    r = Σ_j rowsum(P ⊙ ds) = dlse
 
-`jax.jvp` runs this rule (forward mode, needed by consistency distillation) and
-`jax.grad` transposes it (JAX's linear transposition of the scans). Each key-block step is
-rematerialized (`jax.checkpoint`), so the transposed scans recompute P from (q, k, lse)
-instead of storing it; their arithmetic is FlashAttention's backward, with
-
-    D  = rowsum(dO ⊙ o),   dP = dO v_jᵀ,   dS = P ⊙ (dP - D) / sqrt(E)
-    dq = Σ_j dS k_j,   dk_j = dSᵀ q,   dv_j = Pᵀ dO
-
-(D enters as the transpose of `- o ⊙ r`). Residuals are q, k, v, o and lse: O(L + S).
+A function is either a custom VJP or a custom JVP in JAX, so the kernel is the custom JVP
+only while traced inside `models.attention_jvp.forward_mode()` (the distillation step opens
+it around its one `jax.jvp`; tests/models/test_blockwise_attention.py checks both against
+the dense reference). Outside it, `jax.jvp` through the kernel raises JAX's error about
+custom_vjp functions: wrap the call in `forward_mode()`.
 
 **Remat.** Under differentiation the forward names o and lse `RESIDUALS`
 (`jax.ad_checkpoint.checkpoint_name`, the name the splash kernel gives its own), so a remat
@@ -63,6 +79,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from sora_jax.models import attention_jvp
 from sora_jax.models.splash import RESIDUALS
 
 # Block sizes: Q × K float32 scores per (sample, head) are live at a time (256 × 512 × 4 B =
@@ -111,107 +128,214 @@ def _keep(qm: _QMasks, km: _KVMasks, dense_ij) -> jax.Array | None:
 
 
 def _scores(q_scaled, k_j):
-    return jnp.einsum("BQNE,BKNE->BNQK", q_scaled, k_j, preferred_element_type=jnp.float32)
+    return jnp.einsum("BNQE,BNKE->BNQK", q_scaled, k_j, preferred_element_type=jnp.float32)
+
+
+def _matmul(a, b):  # [B, N, X, Y] @ [B, N, Y, Z] in float32: the layout fast matmuls want
+    return jnp.einsum("BNXY,BNYZ->BNXZ", a, b.astype(a.dtype), preferred_element_type=jnp.float32)
 
 
 def _scale(q):
     return jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
 
 
+def _probabilities(q_i, k_j, lse_i, keep):
+    """P = exp(q kᵀ - lse) of one block, exactly 0 where `keep` is False."""
+    shifted = _scores(q_i, k_j) - lse_i[..., None]
+    return jnp.exp(shifted if keep is None else jnp.where(keep, shifted, -jnp.inf))
+
+
+def _when(live, fn, skip, *operands):
+    """`fn(*operands)` where the block pair is live, else `skip(*operands)`; no branch when
+    every pair is live (`live` None: no structured mask)."""
+    return fn(*operands) if live is None else jax.lax.cond(live, fn, skip, *operands)
+
+
 FORWARD_SCOPE = "blockwise_attention_forward"  # the forward scans' op names (tests count them)
 
 
 @jax.named_scope(FORWARD_SCOPE)
-def _forward(qb, kb, vb, qm: _QMasks, km: _KVMasks):
-    """o `[nq, B, Q, N, E]` (v's dtype) and lse `[nq, B, N, Q]` float32 from blocked inputs."""
+def _forward(qb, kb, vb, qm: _QMasks, km: _KVMasks, live):
+    """o `[nq, B, N, Q, E]` (v's dtype) and lse `[nq, B, N, Q]` float32 from blocked inputs
+    (`live` `[nq, nk]` bool or None: which block pairs have a kept key)."""
     scale = _scale(qb)
 
     def query_block(xs):
-        q_i, qm_i = xs  # [B, Q, N, E]
+        q_i, qm_i, live_i = xs  # [B, N, Q, E]
         q_i = q_i * scale
-        b, nq_rows, n, e = q_i.shape
+        b, n, nq_rows, e = q_i.shape
 
         def key_block(carry, xs):
-            m, z, acc = carry
-            k_j, v_j, km_j, dense_ij = xs
-            s = _scores(q_i, k_j)  # [B, N, Q, K]
-            keep = _keep(qm_i, km_j, dense_ij)
-            kept = s if keep is None else jnp.where(keep, s, _MIN)
-            m_new = jnp.maximum(m, jnp.max(kept, axis=-1))
-            corr = jnp.exp(m - m_new)
-            shifted = s - m_new[..., None]
-            p = jnp.exp(shifted if keep is None else jnp.where(keep, shifted, -jnp.inf))
-            pv = jnp.einsum(
-                "BNQK,BKNE->BNQE", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32
-            )
-            return (m_new, corr * z + jnp.sum(p, axis=-1), corr[..., None] * acc + pv), None
+            k_j, v_j, km_j, dense_ij, live_ij = xs
+
+            def update(carry):
+                m, z, acc = carry
+                s = _scores(q_i, k_j)  # [B, N, Q, K]
+                keep = _keep(qm_i, km_j, dense_ij)
+                kept = s if keep is None else jnp.where(keep, s, _MIN)
+                m_new = jnp.maximum(m, jnp.max(kept, axis=-1))
+                corr = jnp.exp(m - m_new)
+                shifted = s - m_new[..., None]
+                p = jnp.exp(shifted if keep is None else jnp.where(keep, shifted, -jnp.inf))
+                pv = _matmul(p.astype(v_j.dtype), v_j)
+                return m_new, corr * z + jnp.sum(p, axis=-1), corr[..., None] * acc + pv
+
+            return _when(live_ij, update, lambda c: c, carry), None
 
         init = (
             jnp.full((b, n, nq_rows), _MIN, jnp.float32),  # m, running row max
             jnp.zeros((b, n, nq_rows), jnp.float32),  # z, running sum of exp(s - m)
             jnp.zeros((b, n, nq_rows, e), jnp.float32),  # acc, running sum of exp(s - m) v
         )
-        (m, z, acc), _ = jax.lax.scan(key_block, init, (kb, vb, km, qm_i.dense))
+        (m, z, acc), _ = jax.lax.scan(key_block, init, (kb, vb, km, qm_i.dense, live_i))
         z_safe = jnp.where(z > 0, z, 1.0)
-        o = jnp.transpose(acc / z_safe[..., None], (0, 2, 1, 3))  # [B, N, Q, E] -> [B, Q, N, E]
+        o = acc / z_safe[..., None]  # [B, N, Q, E]
         lse = jnp.where(z > 0, m + jnp.log(z_safe), _MIN)  # [B, N, Q]
         return o.astype(vb.dtype), lse
 
-    return jax.lax.map(query_block, (qb, qm))
+    return jax.lax.map(query_block, (qb, qm, live))
 
 
-def _tangent(qb, kb, vb, qm, km, ob, lse, dqb, dkb, dvb):
-    """(do `[nq, B, Q, N, E]`, dlse `[nq, B, N, Q]`): the rule of the module docstring."""
+# --- Reverse mode: a custom VJP (FlashAttention's backward) ------------------------------
+
+
+@jax.custom_vjp
+def _attention_vjp(qb, kb, vb, qm: _QMasks, km: _KVMasks, live):
+    return _forward(qb, kb, vb, qm, km, live)
+
+
+def _attention_vjp_fwd(qb, kb, vb, qm, km, live):
+    ob, lse = _forward(qb, kb, vb, qm, km, live)
+    # What the backward needs of the forward, named for remat (module docstring).
+    ob, lse = checkpoint_name(ob, RESIDUALS), checkpoint_name(lse, RESIDUALS)
+    return (ob, lse), (qb, kb, vb, qm, km, live, ob, lse)
+
+
+def _attention_vjp_bwd(residuals, cotangents):
+    """dq, dk, dv by key block (outer scan) and query block (inner scan); dKᵀ and dVᵀ are
+    accumulated transposed, `[E, K]`, so every product is a plain `[X, Y] @ [Y, Z]` matmul
+    (a transposed operand runs ~3x slower on the CPU; docs/perf.md)."""
+    qb, kb, vb, qm, km, live, ob, lse = residuals
+    dob, dlse = cotangents
+    scale = _scale(qb)
+    # D = rowsum(dO ⊙ o) - dlse: a cotangent of lse adds to every score's, dS = P ⊙ (dP - D).
+    delta = jnp.sum(dob.astype(jnp.float32) * ob.astype(jnp.float32), axis=-1) - dlse
+    qs = qb * scale
+    qs_t, do_t = jnp.swapaxes(qs, -1, -2), jnp.swapaxes(dob, -1, -2)  # [nq, B, N, E, Q]
+    by_key = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)  # [nq, nk, ...] -> [nk, nq]
+
+    def key_block(dq, xs):
+        k_j, v_j, km_j, dense_j, live_j = xs
+
+        def query_block(carry, xs):
+            q_i, q_t, do_i, do_t_i, lse_i, d_i, qm_i, dense_ij, live_ij = xs
+
+            def grads(carry):
+                dk_t, dv_t = carry
+                p = _probabilities(q_i, k_j, lse_i, _keep(qm_i, km_j, dense_ij))
+                dv_t = dv_t + _matmul(do_t_i, p)  # [E, Q] @ [Q, K]
+                ds = p * (_scores(do_i, v_j) - d_i[..., None])  # dP = dO vᵀ
+                dk_t = dk_t + _matmul(q_t, ds)
+                return (dk_t, dv_t), _matmul(ds, k_j)  # dq_i = dS k
+
+            skip = lambda c: (c, jnp.zeros(q_i.shape, jnp.float32))
+            return _when(live_ij, grads, skip, carry)
+
+        zeros = jnp.zeros(jnp.swapaxes(k_j, -1, -2).shape, jnp.float32)  # [B, N, E, K]
+        xs = (qs, qs_t, dob, do_t, lse, delta, qm._replace(dense=None), dense_j, live_j)
+        (dk_t, dv_t), dq_j = jax.lax.scan(query_block, (zeros, zeros), xs)
+        return dq + dq_j, (dk_t, dv_t)
+
+    xs = (kb, vb, km, by_key(qm.dense), by_key(live))
+    dq, (dk_t, dv_t) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), xs)
+    dk, dv = jnp.swapaxes(dk_t, -1, -2), jnp.swapaxes(dv_t, -1, -2)
+    return (dq * scale).astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None
+
+
+_attention_vjp.defvjp(_attention_vjp_fwd, _attention_vjp_bwd)
+
+
+# --- Forward mode: a custom JVP, blockwise and linear in the tangents --------------------
+
+
+def _tangent(qb, kb, vb, qm, km, live, ob, lse, dqb, dkb, dvb):
+    """(do `[nq, B, N, Q, E]`, dlse `[nq, B, N, Q]`): the rule of the module docstring."""
     scale = _scale(qb)
 
     def query_block(xs):
-        q_i, dq_i, o_i, lse_i, qm_i = xs
+        q_i, dq_i, o_i, lse_i, qm_i, live_i = xs
         q_i, dq_i = q_i * scale, dq_i * scale
 
-        # Rematerialized: the transposed scan recomputes P instead of storing nk blocks of it.
-        @jax.checkpoint
         def key_block(carry, xs):
-            acc, r = carry
-            k_j, v_j, dk_j, dv_j, km_j, dense_ij = xs
-            keep = _keep(qm_i, km_j, dense_ij)
-            shifted = _scores(q_i, k_j) - lse_i[..., None]
-            p = jnp.exp(shifted if keep is None else jnp.where(keep, shifted, -jnp.inf))
-            ds = _scores(dq_i, k_j) + _scores(q_i, dk_j)  # [B, N, Q, K], linear in tangents
-            pds = p * ds
-            acc = acc + jnp.einsum(
-                "BNQK,BKNE->BNQE", pds.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32
-            )
-            acc = acc + jnp.einsum(
-                "BNQK,BKNE->BNQE", p.astype(dv_j.dtype), dv_j, preferred_element_type=jnp.float32
-            )
-            return (acc, r + jnp.sum(pds, axis=-1)), None
+            k_j, v_j, dk_j, dv_j, km_j, dense_ij, live_ij = xs
 
-        b, nq_rows, n, e = q_i.shape
+            def update(carry):
+                acc, r = carry
+                p = _probabilities(q_i, k_j, lse_i, _keep(qm_i, km_j, dense_ij))
+                pds = p * (_scores(dq_i, k_j) + _scores(q_i, dk_j))  # P ⊙ ds
+                acc = acc + _matmul(pds.astype(v_j.dtype), v_j) + _matmul(p, dv_j)
+                return acc, r + jnp.sum(pds, axis=-1)
+
+            return _when(live_ij, update, lambda c: c, carry), None
+
+        b, n, nq_rows, e = q_i.shape
         init = (jnp.zeros((b, n, nq_rows, e), jnp.float32), jnp.zeros((b, n, nq_rows), jnp.float32))
-        (acc, r), _ = jax.lax.scan(key_block, init, (kb, vb, dkb, dvb, km, qm_i.dense))
-        o32 = jnp.transpose(o_i, (0, 2, 1, 3)).astype(jnp.float32)  # [B, N, Q, E]
-        do = jnp.transpose(acc - r[..., None] * o32, (0, 2, 1, 3))  # -> [B, Q, N, E]
+        xs = (kb, vb, dkb, dvb, km, qm_i.dense, live_i)
+        (acc, r), _ = jax.lax.scan(key_block, init, xs)
+        do = acc - r[..., None] * o_i.astype(jnp.float32)
         return do.astype(ob.dtype), r
 
-    return jax.lax.map(jax.checkpoint(query_block), (qb, dqb, ob, lse, qm))
+    return jax.lax.map(query_block, (qb, dqb, ob, lse, qm, live))
 
 
 @jax.custom_jvp
-def _blocked_attention(qb, kb, vb, qm: _QMasks, km: _KVMasks):
-    return _forward(qb, kb, vb, qm, km)
+def _attention_jvp(qb, kb, vb, qm: _QMasks, km: _KVMasks, live):
+    return _forward(qb, kb, vb, qm, km, live)
 
 
-@_blocked_attention.defjvp
-def _blocked_attention_jvp(primals, tangents):
-    qb, kb, vb, qm, km = primals
+@_attention_jvp.defjvp
+def _attention_jvp_rule(primals, tangents):
+    qb, kb, vb, qm, km, live = primals
     dqb, dkb, dvb = tangents[:3]  # the masks are integer/bool: no tangents
-    ob, lse = _forward(qb, kb, vb, qm, km)
-    # What the tangent rule (and so the backward) needs of the forward, named for remat.
-    ob, lse = checkpoint_name(ob, RESIDUALS), checkpoint_name(lse, RESIDUALS)
-    return (ob, lse), _tangent(qb, kb, vb, qm, km, ob, lse, dqb, dkb, dvb)
+    ob, lse = _forward(qb, kb, vb, qm, km, live)
+    return (ob, lse), _tangent(qb, kb, vb, qm, km, live, ob, lse, dqb, dkb, dvb)
+
+
+def _blocked_attention(qb, kb, vb, qm: _QMasks, km: _KVMasks, live):
+    """Reverse mode by the custom VJP; forward mode (inside `attention_jvp.forward_mode()`,
+    where the distillation step takes its `jax.jvp`) by the custom JVP."""
+    kernel = _attention_jvp if attention_jvp.active() else _attention_vjp
+    return kernel(qb, kb, vb, qm, km, live)
 
 
 # --- Padding to whole blocks and the public functions -------------------------------------
+
+
+def _live(qm: _QMasks, km: _KVMasks, nq: int, nk: int) -> jax.Array | None:
+    """`[nq, nk]` bool: False where no query of block i can keep any key of block j, so the
+    kernel skips the pair (packed rows: other clips' blocks; block-causal: future frames).
+    Segment ids are compared by their range per block (exact for the contiguous segments of
+    packed rows, and never skips a pair that has a kept key). None when no mask but key
+    padding is given: every pair is computed, without a branch."""
+    if qm.segment_ids is None and qm.block_ids is None and qm.dense is None and km.dense is None:
+        return None
+    live = True
+    any_b = lambda x: jnp.any(x, axis=-1)  # over the batch axis
+    if qm.segment_ids is not None:
+        q_lo, q_hi = jnp.min(qm.segment_ids, -1), jnp.max(qm.segment_ids, -1)  # [nq, B]
+        k_lo, k_hi = jnp.min(km.segment_ids, -1), jnp.max(km.segment_ids, -1)  # [nk, B]
+        lo = jnp.maximum(q_lo[:, None], k_lo[None])
+        live = live & any_b(lo <= jnp.minimum(q_hi[:, None], k_hi[None]))
+    if qm.block_ids is not None:  # some query's id at least some key's
+        q_hi, k_lo = jnp.max(qm.block_ids, -1), jnp.min(km.block_ids, -1)  # [nq, B|1], [nk, B|1]
+        live = live & any_b(q_hi[:, None] >= k_lo[None])
+    if km.valid is not None:
+        live = live & jnp.any(km.valid, axis=(1, 2))[None, :]
+    if km.dense is not None:
+        live = live & jnp.any(km.dense, axis=(1, 2, 3, 4))[None, :]
+    if qm.dense is not None:
+        live = live & jnp.any(qm.dense, axis=(2, 3, 4, 5))
+    return jnp.broadcast_to(live, (nq, nk))
 
 
 def _pad(x, axis: int, length: int, value=0):
@@ -231,11 +355,16 @@ def _split(x, axis: int, block: int):
 
 def _block(length: int, block: int) -> int:
     """The size of the fewest equal blocks of at most `block` covering `length`, rounded up
-    to a multiple of 8 where that stays within `block`. Equal blocks waste less on padding
+    to a multiple of 8 where that stays within `block`; an exact split into multiples of 8
+    (up to twice as many blocks) when there is one, so no padded key needs a mask. Equal blocks waste less on padding
     than blocks of `block`: 320 tokens in blocks of 256 are two blocks of 160, not 512 rows
     of which 192 are padding (docs/perf.md, "CPU step against PyTorch")."""
     block = max(1, min(block, length))
-    size = -(-length // -(-length // block))  # ceil(length / number of blocks)
+    count = -(-length // block)
+    for m in range(count, 2 * count + 1):  # an exact split (no padded keys to mask) if any
+        if length % m == 0 and (length // m) % 8 == 0:
+            return length // m
+    size = -(-length // count)  # ceil(length / number of blocks)
     return min(block, -(-size // 8) * 8) if size > 8 else size
 
 
@@ -340,8 +469,10 @@ def blockwise_attention_with_lse(
         split_kv(kv_blk),
         kv_dense,
     )
-    ob, lse = _blocked_attention(_split(q, 1, bq), _split(k, 1, bk), _split(v, 1, bk), qm, km)
-    o = jnp.moveaxis(ob, 0, 1).reshape(b, lp, n, -1)[:, :lq]  # [nq, B, Q, N, E] -> [B, L, N, E]
+    heads = lambda x: jnp.transpose(x, (0, 2, 1, 3))  # [B, L, N, E] <-> [B, N, L, E]
+    qb, kb, vb = _split(heads(q), 2, bq), _split(heads(k), 2, bk), _split(heads(v), 2, bk)
+    ob, lse = _blocked_attention(qb, kb, vb, qm, km, _live(qm, km, lp // bq, sp // bk))
+    o = heads(jnp.moveaxis(ob, 0, 2).reshape(b, n, lp, -1)[:, :, :lq])  # [nq, B, N, Q, E]
     lse = jnp.moveaxis(lse, 0, 2).reshape(b, n, lp)[..., :lq]  # [nq, B, N, Q] -> [B, N, L]
     return o, lse
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from sora_jax.models import attention, build_model
+from sora_jax.models import attention, attention_jvp, build_model
 from sora_jax.models import blockwise_attention as bw
 
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -89,7 +89,8 @@ def _reference(q, k, v, keep):
 def _value_grads_jvp(q, k, v, w, tangents, fn):
     """o, the gradients of sum(o · w) for (q, k, v), and the JVP of o along `tangents`."""
     grads = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
-    o, do = jax.jvp(fn, (q, k, v), tangents)
+    with attention_jvp.forward_mode():  # the kernel's custom JVP (grad uses its custom VJP)
+        o, do = jax.jvp(fn, (q, k, v), tangents)
     return o, grads, do
 
 
@@ -142,12 +143,21 @@ def test_lse_and_its_derivatives():
         strict=True,
     ):
         np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=RTOL)
+    # Cotangents on both outputs at once (ring attention differentiates o and lse).
+    o_ref = lambda q, k: _reference(q, k, v, keep=keep)
+    both = lambda q, k: bw.blockwise_attention_with_lse(q, k, v, **kwargs, **BLOCKS)
+    w_o = _normal(np.random.default_rng(3), *q.shape)
+    for ours, ref in zip(
+        jax.grad(lambda q, k: jnp.sum(both(q, k)[0] * w_o) + jnp.sum(both(q, k)[1] * w))(q, k),
+        jax.grad(lambda q, k: jnp.sum(o_ref(q, k) * w_o) + jnp.sum(lse_ref(q, k) * w))(q, k),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=RTOL)
     tangents = (q[:, ::-1], k * 0.5)
+    with attention_jvp.forward_mode():
+        jvp_ours = jax.jvp(lse_ours, (q, k), tangents)[1]
     np.testing.assert_allclose(
-        jax.jvp(lse_ours, (q, k), tangents)[1],
-        jax.jvp(lse_ref, (q, k), tangents)[1],
-        atol=ATOL,
-        rtol=RTOL,
+        jvp_ours, jax.jvp(lse_ref, (q, k), tangents)[1], atol=ATOL, rtol=RTOL
     )
 
 
@@ -185,6 +195,32 @@ def test_errors_name_the_shapes():
         bw.blockwise_attention(q, q, q, mask=jnp.ones((2, 4, 40, 40), bool))
 
 
+def test_skipped_block_pairs_are_exactly_those_without_a_kept_key():
+    """Packed rows (contiguous segments) and block-causal frames: the kernel computes a
+    (query block, key block) pair exactly when some query of the one keeps some key of the
+    other (models/blockwise_attention.py `_live`)."""
+    lq = 64
+    seg = np.stack([np.repeat([1, 2, 3], [20, 30, 14]), np.repeat([1, 2], [40, 24])])  # [B, L]
+    frames = np.asarray(bw.frame_causal_ids(8, 8))
+    blocks = lambda ids: bw._split(jnp.asarray(ids, jnp.int32).reshape(-1, lq), 1, 8)
+    for qm, km, keep in (
+        (
+            bw._QMasks(blocks(seg), None, None),
+            bw._KVMasks(None, blocks(seg), None, None),
+            seg[:, :, None] == seg[:, None, :],
+        ),
+        (
+            bw._QMasks(None, blocks(frames), None),
+            bw._KVMasks(None, None, blocks(frames), None),
+            (frames[None, :] <= frames[:, None])[None],
+        ),
+    ):
+        live = np.asarray(bw._live(qm, km, lq // 8, lq // 8))
+        exact = np.asarray(keep).reshape(-1, lq // 8, 8, lq // 8, 8).any(axis=(0, 2, 4))
+        np.testing.assert_array_equal(live, exact)
+        assert 0 < live.sum() < live.size  # some pairs are skipped, some computed
+
+
 def test_compiled_temporaries_are_a_small_fraction_of_the_dense_path_at_8k_tokens():
     """The dense path stores the float32 scores [B, N, L, L] (512 MiB here, twice for its
     gradient); the blockwise one a few blocks. Compiled only, never run."""
@@ -203,7 +239,8 @@ def test_compiled_temporaries_are_a_small_fraction_of_the_dense_path_at_8k_token
 def _loss_grads_jvp(model, params, x, t, text, text_mask, w):
     apply = lambda p, x, t: model.apply({"params": p}, x, t, text, text_mask)
     loss_grads = jax.value_and_grad(lambda p: jnp.sum(apply(p, x, t) * w))(params)
-    jvp = jax.jvp(functools.partial(apply, params), (x, t), (w, jnp.ones_like(t)))[1]
+    with attention_jvp.forward_mode():
+        jvp = jax.jvp(functools.partial(apply, params), (x, t), (w, jnp.ones_like(t)))[1]
     return loss_grads, jvp
 
 
