@@ -34,7 +34,12 @@ against `Σ_b E_b t_b`, `E` the steps per epoch. Per epoch, it reports:
   area kept by a smaller bucket, as benchmarks/packing.py counts it); a dropped clip
   covers nothing.
 
-and their packed / bucketed ratios, the median over repetitions. Figures in docs/perf.md.
+and their packed / bucketed ratios, the median over repetitions; and, load-independent, the
+model's forward FLOPs per token stepped on each side (`forward_flops`: counted from the
+shapes, every row slot of the packed step, and what attention over each clip's own
+`n_i²` scores would leave), whose ratio is the tokens / s ratio at equal FLOP rates. A
+dropped clip or a cropped pixel costs the bucketed step nothing, so it is waste of data
+(coverage per epoch, benchmarks/packing.py), not of compute. Figures in docs/perf.md.
 `--max_buckets=N` times only the N most-stepped buckets (a partial epoch, for the tests).
 """
 
@@ -159,6 +164,26 @@ def bucket_epoch(clips, native_tokens: dict[int, int], opts, grid, budget: int) 
         "dropped_fraction": dropped / len(clips),
         "content_kept": float(np.mean(kept)),
     }
+
+
+def forward_flops(args, rows: int, length: int, native: list[int], steps: int, per_bucket):
+    """Model forward FLOPs per epoch, counted: per token and block `28 D²` (q, k, v, o,
+    the cross-attention's q and o, an MLP of 4 D) + `4 n_ctx D` (self-attention scores and
+    values over `n_ctx` keys) + `4 S_ctx D` (cross-attention over `S_ctx` text tokens);
+    training is about 3x forward on both sides. Packed: every row slot, `n_ctx = L` (every
+    block computed, as the kernels do today) or the clip's own `n_i` (segment-skipping
+    attention: `Σ n_i²`), `S_ctx = K S`; bucketed: `n_ctx = n_b`, `S_ctx = S`. The timestep
+    path (per sample, or per time slot of a row) and the text's own projections are left out."""
+    d, layers, s_ctx = args.dim, args.layers, args.max_segments * args.text_len
+    slots = steps * rows * length
+    dense = 28 * d * d + 4 * s_ctx * d
+    packed = layers * slots * (dense + 4 * length * d)
+    skipping = layers * (slots * dense + 4 * d * sum(n * n for n in native))
+    bucketed = layers * sum(
+        e["steps"] * e["batch"] * e["tokens"] * (28 * d * d + 4 * (e["tokens"] + args.text_len) * d)
+        for e in per_bucket.values()
+    )
+    return {"packed": packed, "packed_segment_skipping": skipping, "bucketed": bucketed}
 
 
 def latent(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -316,6 +341,15 @@ def main(argv=None) -> None:
         "bucketed": sum(e["steps"] * e["batch"] * e["tokens"] for e in per_bucket.values()),
     }
     covered = {"packed": native_total, "bucketed": sum(e["content"] for e in per_bucket.values())}
+    flops = forward_flops(
+        args, args.rows, length, list(n_native.values()), steps_packed, per_bucket
+    )
+    # Tokens per FLOP against the bucketed step: the ratio tokens / s would have at equal
+    # FLOP rates (with `Σ n_i²` attention, what skipping disjoint segments' blocks could give).
+    flop_ratio = {
+        k: (stepped["packed"] / flops[k]) / (stepped["bucketed"] / flops["bucketed"])
+        for k in ("packed", "packed_segment_skipping")
+    }
     reps = []
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         for _ in range(args.reps):
@@ -400,8 +434,21 @@ def main(argv=None) -> None:
         f"{slot_s_bucket * 1e6:9.2f} us   (bucketed: per clip token)"
     )
     print(
+        f"forward FLOPs per token       {flops['packed'] / stepped['packed'] / 1e3:9.0f} k    "
+        f"{flops['bucketed'] / stepped['bucketed'] / 1e3:9.0f} k    "
+        f"{flop_ratio['packed']:7.3f}   (tokens per FLOP ratio)"
+    )
+    print(
+        f"  with Σ n_i² attention       "
+        f"{flops['packed_segment_skipping'] / stepped['packed'] / 1e3:9.0f} k    "
+        f"{flops['bucketed'] / stepped['bucketed'] / 1e3:9.0f} k    "
+        f"{flop_ratio['packed_segment_skipping']:7.3f}"
+    )
+    print(
         json.dumps(
             {
+                "flops_forward_epoch": flops,
+                "ratio_tokens_per_flop": flop_ratio,
                 "ratio_tokens_stepped": ratio_stepped,
                 "ratio_native_tokens_covered": ratio_covered,
                 "figures": figures,
