@@ -1,11 +1,14 @@
-"""Consistency distillation as a training mode of the loop: a tiny student of the session's
-tiny run (conftest's tiny_run) on 8 CPU devices with FSDP resumes bit-identically after
-SIGKILL; the student samples with 1 and 4 consistency steps; fused attention kernels are
-refused; the plan counts the teacher."""
+"""Distillation as a training mode of the loop: a tiny student of the tiny run (conftest's
+tiny_run) on 8 CPU devices with FSDP resumes bit-identically after SIGKILL, trained by
+consistency distillation (sCM) and by DMD2 (its fake score in the checkpoint); the student
+samples with 1 and 4 consistency steps; fused attention kernels are refused only under
+context parallelism; the plan counts the teacher; benchmarks/few_step.py runs on them."""
 
 import json
 import os
 import pathlib
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,16 +53,24 @@ def _train_keys(work):
     return [{k: v for k, v in m.items() if k.startswith("train/")} for m in rows]
 
 
-@pytest.fixture(scope="module")
-def student(tiny_run, tmp_path_factory):
-    """A straight (uninterrupted) distillation run of the tiny teacher: `(workdir, config)`."""
-    teacher, _ = tiny_run
-    work = tmp_path_factory.mktemp("student") / "run"
-    config = student_config(teacher)
+def _straight(teacher, work, method):
+    config = student_config(teacher, **{"distill.method": method})
     config_lib.write_run_files(work, config, ["test"])  # config.json, as sora_jax.train does
     summary = loop.train(config, work)
     assert summary["final_step"] == STEPS and np.isfinite(summary["final_loss"])
     return work, config
+
+
+@pytest.fixture(scope="module")
+def student(tiny_run, tmp_path_factory):
+    """A straight (uninterrupted) distillation run of the tiny teacher: `(workdir, config)`."""
+    return _straight(tiny_run[0], tmp_path_factory.mktemp("student") / "run", "scm")
+
+
+@pytest.fixture(scope="module")
+def dmd2_student(tiny_run, tmp_path_factory):
+    """The same with DMD2 (distill.method='dmd2'): generator, fake score in opt_state."""
+    return _straight(tiny_run[0], tmp_path_factory.mktemp("dmd2_student") / "run", "dmd2")
 
 
 @pytest.mark.parametrize("impl", ["cudnn", "splash"])
@@ -96,11 +107,13 @@ def test_student_starts_as_the_teacher_and_checkpoints_hold_no_teacher(student, 
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(student, tiny_run, tmp_path):
-    straight, _ = student
+@pytest.mark.parametrize("method", ["scm", "dmd2"])
+def test_sigkill_then_resume_is_bit_identical(method, tiny_run, tmp_path, request):
+    straight, _ = request.getfixturevalue("student" if method == "scm" else "dmd2_student")
     resumed = tmp_path / "resumed"
     cmd = [
-        sys.executable, "-m", "sora_jax.train", f"--config={DISTILL}:tiny,teacher={tiny_run[0]}",
+        sys.executable, "-m", "sora_jax.train",
+        f"--config={DISTILL}:tiny,teacher={tiny_run[0]},method={method}",
         f"--workdir={resumed}", *OVERRIDES,
     ]  # fmt: skip
     env = {**os.environ, "TQDM_DISABLE": "1"}
@@ -115,9 +128,16 @@ def test_sigkill_then_resume_is_bit_identical(student, tiny_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (resumed / "checkpoints" / str(STEPS)).exists()  # really killed part-way
-    loop.train(student_config(tiny_run[0]), resumed)  # the same run, resumed in-process
+    # The same run, resumed in-process.
+    loop.train(student_config(tiny_run[0], **{"distill.method": method}), resumed)
     a, b = _saved_state(straight, STEPS), _saved_state(resumed, STEPS)
-    jax.tree.map(np.testing.assert_array_equal, a, b)  # student, optimizer state, EMA, step
+    # Student, optimizer state (with DMD2: the fake score and its optimizer state), EMA, step.
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    if method == "dmd2":
+        assert set(a["opt_state"]) == {"generator", "fake_score", "fake_score_opt"}
+        fake, teacher = a["opt_state"]["fake_score"], _saved_state(tiny_run[0], 4)["ema"]
+        diff = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), fake, teacher["decay_0p99"])
+        assert max(jax.tree.leaves(diff)) > 0  # trained from the teacher, and saved
     assert _train_keys(straight) == _train_keys(resumed)
 
 
@@ -160,11 +180,34 @@ def test_sample_cli_samples_a_student_with_its_recorded_family(student, tmp_path
     assert bad.returncode == 2 and "--cfg=1" in bad.stderr
 
 
-def test_plan_counts_the_teacher_in_the_step_arguments(tiny_run, devices, capsys):
-    config = student_config(tiny_run[0])
+def test_plan_counts_the_teacher_and_dmd2_fake_score_in_the_step_arguments(
+    tiny_run, devices, capsys
+):
+    config = student_config(tiny_run[0], **{"distill.method": "dmd2"})
+    (with_fake,) = plan.plan(config, devices=devices)
+    out = capsys.readouterr().out
+    assert "frozen teacher 194,544" in out and "fake-score network 194,544" in out
+    config.distill.method = "scm"
     (with_teacher,) = plan.plan(config, devices=devices)
     out = capsys.readouterr().out
-    assert "frozen teacher 194,544" in out
+    assert "frozen teacher 194,544" in out and "fake-score" not in out
+    mesh = mesh_lib.create_mesh(config.mesh, devices)
+    manifest = plan.dataset_geometry(config)
+    _, _, _, dmd2_state, _ = distill_step.setup_state(
+        student_config(tiny_run[0], **{"distill.method": "dmd2"}),
+        manifest,
+        mesh,
+        mesh_lib.logical_rules(config.mesh),
+    )
+    # DMD2 adds exactly the fake score's shards and its optimizer state's (the student's).
+    fake = {k: v for k, v in dmd2_state.opt_state.items() if k != "generator"}
+    fake_bytes = sum(
+        x.dtype.itemsize * int(np.prod(x.sharding.shard_shape(x.shape)))
+        for x in jax.tree.leaves(fake)
+    )
+    np.testing.assert_allclose(
+        (with_fake.argument_gb - with_teacher.argument_gb) * 2**30, fake_bytes, rtol=1e-6
+    )
     config.unlock()
     del config["distill"]  # the same model trained as a DiT: no teacher among the arguments
     config.model.attention_impl = "blockwise"
@@ -181,3 +224,26 @@ def test_plan_counts_the_teacher_in_the_step_arguments(tiny_run, devices, capsys
     extra = with_teacher.argument_gb - alone.argument_gb
     assert per_device < 194_544 * 4  # sharded, not whole on each device
     np.testing.assert_allclose(extra * 2**30, per_device, rtol=1e-6)
+
+
+def test_few_step_benchmark_runs_on_the_tiny_teacher_and_student(tiny_run, student, tmp_path):
+    teacher = tmp_path / "teacher"  # the tiny run with the config.json a training run writes
+    shutil.copytree(tiny_run[0], teacher)
+    config_lib.write_run_files(teacher, tiny_run[1], ["test"])
+    cmd = [
+        sys.executable, "benchmarks/few_step.py", f"--teacher={teacher}",
+        f"--student={student[0]}", "--steps=3", "--repeats=1", "--cache=1e9",
+    ]  # fmt: skip
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    number = r"[0-9.]+"
+    for row in [
+        "teacher 3 steps cfg 3",
+        "teacher \\+ cache 1e\\+09",
+        "student 4 steps",
+        "student 1 step",
+    ]:
+        assert re.search(rf"{row}\s+{number}\s+{number}x", proc.stdout), proc.stdout
+    # A huge threshold: the network runs in step 0 only.
+    assert "network ran in 1 of 3 steps" in proc.stdout

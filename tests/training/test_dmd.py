@@ -1,7 +1,7 @@
 """DMD2 distillation (`distill.method='dmd2'`): the losses' closed forms, one step of the
 tiny student against the losses and the fake score's update computed here by hand, the
-two time-scale rule, and the plan's arguments with the fake-score network. Resume after
-SIGKILL is tests/training/test_distill.py's, parametrized over the method."""
+two time-scale rule. Resume after SIGKILL and the plan's arguments with the fake-score
+network are in tests/training/test_distill.py."""
 
 import pathlib
 
@@ -50,7 +50,12 @@ def setup():
     """A one-device DMD2 state of the tiny model: student θ, teacher θ + noise, fake score
     = teacher (as the family starts it), with the step (K = 2) and a batch."""
     config = _config(
-        **{"distill.fake_updates_per_generator": 2, "mesh.ici_fsdp": 1, "optimizer.warmup_steps": 0}
+        **{
+            "distill.fake_updates_per_generator": 2,
+            "mesh.ici_fsdp": 1,
+            "optimizer.warmup_steps": 0,
+            "model.num_layers": 1,  # one block: the step compiles faster, the maths is the same
+        }
     )
     config.mesh.ici_data = 1
     manifest = plan.dataset_geometry(config)
@@ -173,26 +178,3 @@ def test_dmd2_config_errors_name_the_fields():
     config = _config(**{"distill.fake_updates_per_generator": 0, "distill.dmd_t_min": 0.99})
     errors = "\n".join(distill_step.config_errors(config, "cpu"))
     assert "distill.fake_updates_per_generator=0" in errors and "distill.dmd_t_min" in errors
-
-
-def test_plan_counts_teacher_and_fake_score(tiny_run, devices, capsys):
-    config = _config(**{"distill.teacher": str(tiny_run[0]), "mesh.ici_fsdp": 4})
-    (with_fake,) = plan.plan(config, devices=devices)
-    out = capsys.readouterr().out
-    assert "frozen teacher 194,544" in out and "fake-score network 194,544" in out
-    config.distill.method = "scm"
-    (scm,) = plan.plan(config, devices=devices)
-    # Exactly the fake score's shards and its optimizer state's (as the student's).
-    mesh = mesh_lib.create_mesh(config.mesh, devices)
-    manifest = plan.dataset_geometry(config)
-    _, _, _, abstract, _ = distill_step.setup_state(
-        config, manifest, mesh, mesh_lib.logical_rules(config.mesh)
-    )
-    nbytes = lambda tree: sum(  # noqa: E731
-        x.dtype.itemsize * int(np.prod(x.sharding.shard_shape(x.shape)))
-        for x in jax.tree.leaves(tree)
-    )
-    per_device = nbytes(abstract.params) + nbytes(abstract.opt_state)
-    np.testing.assert_allclose(
-        (with_fake.argument_gb - scm.argument_gb) * 2**30, per_device, rtol=1e-6
-    )
