@@ -19,6 +19,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sora_jax.models import attention as attention_lib
 from sora_jax.models import rope as rope_lib
+from sora_jax.parallel import mesh as mesh_lib
 
 Dtype = Any
 ACT = ("act_batch", "act_length", "act_embed")  # video activations [B, L, D]
@@ -71,6 +72,12 @@ def unpatchify(tokens: jax.Array, grid, patch) -> jax.Array:
 # --- Linear layers, norms, embeddings ---------------------------------------------------
 
 
+def _flatten_dense() -> bool:
+    """Whether dense layers flatten their leading axes into one (CPU targets only: merging a
+    sharded batch axis with a sharded length axis could make a GPU or TPU compiler reshard)."""
+    return mesh_lib.target_platform() == "cpu"
+
+
 class NamedDense(nn.Module):
     """`y = x · kernel + bias` contracting the trailing `axis` dims of x, with named params.
 
@@ -112,11 +119,16 @@ class NamedDense(nn.Module):
             in_shape + self.features,
             jnp.float32,
         )
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            ((axis, tuple(range(n_in))), ((), ())),
-        )
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        lead = x.shape[: x.ndim - n_in]
+        if len(lead) > 1 and axis == tuple(range(len(lead), x.ndim)) and _flatten_dense():
+            # [B, L, in] as one [B·L, in] @ [in, out] matmul: the weight gradient is then a
+            # plain 2-D product; contracting B and L together, XLA's CPU backend copied x
+            # transposed and ran a slower matmul (docs/perf.md, "CPU step against PyTorch").
+            y = x.reshape(-1, math.prod(in_shape)) @ kernel.reshape(math.prod(in_shape), -1)
+            y = y.reshape(*lead, *self.features)
+        else:
+            y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(n_in))), ((), ())))
         if self.use_bias:
             bias = self.param(
                 "bias",
