@@ -356,9 +356,10 @@ def _split(x, axis: int, block: int):
 def _block(length: int, block: int) -> int:
     """The size of the fewest equal blocks of at most `block` covering `length`, rounded up
     to a multiple of 8 where that stays within `block`; an exact split into multiples of 8
-    (up to twice as many blocks) when there is one, so no padded key needs a mask. Equal blocks waste less on padding
-    than blocks of `block`: 320 tokens in blocks of 256 are two blocks of 160, not 512 rows
-    of which 192 are padding (docs/perf.md, "CPU step against PyTorch")."""
+    (up to twice as many blocks) when there is one, so no padded key needs a mask. Equal
+    blocks waste less on padding than blocks of `block`: 320 tokens in blocks of 256 are two
+    blocks of 160, not 512 rows of which 192 are padding (docs/perf.md, "CPU step against
+    PyTorch")."""
     block = max(1, min(block, length))
     count = -(-length // block)
     for m in range(count, 2 * count + 1):  # an exact split (no padded keys to mask) if any
