@@ -29,6 +29,9 @@ kernels unchanged. Under context parallelism the fused kernels are refused.
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -52,6 +55,9 @@ FUSED_IMPLS = ("cudnn", "splash")
 # Model fields that change how the network runs, not what it computes: the student may set
 # them differently from the teacher's run.
 RUNTIME_FIELDS = ("attention_impl", "remat", "dtype", "context_parallel", "splash_block_size")
+# The model config a `python -m sora_jax.wan import` writes next to its checkpoints/
+# (sora_jax.wan.MODEL_CONFIG_FILE).
+IMPORT_MODEL_CONFIG = "model_config.json"
 
 METHODS = ("scm", "dmd2")
 DEFAULTS = dict(
@@ -162,11 +168,26 @@ def setup_state(config, manifest, mesh, rules):
 
 
 def check_teacher_model(config, teacher_dir, step: int) -> None:
-    """Refuses a teacher whose run built another model (fields other than RUNTIME_FIELDS)."""
+    """Refuses a teacher whose run built another model (fields other than RUNTIME_FIELDS).
+
+    The teacher's model is the config saved with its checkpoint or, for a `python -m
+    sora_jax.wan import` output (no saved config), the import's `model_config.json`.
+    """
     saved = ckpt_lib.saved_config(teacher_dir, step)
-    if saved is None:
+    imported = pathlib.Path(teacher_dir).parent / IMPORT_MODEL_CONFIG
+    if saved is None and imported.is_file():
+        try:
+            theirs = dit.model_fields(json.loads(imported.read_text())["model"])
+        except (KeyError, ValueError) as e:
+            raise ConfigError(
+                f"distill.teacher={teacher_dir}/{step}: {imported} does not give the "
+                f"imported model's fields ({e}); import it again with python -m sora_jax.wan"
+            ) from e
+    elif saved is None:
         return  # an older checkpoint without its config: the leaf shapes are still checked
-    ours, theirs = dit.model_fields(config.model), saved.get("model", {})
+    else:
+        theirs = saved.get("model", {})
+    ours = dit.model_fields(config.model)
     diff = [
         f"model.{k}: teacher {theirs.get(k)!r} vs student {v!r}"
         for k, v in sorted(ours.items())
