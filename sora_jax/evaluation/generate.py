@@ -345,6 +345,26 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def summarize(config, gen: Generator, outdir: pathlib.Path, written: dict, totals: dict) -> dict:
+    """Writes `contact_sheet.png` of the `written` videos (`{index: (path, video)}`) and
+    returns the job's summary: output folder, sheet, videos in request order, checkpoint,
+    weights and timings."""
+    order = sorted(written)
+    sheet = video_io.contact_sheet([video_io.to_uint8(written[i][1]) for i in order])
+    sheet_path = video_io.write_png(
+        outdir / "contact_sheet.png", sheet, scale=max(1, config.sample.video_scale // 2)
+    )
+    return {
+        "output": str(outdir),
+        "contact_sheet": str(sheet_path),
+        "videos": [str(written[i][0]) for i in order],
+        "checkpoint_step": gen.step,
+        "weights": gen.weights,
+        "params_sha256": gen.params_hash,
+        "timings": totals,
+    }
+
+
 def sample_to_dir(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -468,17 +488,4 @@ def sample_to_dir(
     totals["denoise_per_step_s"] = totals.get("denoise_s", 0.0) / max(
         1, sum(b[0].options.num_steps for b in todo)
     )
-    order = sorted(written)
-    sheet = video_io.contact_sheet([video_io.to_uint8(written[i][1]) for i in order])
-    sheet_path = video_io.write_png(
-        outdir / "contact_sheet.png", sheet, scale=max(1, config.sample.video_scale // 2)
-    )
-    return {
-        "output": str(outdir),
-        "contact_sheet": str(sheet_path),
-        "videos": [str(written[i][0]) for i in order],
-        "checkpoint_step": gen.step,
-        "weights": gen.weights,
-        "params_sha256": gen.params_hash,
-        "timings": totals,
-    }
+    return summarize(config, gen, outdir, written, totals)

@@ -238,17 +238,4 @@ def sample_to_dir(
             }
             path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True))
             written[r.index] = (path, video)
-    order = sorted(written)
-    sheet = video_io.contact_sheet([video_io.to_uint8(written[i][1]) for i in order])
-    sheet_path = video_io.write_png(
-        outdir / "contact_sheet.png", sheet, scale=max(1, config.sample.video_scale // 2)
-    )
-    return {
-        "output": str(outdir),
-        "contact_sheet": str(sheet_path),
-        "videos": [str(written[i][0]) for i in order],
-        "checkpoint_step": gen.step,
-        "weights": gen.weights,
-        "params_sha256": gen.params_hash,
-        "timings": totals,
-    }
+    return generate.summarize(config, gen, outdir, written, totals)

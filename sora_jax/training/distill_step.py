@@ -39,7 +39,7 @@ import optax
 from flax import linen as nn
 
 from sora_jax.config import ConfigError
-from sora_jax.diffusion import conditioning, consistency, flow, sampler
+from sora_jax.diffusion import consistency, flow, sampler
 from sora_jax.models import attention, attention_jvp, dit
 from sora_jax.models import text as text_lib
 from sora_jax.parallel import mesh as mesh_lib
@@ -47,6 +47,7 @@ from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import setup
 from sora_jax.training import dmd_step
+from sora_jax.training import step as step_lib
 from sora_jax.training.step import apply_update, step_key
 
 # Attention implementations whose forward-mode rule is a fused kernel's JVP wrapper
@@ -236,22 +237,14 @@ def make_distill_step(
     apply_fn = dit.make_apply_fn(model)
     d = options(config)
     text_encoder = text_lib.step_encoder(config.text_encoder)
-    patch = tuple(config.model.patch_size)
-    cond_channels = int(config.model.get("cond_channels", 0) or 0)
     decays = tuple(config.optimizer.ema_decays)
     warmup = int(d.tangent_warmup_steps)
 
-    def net(params, x, t, text, text_mask):  # t2v: no given frames (zero cond channels)
-        x_in = conditioning.model_input(x, None, None, cond_channels)
-        return apply_fn(params, x_in, t, text, text_mask)
+    net = step_lib.t2v_net(apply_fn, config)
 
     def train_step(state, batch):
-        if text_encoder is not None:
-            batch = text_lib.embed_batch(text_encoder, state.text_encoder, batch)
-        x_0 = batch["latents"].astype(jnp.float32)
-        text, mask = batch["text"], batch["text_mask"]
+        x_0, text, mask, alpha = step_lib.batch_inputs(config, text_encoder, state, batch)
         b = x_0.shape[0]
-        alpha = flow.shift_alpha(config.diffusion, x_0.shape[1:], patch)
         key = step_key(config.seed, state.step)
         # Per-row draws (flow.row_keys): a row's time and noise do not depend on the split.
         keys = flow.row_keys(key, b)

@@ -32,9 +32,10 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from sora_jax.diffusion import conditioning, dmd, flow, sampler
+from sora_jax.diffusion import dmd, flow, sampler
 from sora_jax.models import dit
 from sora_jax.models import text as text_lib
+from sora_jax.training import step as step_lib
 from sora_jax.training.step import apply_update, step_key
 
 
@@ -62,23 +63,15 @@ def make_dmd2_step(
     `distill` options (distill_step.options)."""
     apply_fn = dit.make_apply_fn(model)
     text_encoder = text_lib.step_encoder(config.text_encoder)
-    patch = tuple(config.model.patch_size)
-    cond_channels = int(config.model.get("cond_channels", 0) or 0)
     decays = tuple(config.optimizer.ema_decays)
     every = int(d.fake_updates_per_generator)
     steps = int(d.dmd_steps)
 
-    def net(params, x, t, text, text_mask):  # t2v: no given frames (zero cond channels)
-        x_in = conditioning.model_input(x, None, None, cond_channels)
-        return apply_fn(params, x_in, t, text, text_mask)
+    net = step_lib.t2v_net(apply_fn, config)
 
     def train_step(state, batch):
-        if text_encoder is not None:
-            batch = text_lib.embed_batch(text_encoder, state.text_encoder, batch)
-        x_data = batch["latents"].astype(jnp.float32)
-        text, mask = batch["text"], batch["text_mask"]
+        x_data, text, mask, alpha = step_lib.batch_inputs(config, text_encoder, state, batch)
         b = x_data.shape[0]
-        alpha = flow.shift_alpha(config.diffusion, x_data.shape[1:], patch)
         keys = flow.row_keys(step_key(config.seed, state.step), b)  # per row: split-free
         fold = lambda p: jax.vmap(lambda k: jax.random.fold_in(k, p))(keys)  # noqa: E731
         normal = lambda ks: jax.vmap(lambda k: jax.random.normal(k, x_data.shape[1:]))(ks)  # noqa: E731

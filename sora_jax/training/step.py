@@ -33,7 +33,7 @@ import ml_collections
 import optax
 from flax import linen as nn
 
-from sora_jax.diffusion import flow, forcing
+from sora_jax.diffusion import conditioning, flow, forcing
 from sora_jax.diffusion import packed as packed_lib
 from sora_jax.models import dit
 from sora_jax.models import lora as lora_lib
@@ -255,3 +255,26 @@ def jit_packed_train_step(model: nn.Module, tx, config, mesh, shardings):
         out_shardings=(shardings, mesh_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
+
+
+def t2v_net(apply_fn: Callable, config: ml_collections.ConfigDict) -> Callable:
+    """`net(params, x, t, text, mask) -> v`: the model on x with no given frames
+    (text-to-video; zero conditioning channels when `model.cond_channels` > 0)."""
+    cond_channels = int(config.model.get("cond_channels", 0) or 0)
+
+    def net(params, x, t, text, text_mask):
+        x_in = conditioning.model_input(x, None, None, cond_channels)
+        return apply_fn(params, x_in, t, text, text_mask)
+
+    return net
+
+
+def batch_inputs(config: ml_collections.ConfigDict, text_encoder, state, batch) -> tuple:
+    """`(latents float32, text, text_mask, alpha)` of a batch: its captions embedded by the
+    step's frozen text encoder when the run has one (`text_lib.step_encoder`), `alpha` the
+    time shift of its latent shape (`flow.shift_alpha`)."""
+    if text_encoder is not None:
+        batch = text_lib.embed_batch(text_encoder, state.text_encoder, batch)
+    x = batch["latents"].astype(jnp.float32)
+    alpha = flow.shift_alpha(config.diffusion, x.shape[1:], tuple(config.model.patch_size))
+    return x, batch["text"], batch["text_mask"], alpha
