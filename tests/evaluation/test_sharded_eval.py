@@ -16,7 +16,7 @@ from sora_jax import video_io
 from sora_jax.data import pipeline as pipeline_lib
 from sora_jax.data import synthetic
 from sora_jax.diffusion import flow, validation
-from sora_jax.evaluation import adherence, evaluators, generate
+from sora_jax.evaluation import adherence, evaluators, generate, item_evaluators
 from sora_jax.evaluation import items as items_lib
 from sora_jax.evaluation import requests as requests_lib
 
@@ -97,7 +97,7 @@ def test_adherence_items_aggregate_like_the_whole_set(setup, tmp_path):
     config.evaluate.type = "prompt_adherence"
     config.evaluate.num_videos = 3
     report = evaluators.evaluate(config, work, options, generator=gen, eval_dir=tmp_path)
-    prompts = evaluators._adherence_prompts(config)
+    prompts = item_evaluators._adherence_prompts(config)
     videos, _ = gen.generate(prompts, options, pad_to=4)
     from sora_jax.evaluation import adherence
 
@@ -203,7 +203,10 @@ def test_reconstruction_uses_held_out_clips(tiny_run, tmp_path):
     assert report["scores"]["psnr"] == pytest.approx(100.0)
     assert report["scores"]["ssim"] == pytest.approx(1.0)
     seed = report["protocol"]["held_out_seed"]
-    assert seed == config.data.source.seed + evaluators.HELD_OUT_SEED_OFFSET + config.evaluate.seed
+    assert (
+        seed
+        == config.data.source.seed + item_evaluators.HELD_OUT_SEED_OFFSET + config.evaluate.seed
+    )
     training = {synthetic.clip_spec(i, config.data.source.seed) for i in range(32)}
     assert not training & {synthetic.clip_spec(i, seed) for i in range(4)}
 
