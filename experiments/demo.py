@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.context_parallel = "none"
     # Stack the blocks with nn.scan (one compiled block: faster compiles for deep models).
     c.model.scan_layers = False
-    # Rematerialization (sora_jax/models/dit.py remat_policy): 'none' | 'full' | 'save_dots' |
+    # Rematerialization (sora_jax/models/remat.py remat_policy): 'none' | 'full' | 'save_dots' |
     # 'save_attention_out' | 'save_attention' | 'offload' | 'offload_attention'.
     c.model.remat = "none"
     # Extra input channels for given frames: 0 (given frames enter through t = 0 only) or
