@@ -73,9 +73,11 @@ def unpatchify(tokens: jax.Array, grid, patch) -> jax.Array:
 
 
 def _flatten_dense() -> bool:
-    """Whether dense layers flatten their leading axes into one (CPU targets only: merging a
-    sharded batch axis with a sharded length axis could make a GPU or TPU compiler reshard)."""
-    return mesh_lib.target_platform() == "cpu"
+    """Whether dense layers flatten their leading axes into one: on one CPU device only.
+    Under a mesh of several devices the batch and length axes may be sharded differently,
+    and merging them would make the compiler reshard (and change which collectives the
+    sharded step runs, tests/parallel/test_collectives.py)."""
+    return mesh_lib.target_platform() == "cpu" and jax.sharding.get_abstract_mesh().size <= 1
 
 
 class NamedDense(nn.Module):
