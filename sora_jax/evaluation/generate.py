@@ -345,6 +345,17 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def write_clip(config, outdir: pathlib.Path, request: Request, video, gif: bool) -> pathlib.Path:
+    """`<outdir>/<index>_<prompt slug>.mp4` (and a .gif beside it if asked) of one request's
+    video at `sample.fps`, upscaled by `sample.video_scale`; the mp4's path."""
+    path = outdir / f"{request.index:03d}_{slug(request.prompt)}.mp4"
+    fps, scale = config.sample.fps, config.sample.video_scale
+    video_io.write_video(path, video, fps=fps, scale=scale)
+    if gif:
+        video_io.write_video(path.with_suffix(".gif"), video, fps=fps, scale=scale)
+    return path
+
+
 def summarize(config, gen: Generator, outdir: pathlib.Path, written: dict, totals: dict) -> dict:
     """Writes `contact_sheet.png` of the `written` videos (`{index: (path, video)}`) and
     returns the job's summary: output folder, sheet, videos in request order, checkpoint,
@@ -443,11 +454,7 @@ def sample_to_dir(
         t1 = time.perf_counter()
         alpha = gen._alpha(o, gen._latent_shape(o))
         for r, video in zip(batch, videos, strict=True):
-            path = outdir / f"{r.index:03d}_{slug(r.prompt)}.mp4"
-            fps, scale = config.sample.fps, config.sample.video_scale
-            video_io.write_video(path, video, fps=fps, scale=scale)
-            if gif:
-                video_io.write_video(path.with_suffix(".gif"), video, fps=fps, scale=scale)
+            path = write_clip(config, outdir, r, video, gif)
             sidecar = {
                 **base,
                 **dataclasses.asdict(r.options),

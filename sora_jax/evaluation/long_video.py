@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sora_jax import video_io
 from sora_jax.data import buckets as buckets_lib
 from sora_jax.diffusion import forcing, rollout
 from sora_jax.evaluation import generate
@@ -218,11 +217,7 @@ def sample_to_dir(
         for key, value in timings.items():
             totals[key] = totals.get(key, 0.0) + value
         for r, video in zip(batch, videos, strict=True):
-            path = outdir / f"{r.index:03d}_{generate.slug(r.prompt)}.mp4"
-            fps, scale = config.sample.fps, config.sample.video_scale
-            video_io.write_video(path, video, fps=fps, scale=scale)
-            if gif:
-                video_io.write_video(path.with_suffix(".gif"), video, fps=fps, scale=scale)
+            path = generate.write_clip(config, outdir, r, video, gif)
             sidecar = {
                 **gen.checkpoint_info(),
                 "params_sha256": gen.params_hash,
