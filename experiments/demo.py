@@ -20,6 +20,9 @@ Variants: `experiments/demo.py:tiny` shrinks everything to run in seconds (tests
 step; docs/data_pipeline.md);
 `causal` trains a block-causal model with diffusion forcing, sampled chunk by chunk with a
 rolling KV cache to any length (docs/sampling.md, Long videos);
+`wrap` renders the synthetic clips on a torus (`data.source.motion='wrap'`: shapes leave
+one side and re-enter from the other, so motion can go on past the clip), e.g.
+`causal,wrap` for the long-video demo and `wrap` for its full-attention baseline;
 `steps=N` sets the training length. Override any field, e.g. `--config.optimizer.lr=1e-3`.
 """
 
@@ -41,7 +44,7 @@ PROMPTS = (
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = config_lib.parse_arg(
-        arg, tiny=False, steps=-1, res=16, frames=5, s2d=2, packed=False, causal=False
+        arg, tiny=False, steps=-1, res=16, frames=5, s2d=2, packed=False, causal=False, wrap=False
     )
     bucket = f"{arg.frames}x{arg.res}x{arg.res}"
     c = ml_collections.ConfigDict()
@@ -115,6 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.source.name = "synthetic"
     c.data.source.num_clips = 256 if arg.tiny else 4096
     c.data.source.seed = 0
+    # Motion of the synthetic shapes: 'straight' (enter from one side, stay inside) or 'wrap'
+    # (toroidal frame: leave one side, re-enter from the other; sora_jax/data/synthetic.py).
+    # The adherence evaluators read direction and speed with the matching measure.
+    c.data.source.motion = "wrap" if arg.wrap else "straight"
     # Buckets: name -> pixel frames, height, width, sampling weight, and optionally
     # global_batch_size (samples per step of that bucket, overriding the batch fields below).
     c.data.buckets = ml_collections.ConfigDict(

@@ -45,6 +45,7 @@ class SyntheticSource:
         del options
         self.num_clips = int(config.num_clips)
         self.seed = int(config.seed)
+        self.motion = synthetic.check_motion(str(config.get("motion", "straight")))
         self.buckets = list(buckets)
         if self.num_clips <= 0:
             raise ValueError(f"data.source.num_clips={self.num_clips} must be positive")
@@ -58,7 +59,7 @@ class SyntheticSource:
     def clips(self, index: int, timers: dict[str, float] | None = None) -> list[Clip]:
         del timers
         b = self.buckets[index % len(self.buckets)]
-        item = synthetic.synthetic_clip(index, self.seed, b.frames, b.height, b.width)
+        item = synthetic.synthetic_clip(index, self.seed, b.frames, b.height, b.width, self.motion)
         clip = Clip(index, b.name, item["video"], item["caption"], item["source_id"], item["fps"])
         return [clip]
 
@@ -272,7 +273,7 @@ SOURCES = {
 
 # Every field of each source's config section, with its default (`source_config`).
 SOURCE_FIELDS: dict[str, dict[str, Any]] = {
-    "synthetic": dict(num_clips=256, seed=0),
+    "synthetic": dict(num_clips=256, seed=0, motion="straight"),
     "videos": dict(manifest="", folder="", caption_suffix=".txt", default_caption=""),
     "images": dict(manifest="", folder="", caption_suffix=".txt", default_caption=""),
     "tfds": dict(

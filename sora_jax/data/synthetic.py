@@ -19,11 +19,26 @@ Geometry is in units of the frame so one spec renders at any resolution and fram
   is `(T - 1) / CLIP_SECONDS` (8 fps at the reference 9 frames, where 'slowly' is
   0.28 / 8 = 3.5% of the frame side per frame and 'quickly' 6.25%).
 
-Motion is straight: no bouncing, no wrapping. The start is drawn so the whole object stays
-at least `MARGIN` inside the frame on every frame. Along the motion the object starts near
-the side it moves away from (a shape moving left starts on the right), as if it had just
-entered the frame, so its position on every frame follows from the caption; across the
-motion its position is free.
+Two kinds of motion (`MOTIONS`; `data.source.motion` of a synthetic source, read by
+`motion_of`):
+
+- 'straight' (the default): no bouncing, no wrapping. The start is drawn so the whole
+  object stays at least `MARGIN` inside the frame on every frame. Along the motion the
+  object starts near the side it moves away from (a shape moving left starts on the
+  right), as if it had just entered the frame, so its position on every frame follows
+  from the caption; across the motion its position is free.
+- 'wrap': the frame is a torus. What leaves one side re-enters from the opposite one, so
+  the motion can continue for any number of frames (a video longer than its training clip
+  can keep its direction and speed to the end). The start along the motion is uniform over
+  the whole frame (the caption no longer fixes where the object is, only how it moves);
+  across the motion it is drawn as for 'straight'. Coverage is exact on the torus: a point
+  sample is inside when its offset from the centre, wrapped to the nearest image
+  (`[-W/2, W/2)` along x, `[-H/2, H/2)` along y), is inside the shape, which counts every
+  wrapped piece because an object spans at most `MAX_SIZE` < 1/2 of either side. The
+  colour, shape, direction, speed and size of clip `i` of seed `s` are those of the
+  straight clip `i` of seed `s` (the same draws); only the start differs. Direction and
+  speed of wrapping clips are read back with the circular measure of
+  sora_jax.evaluation.adherence (`motion='wrap'`).
 """
 
 from __future__ import annotations
@@ -45,6 +60,8 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 }
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
+# How the object moves across the frame's edges (module docstring).
+MOTIONS = ("straight", "wrap")
 # Fraction of the frame extent along the motion axis travelled from the first frame to the
 # last. 'slowly' must stay measurable (>= 25% of the side) and 'quickly' must still fit
 # next to the largest object: MAX_SIZE + 2 * MARGIN + 0.50 = 0.96 <= 1.
@@ -71,7 +88,7 @@ SUPERSAMPLE = 8
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
     """One clip's content. `size` is a fraction of min(H, W); `start` is the centre at the
-    first frame as (x, y) fractions of (W, H)."""
+    first frame as (x, y) fractions of (W, H); `motion` one of `MOTIONS`."""
 
     colour: str
     shape: str
@@ -79,6 +96,7 @@ class ClipSpec:
     speed: str
     size: float
     start: tuple[float, float]
+    motion: str = "straight"
 
     @property
     def caption(self) -> str:
@@ -93,9 +111,11 @@ class ClipSpec:
 
     def centres(self, num_frames: int) -> np.ndarray:
         """Object centre per frame, `[T, 2]` as (x, y) fractions of (W, H); a single frame
-        (an image) shows the start."""
+        (an image) shows the start. With `motion='wrap'` the centres are taken modulo 1
+        (the object's place on the torus)."""
         frac = np.arange(num_frames, dtype=np.float64) / max(num_frames - 1, 1)  # [T]
-        return np.asarray(self.start)[None, :] + frac[:, None] * np.asarray(self.displacement)
+        c = np.asarray(self.start)[None, :] + frac[:, None] * np.asarray(self.displacement)
+        return np.mod(c, 1.0) if self.motion == "wrap" else c
 
 
 def _check_word(caption: str, field: str, word: str, allowed) -> None:
@@ -122,10 +142,27 @@ def parse_caption(caption: str) -> dict[str, str]:
     return dict(colour=colour, shape=shape, direction=direction, speed=speed)
 
 
-def clip_spec(index: int, seed: int = 0) -> ClipSpec:
-    """The spec of clip `index` of dataset `seed`; attributes are uniform and independent."""
+def check_motion(motion: str, field: str = "data.source.motion") -> str:
+    if motion not in MOTIONS:
+        raise ValueError(f"{field}={motion!r} is unknown; choose one of {list(MOTIONS)}")
+    return motion
+
+
+def motion_of(config) -> str:
+    """The synthetic motion of a run: `data.source.motion` when its source is synthetic,
+    else 'straight'. `config` is the whole run config."""
+    source = config.data.get("source", None)
+    if source is None or source.get("name", "synthetic") != "synthetic":
+        return "straight"
+    return check_motion(str(source.get("motion", "straight")))
+
+
+def clip_spec(index: int, seed: int = 0, motion: str = "straight") -> ClipSpec:
+    """The spec of clip `index` of dataset `seed`; attributes are uniform and independent.
+    `motion='wrap'` draws the same attributes with the start free along the motion."""
     if index < 0 or seed < 0:
         raise ValueError(f"clip_spec(index={index}, seed={seed}): both must be >= 0")
+    check_motion(motion, "clip_spec(motion)")
     rng = np.random.default_rng([seed, index])
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
@@ -143,20 +180,25 @@ def clip_spec(index: int, seed: int = 0) -> ClipSpec:
         # Along the motion the object enters from the trailing side (within START_JITTER of
         # the margin), so where it is on each frame follows from the caption; across the
         # motion it may start anywhere.
+        # With wrapping, anywhere along the motion (the same one draw per axis, so the
+        # attributes above stay those of the straight clip).
         a, b = lo, hi
-        if u < 0:
+        if u != 0 and motion == "wrap":
+            a, b = 0.0, 1.0
+        elif u < 0:
             a = max(hi - START_JITTER, lo + travel)
         elif u > 0:
             b = min(lo + START_JITTER, hi - travel)
         start.append(float(rng.uniform(a, b)))
-    return ClipSpec(colour, shape, direction, speed, size, (start[0], start[1]))
+    return ClipSpec(colour, shape, direction, speed, size, (start[0], start[1]), motion)
 
 
 def coverage(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.ndarray:
     """Fraction of each pixel covered by the object, `[T, H, W]` float32 in [0, 1].
 
     Estimated from `SUPERSAMPLE x SUPERSAMPLE` point samples per pixel, so sub-pixel motion
-    changes edge pixels gradually instead of jumping whole pixels.
+    changes edge pixels gradually instead of jumping whole pixels. With `motion='wrap'`
+    each sample's offset from the centre is wrapped to the nearest image on the torus.
     """
     if num_frames < 1 or height < 1 or width < 1:
         raise ValueError(
@@ -169,6 +211,11 @@ def coverage(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.nda
     ys = (np.arange(height * k) + 0.5) / k  # [H*k]
     u = xs[None, None, :] - centres[:, 0, None, None]  # [T, 1, W*k] offset from centre
     v = ys[None, :, None] - centres[:, 1, None, None]  # [T, H*k, 1]
+    if spec.motion == "wrap":  # nearest image: offsets in [-W/2, W/2) and [-H/2, H/2)
+        u = np.mod(u + width / 2, width) - width / 2
+        v = np.mod(v + height / 2, height) - height / 2
+    elif spec.motion != "straight":
+        raise ValueError(f"ClipSpec.motion={spec.motion!r} is unknown; known: {list(MOTIONS)}")
     if spec.shape == "square":
         inside = (np.abs(v) <= r) & (np.abs(u) <= r)
     elif spec.shape == "circle":
@@ -201,11 +248,12 @@ def render(spec: ClipSpec, num_frames: int, height: int, width: int) -> np.ndarr
 
 
 def synthetic_clip(
-    index: int, seed: int, num_frames: int, height: int, width: int
+    index: int, seed: int, num_frames: int, height: int, width: int, motion: str = "straight"
 ) -> dict[str, Any]:
     """Clip `index` of dataset `seed` rendered at `[num_frames, height, width]`, with its
-    caption, provenance, nominal frame rate and the attributes behind the caption."""
-    spec = clip_spec(index, seed)
+    caption, provenance, nominal frame rate and the attributes behind the caption; `motion`
+    one of `MOTIONS`."""
+    spec = clip_spec(index, seed, motion)
     fps = (num_frames - 1) / CLIP_SECONDS if num_frames > 1 else IMAGE_FPS
     return dict(
         video=render(spec, num_frames, height, width),

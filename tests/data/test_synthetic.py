@@ -1,12 +1,14 @@
 """Synthetic captioned clips: captions parse back, rendering is deterministic, the object
 stays inside the frame, and it travels the distance its speed word promises."""
 
+import dataclasses
 import itertools
 
+import ml_collections
 import numpy as np
 import pytest
 
-from sora_jax.data import synthetic
+from sora_jax.data import buckets, sources, synthetic
 
 
 def test_caption_round_trip_over_every_attribute_combination():
@@ -138,3 +140,65 @@ def test_bad_render_sizes_are_rejected():
         synthetic.render(synthetic.clip_spec(0), 0, 32, 32)
     with pytest.raises(ValueError, match="must be >= 0"):
         synthetic.clip_spec(-1)
+
+
+def _torus_reference(spec, num_frames, height, width):
+    """Coverage of a wrapping clip from straight renders only: each frame's object drawn
+    (as an image, same size in pixels) in the middle tile of a 3 x 3 canvas of frames and
+    the tiles summed."""
+    frames = []
+    for cx, cy in spec.centres(num_frames):  # on the torus, in [0, 1)
+        start = ((1 + cx) / 3, (1 + cy) / 3)
+        still = dataclasses.replace(spec, motion="straight", start=start, size=spec.size / 3)
+        big = synthetic.coverage(still, 1, 3 * height, 3 * width)[0]  # [3H, 3W]
+        frames.append(big.reshape(3, height, 3, width).sum(axis=(0, 2)))
+    return np.stack(frames)
+
+
+@pytest.mark.parametrize("shape", [(5, 16, 16), (20, 16, 16), (9, 24, 40)])
+def test_wrapping_clips_are_exact_on_the_torus_and_keep_the_straight_attributes(shape):
+    straddled = 0
+    for i in range(40):
+        spec = synthetic.clip_spec(i, seed=2, motion="wrap")
+        straight = synthetic.clip_spec(i, seed=2)
+        assert spec == synthetic.clip_spec(i, seed=2, motion="wrap")  # deterministic
+        # Same draws: only the start along the motion differs.
+        assert dataclasses.replace(straight, motion="wrap", start=spec.start) == spec
+        ux, _ = synthetic.DIRECTION_VECTORS[spec.direction]
+        assert spec.start[1 if ux else 0] == straight.start[1 if ux else 0]
+        cov = synthetic.coverage(spec, *shape)
+        np.testing.assert_allclose(cov, _torus_reference(spec, *shape), atol=1e-6)
+        # The object never leaves: the same area on every frame, wrapped pieces included.
+        mass = cov.sum(axis=(1, 2))
+        assert np.ptp(mass) <= 0.06 * mass.mean(), (spec, mass)
+        # Straddling: some frame covers both edges across the motion axis.
+        first, last = (cov[:, :, 0], cov[:, :, -1]) if ux else (cov[:, 0], cov[:, -1])
+        straddled += int(((first.max(1) > 0) & (last.max(1) > 0)).any())
+    assert straddled >= 5  # the set shows objects across the edge
+
+
+def test_wrapping_starts_spread_along_the_motion_and_motion_is_validated():
+    along = []
+    for i in range(400):
+        spec = synthetic.clip_spec(i, motion="wrap")
+        ux, _ = synthetic.DIRECTION_VECTORS[spec.direction]
+        along.append(spec.start[0] if ux else spec.start[1])
+    assert min(along) < 0.05 and max(along) > 0.95  # anywhere, not only the trailing side
+    clip = synthetic.synthetic_clip(7, 3, 9, 16, 16, motion="wrap")
+    assert clip["caption"] == synthetic.synthetic_clip(7, 3, 9, 16, 16)["caption"]
+    assert clip["attributes"]["motion"] == "wrap"
+    with pytest.raises(ValueError, match="clip_spec\\(motion\\)='bounce'.*straight"):
+        synthetic.clip_spec(0, motion="bounce")
+    config = ml_collections.ConfigDict({"data": {"source": {"name": "synthetic"}}})
+    assert synthetic.motion_of(config) == "straight"  # absent: the default
+    config.data.source.motion = "bounce"
+    with pytest.raises(ValueError, match="data.source.motion='bounce'"):
+        synthetic.motion_of(config)
+    # The source renders what `data.source.motion` says.
+    bucket = buckets.Bucket("5x16x16", 5, 16, 16)
+    source = sources.build_source(sources.source_config("synthetic", motion="wrap"), [bucket])
+    np.testing.assert_array_equal(
+        source.clips(7)[0].video, synthetic.synthetic_clip(7, 0, 5, 16, 16, "wrap")["video"]
+    )
+    with pytest.raises(ValueError, match="data.source.motion='bounce'"):
+        sources.build_source(sources.source_config("synthetic", motion="bounce"), [bucket])
