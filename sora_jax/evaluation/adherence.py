@@ -27,6 +27,24 @@ reads back all four caption attributes:
   foreground), times the clip's length. The nearest `SPEEDS` value names it; `None` as
   for direction (static, empty, an image, fewer than two frames with foreground).
 
+Wrapping videos (`motion='wrap'`, the toroidal clips of `synthetic.MOTIONS`): an object
+leaving one side re-enters from the other, so the linear centroid jumps across the frame
+and a straddling object's centroid sits mid-frame. There direction and speed read the
+circular centroid per frame, `x_t = arg(sum_p w_p exp(2 pi i x_p)) / (2 pi)` in [0, 1)
+(likewise y; positions in fractions of the frame), unwrap the track by wrapping each
+step between frames with foreground to (-1/2, 1/2] of the frame and summing, and then
+decide exactly as above on the unwrapped track: direction from the mass-weighted mean
+position of the first and last thirds, speed from the least-squares slope. The frame
+step of any caption (at most 1/8 of the frame from 5 frames up) is far below 1/2, so the
+unwrapping is unambiguous. On an object that does not straddle an edge the circular and
+linear centroids differ only by the object's asymmetry, and the words read back are the
+same as the straight measure's (tests/evaluation/test_adherence.py). Colour does not
+depend on position; shape is read on each frame rolled (by whole pixels) so that its
+circular centroid sits at the frame's centre, which puts a straddling object back in one
+piece (on a background brighter than `SHAPE_THRESHOLD` the words may differ from the
+straight measure's: the roll moves that background too). `motion_of(config)` (the
+run's `data.source.motion`) picks the measure for the evaluators.
+
 `None` never matches a caption, so an empty or static video scores zero, not chance.
 NaN or infinite values read as background; `score` counts the videos that hold any.
 Ground-truth clips measure back exactly at every size the demo uses, and clips of another
@@ -43,6 +61,9 @@ import numpy as np
 
 from sora_jax.data import synthetic
 
+# Measures of direction and speed: 'straight' (linear centroids) or 'wrap' (circular).
+MOTIONS = synthetic.MOTIONS
+motion_of = synthetic.motion_of
 # Mid-grey: the background is black (0) and every palette colour has a channel at 1, so
 # 0.5 separates them with equal headroom for noise on either side.
 FOREGROUND_THRESHOLD = 0.5
@@ -85,10 +106,12 @@ def _unit_rgb(video) -> np.ndarray:
     return np.nan_to_num(rgb, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def measure(video) -> dict[str, str | float | None]:
+def measure(video, motion: str = "straight") -> dict[str, str | float | None]:
     """Colour, motion direction, shape and speed of `video` `[T, H, W, 3]` (uint8, or float
     in [-1, 1]); each is a word of the synthetic vocabulary or `None` when unreadable, with
-    the numbers behind shape and speed (`fill`, `skew`, `travel`; `None` when unread)."""
+    the numbers behind shape and speed (`fill`, `skew`, `travel`; `None` when unread).
+    `motion='wrap'` reads direction and speed on the torus (module docstring)."""
+    synthetic.check_motion(motion, "adherence.measure(motion)")
     rgb = _unit_rgb(video)  # [T, H, W, 3] in [0, 1]
     bright = rgb.max(axis=-1)  # [T, H, W]
     fg = bright > FOREGROUND_THRESHOLD  # [T, H, W]
@@ -99,15 +122,26 @@ def measure(video) -> dict[str, str | float | None]:
     hue = mean / mean.max()
     out["colour"] = _PALETTE_NAMES[int(np.argmin(((_PALETTE - hue) ** 2).sum(axis=-1)))]
     w = np.where(fg, bright, 0.0)  # [T, H, W] brightness weights on the foreground
-    out["direction"] = _direction(w)
-    out.update(_shape(np.where(bright >= SHAPE_THRESHOLD, bright, 0.0)))
-    out.update(_speed(w))
+    wrap = motion == "wrap"
+    out["direction"] = _direction_wrap(w) if wrap else _direction(w)
+    mask = np.where(bright >= SHAPE_THRESHOLD, bright, 0.0)  # [T, H, W]
+    out.update(_shape(recentre_on_torus(mask) if wrap else mask))
+    out.update(_speed_wrap(w) if wrap else _speed(w))
     return out
 
 
 def _centres(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel centres as fractions of (H, W): `[H]`, `[W]`."""
     return (np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width
+
+
+def _direction_word(dx: float, dy: float) -> str | None:
+    """The direction word of a displacement (dx, dy) in fractions of (W, H)."""
+    if max(abs(dx), abs(dy)) < MIN_DISPLACEMENT:
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
 
 
 def _direction(w: np.ndarray) -> str | None:
@@ -131,11 +165,66 @@ def _direction(w: np.ndarray) -> str | None:
         return np.array([x, y]) / m.sum()
 
     dx, dy = centroid(last) - centroid(first)
-    if max(abs(dx), abs(dy)) < MIN_DISPLACEMENT:
+    return _direction_word(dx, dy)
+
+
+def wrap_half(d: np.ndarray) -> np.ndarray:
+    """Displacements in fractions of the frame wrapped to (-1/2, 1/2]."""
+    return d - np.ceil(d - 0.5)
+
+
+def circular_track(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The unwrapped track of the circular centroid of `w` `[T, H, W]` (module docstring):
+    `seen` `[T]` (frames with foreground) and positions `[T', 2]` as (x, y) fractions of
+    (W, H) over the seen frames, starting in [0, 1) and continuous across the edges."""
+    num_frames, height, width = w.shape
+    mass = w.sum(axis=(1, 2))  # [T]
+    seen = mass > 0
+    ys, xs = _centres(height, width)
+
+    def angle(profile: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        z = (profile * np.exp(2j * np.pi * pos)).sum(axis=-1)  # [T'] resultant
+        return np.mod(np.angle(z) / (2 * np.pi), 1.0)  # [T'] in [0, 1)
+
+    x = angle(w.sum(axis=1)[seen], xs)  # [T'] column profiles
+    y = angle(w.sum(axis=2)[seen], ys)  # [T'] row profiles
+    pos = np.stack([x, y], axis=-1)  # [T', 2]
+    if len(pos) > 1:
+        steps = wrap_half(np.diff(pos, axis=0))  # [T'-1, 2]
+        pos = np.concatenate([pos[:1], pos[:1] + np.cumsum(steps, axis=0)])
+    return seen, pos
+
+
+def recentre_on_torus(m: np.ndarray) -> np.ndarray:
+    """`m` `[T, H, W]` with each frame rolled (whole pixels) so that its circular centroid
+    sits at the frame's centre: an object straddling an edge becomes one piece again."""
+    seen, pos = circular_track(m)
+    num_frames, height, width = m.shape
+    out = m.copy()
+    for t, (x, y) in zip(np.flatnonzero(seen), np.mod(pos, 1.0), strict=True):
+        shift = (round(height / 2 - y * height), round(width / 2 - x * width))
+        out[t] = np.roll(m[t], shift, axis=(0, 1))
+    return out
+
+
+def _direction_wrap(w: np.ndarray) -> str | None:
+    """`_direction` on the torus: thirds' mass-weighted mean of the unwrapped circular track."""
+    num_frames = w.shape[0]
+    if num_frames < 2:
         return None
-    if abs(dx) >= abs(dy):
-        return "right" if dx > 0 else "left"
-    return "down" if dy > 0 else "up"
+    mass = w.sum(axis=(1, 2))  # [T]
+    n = math.ceil(num_frames / 3)
+    if mass[:n].sum() <= 0 or mass[num_frames - n :].sum() <= 0:
+        return None
+    seen, pos = circular_track(w)
+    frame = np.arange(num_frames)[seen]  # [T'] frame of each tracked position
+    m = mass[seen]  # [T']
+
+    def mean(keep: np.ndarray) -> np.ndarray:
+        return (m[keep, None] * pos[keep]).sum(axis=0) / m[keep].sum()
+
+    dx, dy = mean(frame >= num_frames - n) - mean(frame < n)
+    return _direction_word(dx, dy)
 
 
 def _shape(m: np.ndarray) -> dict[str, str | float | None]:
@@ -173,6 +262,21 @@ def _speed(w: np.ndarray) -> dict[str, str | float | None]:
     t = np.arange(num_frames)[seen] / (num_frames - 1)  # [T'] in [0, 1]: first .. last frame
     # Least-squares slopes per unit clip length = travel from the first frame to the last.
     travel = max(abs(np.polyfit(t, cx, 1)[0]), abs(np.polyfit(t, cy, 1)[0]))
+    return _speed_word(travel)
+
+
+def _speed_wrap(w: np.ndarray) -> dict[str, str | float | None]:
+    """`_speed` on the torus: the slope of the unwrapped circular track."""
+    num_frames = w.shape[0]
+    seen, pos = circular_track(w)
+    if num_frames < 2 or seen.sum() < 2:
+        return {"speed": None, "travel": None}
+    t = np.arange(num_frames)[seen] / (num_frames - 1)  # [T'] in [0, 1]
+    travel = max(abs(np.polyfit(t, pos[:, 0], 1)[0]), abs(np.polyfit(t, pos[:, 1], 1)[0]))
+    return _speed_word(travel)
+
+
+def _speed_word(travel: float) -> dict[str, str | float | None]:
     if travel < MIN_DISPLACEMENT:
         return {"speed": None, "travel": float(travel)}
     speed = min(synthetic.SPEEDS, key=lambda k: abs(synthetic.SPEEDS[k] - travel))
@@ -201,9 +305,10 @@ def compare(got: dict[str, Any], caption: str, nonfinite: int = 0) -> dict[str, 
     return out
 
 
-def record(video, caption: str) -> dict[str, Any]:
-    """One video's measurement against its synthetic caption (an entry of `per_video`)."""
-    return compare(measure(video), caption, nonfinite_values(video))
+def record(video, caption: str, motion: str = "straight") -> dict[str, Any]:
+    """One video's measurement (with the `motion` measure) against its synthetic caption
+    (an entry of `per_video`)."""
+    return compare(measure(video, motion), caption, nonfinite_values(video))
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -224,11 +329,12 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def score(videos: Sequence, captions: Sequence[str]) -> dict[str, Any]:
+def score(videos: Sequence, captions: Sequence[str], motion: str = "straight") -> dict[str, Any]:
     """Fraction of `videos` (each `[T, H, W, 3]`) whose measured colour, direction, shape,
     speed, colour and direction (`both`) and all four (`all`) match their synthetic
     `captions`, next to the chance levels of uniform guessing, plus a per-video record for
-    the JSON report."""
+    the JSON report. `motion`: the measure of direction and speed ('wrap' for videos of
+    wrapping data, `motion_of(config)`)."""
     if len(videos) != len(captions):
         raise ValueError(
             f"adherence.score got {len(videos)} videos for {len(captions)} captions; "
@@ -236,4 +342,4 @@ def score(videos: Sequence, captions: Sequence[str]) -> dict[str, Any]:
         )
     if len(captions) == 0:
         raise ValueError("adherence.score got no videos: an accuracy over zero is undefined")
-    return summarize([record(v, c) for v, c in zip(videos, captions, strict=True)])
+    return summarize([record(v, c, motion) for v, c in zip(videos, captions, strict=True)])

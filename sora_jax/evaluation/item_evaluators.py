@@ -117,7 +117,7 @@ def _adherence_compute(config, gen, options, indices, batch):
     videos = _generate(gen, options, [prompts[i] for i in indices], indices, batch)
     out = []
     for video in videos:
-        got = adherence.measure(video)
+        got = adherence.measure(video, adherence.motion_of(config))
         item = {k: got[k] or "" for k in adherence.ATTRIBUTES}  # words; "" = unreadable
         # The numbers behind shape and speed; NaN = unread.
         item.update({k: np.nan if got[k] is None else got[k] for k in ("fill", "skew", "travel")})
@@ -158,7 +158,7 @@ def _temporal_compute(config, gen, options, indices, batch):
     )
     out = []
     for i, video in zip(indices, videos, strict=True):
-        r = temporal_lib.record(video, prompts[i], clip)
+        r = temporal_lib.record(video, prompts[i], clip, adherence.motion_of(config))
         item = {k: float(v) for k, v in r.items() if isinstance(v, float | int)}
         for k, matches in enumerate(r["segment_matches"]):
             item.update({f"seg{k}_{a}": float(v) for a, v in matches.items()})
@@ -184,7 +184,8 @@ def _temporal_aggregate(config, items):
 def _real_clips(config, options, indices) -> np.ndarray:
     t, h, w = clip_shape(config, options)
     seed = held_out_seed(config)
-    return np.stack([synthetic.synthetic_clip(i, seed, t, h, w)["video"] for i in indices])
+    motion = synthetic.motion_of(config)
+    return np.stack([synthetic.synthetic_clip(i, seed, t, h, w, motion)["video"] for i in indices])
 
 
 def _reconstruction_compute(config, gen, options, indices, batch):
@@ -310,6 +311,9 @@ def _protocol(kind: str):
                 p["context_t"] = long_video.context_t(config)
             else:
                 p["generation"] = "sliding-window continuation (long_video.continuation_videos)"
+        if kind in ("prompt_adherence", "temporal_consistency", "reconstruction", "fvd"):
+            if synthetic.motion_of(config) != "straight":  # absent: straight (older reports)
+                p["motion"] = synthetic.motion_of(config)
         if kind == "prompt_adherence":
             p["prompt_seed"] = adherence_prompt_seed(config)
             p["prompts"] = "synthetic.clip_spec(i, prompt_seed).caption, i < num_items"

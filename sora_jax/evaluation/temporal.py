@@ -20,14 +20,18 @@ cut into consecutive segments of `segment` frames (the last partial one dropped)
 `segment_adherence(video, caption, segment)` adds, for the synthetic captions of
 sora_jax.data.synthetic, the prompt adherence (sora_jax.evaluation.adherence: colour,
 direction, ...) of every segment on its own: does the long video still show what the
-prompt asks at its end? `summarize` averages both over videos, with per-segment match
+prompt asks at its end? With `motion='wrap'` (videos of a run trained on wrapping clips,
+`data.source.motion`) direction, speed and shape are read on the torus (adherence's
+circular measure), so an object that leaves one side and re-enters from the other still
+reads as moving on. `summarize` averages both over videos, with per-segment match
 fractions `segments[k]['colour']`, `['direction']`, ... and their largest drop below the
 first segment's (`max_drop_colour`, `max_drop_direction`).
 
 The evaluator `temporal_consistency` (sora_jax/evaluation/evaluators.py) samples
 `evaluate.num_videos` synthetic prompts as videos of `evaluate.long_frames` frames
 (sora_jax/evaluation/long_video.py: the rollout of a causal run, sliding-window
-continuation otherwise) and reports both with segments of the bucket's frames.
+continuation otherwise) and reports both with segments of the bucket's frames, measuring
+adherence with the run's own motion (`adherence.motion_of(config)`).
 """
 
 from __future__ import annotations
@@ -109,16 +113,20 @@ def measure(video, segment: int) -> dict[str, Any]:
     }
 
 
-def segment_adherence(video, caption: str, segment: int) -> list[dict[str, Any]]:
-    """`adherence.record` of each segment against the synthetic `caption`."""
-    return [adherence.record(p, caption) for p in segments(video, segment)]
+def segment_adherence(
+    video, caption: str, segment: int, motion: str = "straight"
+) -> list[dict[str, Any]]:
+    """`adherence.record` (with the `motion` measure) of each segment against the
+    synthetic `caption`."""
+    return [adherence.record(p, caption, motion) for p in segments(video, segment)]
 
 
-def record(video, caption: str | None, segment: int) -> dict[str, Any]:
-    """One video's `measure` and, with a synthetic caption, its per-segment adherence."""
+def record(video, caption: str | None, segment: int, motion: str = "straight") -> dict[str, Any]:
+    """One video's `measure` and, with a synthetic caption, its per-segment adherence
+    (direction, speed and shape read with the `motion` measure)."""
     out = {"caption": caption, **measure(video, segment)}
     if caption is not None:
-        per = segment_adherence(video, caption, segment)
+        per = segment_adherence(video, caption, segment, motion)
         out["segment_matches"] = [
             {k: bool(r[f"{k}_match"]) for k in (*adherence.ATTRIBUTES, "both")} for r in per
         ]

@@ -141,3 +141,72 @@ def test_score_validates_its_inputs():
         adherence.score(videos[:1], ["a purple square moving left slowly"])
     with pytest.raises(ValueError, match=r"\[T, H, W, 3\]"):
         adherence.measure(videos[0][0])
+
+
+def _wrap_clips(n, shape, seed=0):
+    items = [synthetic.synthetic_clip(i, seed, *shape, motion="wrap") for i in range(n)]
+    return [c["video"] for c in items], [c["caption"] for c in items]
+
+
+@pytest.mark.parametrize("shape", [(5, 16, 16), (9, 32, 32), (20, 16, 16), (5, 24, 40)])
+def test_wrapping_clips_read_back_with_the_wrap_measure(shape):
+    videos, captions = _wrap_clips(120, shape)
+    result = adherence.score(videos, captions, motion="wrap")
+    assert [result[k] for k in KEYS] == [1.0] * 6, [
+        r for r in result["per_video"] if not r["all_match"]
+    ][:5]
+    assert adherence.score([video_io.to_uint8(v) for v in videos], captions, "wrap")["all"] == 1
+    for r in result["per_video"]:
+        want = synthetic.SPEEDS[synthetic.parse_caption(r["caption"])["speed"]]
+        assert r["travel"] == pytest.approx(want, abs=0.04)
+    # The straight measure is fooled by the objects that cross an edge.
+    assert adherence.score(videos, captions)["all"] < 0.9
+
+
+def test_objects_straddling_the_edge_read_back_in_every_direction():
+    """Paths centred on the edge: the object is split across it mid-clip (and on the
+    first and last frames too at 'slowly')."""
+    for direction in synthetic.DIRECTIONS:
+        for shape in synthetic.SHAPES:
+            for speed in synthetic.SPEEDS:
+                ux, uy = synthetic.DIRECTION_VECTORS[direction]
+                d = synthetic.SPEEDS[speed] / 2  # from -d to +d about the edge
+                start = (np.mod(-ux * d, 1.0) if ux else 0.4, np.mod(-uy * d, 1.0) if uy else 0.6)
+                spec = synthetic.ClipSpec("red", shape, direction, speed, 0.34, start, "wrap")
+                cov = synthetic.coverage(spec, 9, 16, 16)
+                lo, hi = (cov[:, :, 0], cov[:, :, -1]) if ux else (cov[:, 0], cov[:, -1])
+                split = (lo.max(-1) > 0) & (hi.max(-1) > 0)  # [T]
+                assert split[4] and split.sum() >= (9 if speed == "slowly" else 3), split
+                video = synthetic.render(spec, 9, 16, 16)
+                got = adherence.measure(video, "wrap")
+                assert (got["direction"], got["shape"], got["speed"]) == (direction, shape, speed)
+                reverse = adherence.measure(video[::-1], "wrap")
+                assert reverse["direction"] != direction
+                assert adherence.measure(video)["direction"] != direction  # straight is fooled
+
+
+@pytest.mark.parametrize("shape", [(9, 16, 16), (5, 24, 40)])
+def test_wrap_measure_equals_the_straight_measure_on_straight_videos(shape):
+    """On objects that never cross an edge the two measures give the same words, for
+    ground truth, wrong shapes and speeds, dim and noisy videos, and static ones."""
+    specs = [synthetic.clip_spec(i, seed=4) for i in range(60)]
+    flip = {"slowly": "quickly", "quickly": "slowly"}
+    shapes = synthetic.SHAPES
+    rng = np.random.default_rng(0)
+    for i, s in enumerate(specs):
+        videos = [
+            synthetic.render(s, *shape),
+            synthetic.render(_centred(s, flip[s.speed]), *shape),
+            synthetic.render(dataclasses.replace(s, shape=shapes[(i + 1) % 3]), *shape),
+            np.repeat(synthetic.render(s, 1, *shape[1:]), shape[0], axis=0),
+        ]
+        # Dim, on background noise below SHAPE_THRESHOLD (0.25 in [0, 1] units).
+        noisy = np.maximum(0.7 * (videos[0] + 1) - 1, rng.uniform(-1, -0.55, videos[0].shape))
+        for video in [*videos, noisy.astype(np.float32)]:
+            straight, wrap = adherence.measure(video), adherence.measure(video, "wrap")
+            words = [straight[k] for k in adherence.ATTRIBUTES]
+            assert words == [wrap[k] for k in adherence.ATTRIBUTES], (s, straight, wrap)
+            if straight["travel"] is not None:
+                assert wrap["travel"] == pytest.approx(straight["travel"], abs=0.02)
+    with pytest.raises(ValueError, match="adherence.measure\\(motion\\)='bounce'"):
+        adherence.measure(videos[0], "bounce")

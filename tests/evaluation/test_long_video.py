@@ -12,7 +12,7 @@ import pytest
 
 from sora_jax import config as config_lib
 from sora_jax.data import tokenization
-from sora_jax.evaluation import evaluators, generate, long_video
+from sora_jax.evaluation import adherence, evaluators, generate, long_video
 from sora_jax.evaluation import requests as requests_lib
 from sora_jax.training import loop
 
@@ -48,16 +48,28 @@ def test_sample_cli_rolls_out_beyond_the_trained_length(causal_run, tmp_path):
     assert sidecar["rollout_window"] == 4  # the demo's: W + 1 chunks fill a 5-frame clip
 
 
-def test_temporal_consistency_scores_segments(causal_run):
+def test_temporal_consistency_scores_segments(causal_run, monkeypatch):
+    """Scored per segment, with the measure of the run's data: a run whose
+    `data.source.motion` is 'wrap' is read on the torus by both adherence evaluators."""
     work, config = causal_run
     config = config.copy_and_resolve_references()
     config.evaluate.type = "temporal_consistency"
     config.evaluate.long_frames = 10
+    config.data.source.motion = "wrap"
+    motions = []
+    measure = adherence.measure
+    monkeypatch.setattr(
+        adherence, "measure", lambda v, m="straight": motions.append(m) or measure(v, m)
+    )
     options = requests_lib.SampleOptions.from_config(config.sample)
     report = evaluators.evaluate(config, work, options, ema_decay=0.0)
     scores = report["scores"]
     assert scores["n"] == 2 and scores["segments"] == 2 and len(scores["per_segment"]) == 2
     assert report["protocol"]["generation"].startswith("KV-cache rollout")
+    assert report["protocol"]["motion"] == "wrap" and motions == ["wrap"] * 4  # 2 x 2 segments
+    config.evaluate.type = "prompt_adherence"
+    report = evaluators.evaluate(config, work, options, ema_decay=0.0)
+    assert report["protocol"]["motion"] == "wrap" and motions == ["wrap"] * 6
 
 
 def test_continuation_videos_of_a_full_attention_run(causal_run):

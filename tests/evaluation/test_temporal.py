@@ -49,3 +49,15 @@ def test_segments_and_errors():
         temporal.measure(video[..., 0], 5)
     assert np.isnan(temporal.measure(np.zeros((10, 4, 4, 3), np.uint8), 5)["flicker_ratio"])
     assert "temporal_consistency" in evaluators.EVALUATORS
+
+
+def test_wrapping_long_clips_adhere_in_every_segment_with_the_wrap_measure():
+    """Ground-truth 20-frame wrapping clips keep direction in every segment when read on
+    the torus; read straight, segments where the object crosses an edge are lost."""
+    clips = [synthetic.synthetic_clip(i, 3, 20, 16, 16, motion="wrap") for i in range(24)]
+    wrap = temporal.summarize([temporal.record(c["video"], c["caption"], 5, "wrap") for c in clips])
+    for segment in wrap["per_segment"]:
+        assert segment["colour"] == segment["direction"] == 1.0
+    assert wrap["max_drop_direction"] == 0.0
+    straight = temporal.summarize([temporal.record(c["video"], c["caption"], 5) for c in clips])
+    assert min(s["direction"] for s in straight["per_segment"]) < 0.9
