@@ -4,7 +4,9 @@ r"""Evaluators chosen by `evaluate.type`; each writes WORKDIR/eval/<step>.json.
 space (fixed seed), measures each video's dominant colour, motion direction, shape and
 speed from the pixels (sora_jax.evaluation.adherence, no learned weights) and reports the
 fraction that match the prompt, next to chance (1/6 colour, 1/4 direction, 1/3 shape,
-1/2 speed, 1/24 colour and direction, 1/144 all four).
+1/2 speed, 1/24 colour and direction, 1/144 all four). A run trained on wrapping clips
+(`data.source.motion='wrap'`) is read on the torus (adherence's circular measure), here
+and in `temporal_consistency`'s segments; the protocol then records `motion`.
 
 The reference (`evaluate.reference`, `reference`): 'holdout', the dataset's held-out split
 (sora_jax.data.holdout; made by `data.tokenize.holdout_fraction`), 'synthetic', or 'auto'
