@@ -3,6 +3,8 @@ the same draws, and the batch loss is the mean over samples (or token-weighted).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -63,7 +65,8 @@ def _model():
     )  # fmt: skip
 
 
-def _params(model, batch):
+@functools.partial(jax.jit, static_argnums=0)  # one compile, not one per operation
+def _params(model):
     x = jnp.zeros((1, 1, 4, 4, 2 * C + 1))
     init = model.init(
         jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, S, D_TEXT)), jnp.ones((1, S), bool)
@@ -80,7 +83,7 @@ def test_each_sample_loss_is_its_clip_alone_with_the_same_draws():
     model = _model()
     apply_fn = dit.make_apply_fn(model)
     batch, clips = _batch()
-    params = _params(model, batch)
+    params = _params(model)
     key = jax.random.key(7)
     loss, aux = jax.jit(
         lambda p, b: packed.packed_loss_fn(
@@ -93,13 +96,16 @@ def test_each_sample_loss_is_its_clip_alone_with_the_same_draws():
         conditioning.I2V,
         conditioning.IMAGE,
     }
+    # Compiled, as in training (op by op, each clip's model call dispatches every op alone).
+    per_sample_loss = jax.jit(flow.per_sample_loss, static_argnums=(0, 8))
     keys = packed.sample_keys(key, 2, K)
-    eps_tok = packed.token_noise(
+    eps_tok = jax.jit(packed.token_noise, static_argnums=4)(
         keys, jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["positions"]),
         jnp.asarray(batch["segment_shapes"]), batch["tokens"].shape[-1],
     )  # fmt: skip
+    unpatchify = jax.jit(dit.unpatchify, static_argnums=(1, 2))
     for r, j, sl, x0, grid in clips:
-        eps = dit.unpatchify(eps_tok[r : r + 1, sl], grid, PATCH)
+        eps = unpatchify(eps_tok[r : r + 1, sl], grid, PATCH)
         keep = jax.random.uniform(jax.random.fold_in(keys[r, j], flow.PURPOSE_DROPOUT)) >= 0.3
         text = batch["text"][r, j][None] * keep
         mask = batch["text_mask"][r, j][None] & bool(keep)
@@ -107,7 +113,7 @@ def test_each_sample_loss_is_its_clip_alone_with_the_same_draws():
         if tasks[r, j] != conditioning.IMAGE:
             given = conditioning.task_mask(conditioning.TASKS[tasks[r, j]], 1, x0.shape[1])
             given = jnp.zeros((1, x0.shape[1]), bool) if given is None else given
-        alone = flow.per_sample_loss(
+        alone = per_sample_loss(
             apply_fn, params, jnp.asarray(x0), eps, jnp.asarray([t[r, j]]), text, mask, given, C + 1
         )
         np.testing.assert_allclose(losses[r, j], alone[0], rtol=2e-5)
@@ -115,9 +121,11 @@ def test_each_sample_loss_is_its_clip_alone_with_the_same_draws():
     assert real.sum() == 4 and np.all(t[~real] == -1)
     np.testing.assert_allclose(loss, losses[real].mean(), rtol=1e-6)
     # token-weighted: generated elements count, i2v's given frame does not
-    loss_tok, _ = packed.packed_loss_fn(
-        apply_fn, params, batch, key, _config(packed_loss="token"), patch=PATCH, cond_channels=C + 1
-    )
+    loss_tok, _ = jax.jit(
+        lambda p, b: packed.packed_loss_fn(
+            apply_fn, p, b, key, _config(packed_loss="token"), patch=PATCH, cond_channels=C + 1
+        )
+    )(params, batch)
     n = np.zeros((2, K))
     for r, j, _, x0, _ in clips:
         frames = x0.shape[1] - (tasks[r, j] == conditioning.I2V)
