@@ -67,6 +67,7 @@ from sora_jax.models.layers import (
     check_patchable,
     dense,
     gate,
+    materialize,
     modulate,
     patchify,
     stream_barrier,
@@ -411,6 +412,8 @@ class VideoDiT(nn.Module):
         else:
             rope = rope_lib.rope_tables(grid, split)  # (cos, sin), each [L, E/2]
             segments = None
+        if mesh_lib.target_platform() == "cpu":  # computed once, not in every q/k element
+            rope = tuple(materialize(table) for table in rope)
         causal_kw = [None] * self.num_layers
         if causal and cache is None:
             causal_kw = [dict(block_ids=causal_lib.token_chunks(grid, chunk_t))] * self.num_layers

@@ -235,6 +235,16 @@ def _stream_barrier_jvp(primals, tangents):
     return primals[0], jax.lax.dynamic_update_slice(t, one, corner)
 
 
+def materialize(x: jax.Array) -> jax.Array:
+    """The identity, computed once into a buffer of its own: XLA's CPU fuser would otherwise
+    recompute a cheap-looking producer inside every consumer (the RoPE tables' cos and sin,
+    once per element of q and k and again in the backward: ~4% of the 320-token step of
+    benchmarks/peer_step.py). An in-place update of one element with its own value needs
+    its operand in a buffer (`stream_barrier`); values are bit-identical."""
+    corner = (0,) * x.ndim
+    return jax.lax.dynamic_update_slice(x, jax.lax.slice(x, corner, (1,) * x.ndim), corner)
+
+
 # --- adaLN modulation: per sample (Tm = 1), per latent frame (Tm = T') or per token -----
 # (Tm = L: packed rows, each token modulated by its own clip's, or frame's, timestep).
 
