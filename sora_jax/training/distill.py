@@ -105,6 +105,7 @@ class Distill(families.DiT):
                 global_batch=p.global_batch,
                 tokens=p.tokens,
                 flops=p.model_tflops_per_step * 1e12 * self._forwards() / 3.0,
+                fingerprint=p.fingerprint,
             )
             for s, p in zip(shapes, plans, strict=True)
         }

@@ -54,6 +54,7 @@ class CompiledStep:
     global_batch: int
     tokens: int | None  # per sample; None for a model without tokens
     flops: float | None  # model FLOPs of one step; None for a model without a formula
+    fingerprint: str = ""  # what it computes (plan.step_fingerprint); "" = not known
 
 
 class Family:
@@ -181,6 +182,7 @@ class DiT(Family):
                 global_batch=p.global_batch,
                 tokens=p.tokens,
                 flops=p.model_tflops_per_step * 1e12,
+                fingerprint=p.fingerprint,
             )
             for s, p in zip(shapes, plans, strict=True)
         }
@@ -236,7 +238,8 @@ class PackedDiT(DiT):
         log.info("compiled the packed step in %.1f s", p.compile_s)
         # perf/tokens_per_s counts row slots (padding included); train/useful_tokens the
         # clips' own tokens per step.
-        return {packing.BUCKET: CompiledStep(exe, batch, p.global_batch, p.tokens, None)}
+        step = CompiledStep(exe, batch, p.global_batch, p.tokens, None, p.fingerprint)
+        return {packing.BUCKET: step}
 
     def evaluate(self, state, step: int) -> dict[str, float]:
         del state, step

@@ -129,6 +129,10 @@ def train(
 
     # --- Compile ------------------------------------------------------------------------
     steps = family.compile(abstract, shardings)  # bucket -> CompiledStep, before step one
+    fingerprints = {b: s.fingerprint for b, s in steps.items()}
+    changed = resume.record_compiled_steps(workdir, start, fingerprints)
+    if changed:  # the continuation is not the uninterrupted run's (training/resume.py)
+        log.warning("\n".join(changed))
 
     # --- Loop ---------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(workdir)

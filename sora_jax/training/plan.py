@@ -17,6 +17,7 @@ when a bucket needs more than the device memory: a per-device-kind table below, 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 import re
@@ -204,6 +205,9 @@ class BucketPlan:
     # Mosaic (Pallas TPU) kernels in the compiled step by name, e.g. splash's forward and
     # fused backward: empty on other platforms, and when a kernel was interpreted.
     kernels: dict[str, int] = dataclasses.field(default_factory=dict)
+    # What the compiled step computes (`step_fingerprint`): equal in two processes that
+    # run the same step, so a resumed run can tell whether it continues with the same one.
+    fingerprint: str = ""
 
     @property
     def peak_gb(self) -> float:
@@ -243,6 +247,7 @@ def compile_steps(
             config.model, tokens, text_len, lora=lora, global_batch=step.global_batch
         )
         mem = exe.memory_analysis()
+        hlo = exe.as_text()
         cost = exe.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
         xla_flops = (cost or {}).get("flops")
@@ -262,7 +267,8 @@ def compile_steps(
                 temp_gb=_gb(mem, "temp_size_in_bytes"),
                 alias_gb=_gb(mem, "alias_size_in_bytes"),
                 compile_s=compile_s,
-                kernels=mosaic_kernels(exe.as_text()),
+                kernels=mosaic_kernels(hlo),
+                fingerprint=step_fingerprint(hlo),
             )
         )
     return compiled, plans
@@ -302,6 +308,28 @@ def mosaic_kernels(hlo_text: str) -> dict[str, int]:
             name = m.group(1) if m else "tpu_custom_call"
             counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
+
+
+# `metadata={op_name=... source_file=... source_line=...}` of an HLO instruction (quoted
+# strings may hold braces).
+_HLO_METADATA = re.compile(r', metadata=\{(?:[^{}"]|"(?:[^"\\]|\\.)*")*\}')
+
+
+def step_fingerprint(hlo_text: str) -> str:
+    """A hash of what a compiled step computes: its optimized HLO (`compiled.as_text()`),
+    the module's header and computations, without the source locations (instruction
+    metadata, the module's file and stack-frame tables), which move with any edit above a
+    line and change nothing computed. Two processes that compiled (or loaded from the
+    persistent cache) the same step agree; a change of the model or loss code, of the
+    compiler's rewrites (an XLA version, its flags) or of the mesh changes it."""
+    kept, inside = [], False
+    for line in hlo_text.splitlines():
+        if line.startswith("HloModule "):
+            kept.append(line)
+        elif inside or line.startswith(("%", "ENTRY %")):  # a computation, to its "}"
+            kept.append(_HLO_METADATA.sub("", line))
+            inside = line != "}"
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()[:16]
 
 
 def _gb(mem, field: str) -> float:
@@ -501,6 +529,7 @@ def compile_packed_step(jitted, abstract_state, batch, config, mesh, rules):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         exe = jitted.lower(abstract_state, batch).compile()
     mem = exe.memory_analysis()
+    hlo = exe.as_text()
     return exe, BucketPlan(
         bucket=packing.BUCKET,
         latent_shape=(o.tokens_per_row,),
@@ -513,7 +542,8 @@ def compile_packed_step(jitted, abstract_state, batch, config, mesh, rules):
         temp_gb=_gb(mem, "temp_size_in_bytes"),
         alias_gb=_gb(mem, "alias_size_in_bytes"),
         compile_s=time.perf_counter() - t0,
-        kernels=mosaic_kernels(exe.as_text()),
+        kernels=mosaic_kernels(hlo),
+        fingerprint=step_fingerprint(hlo),
     )
 
 

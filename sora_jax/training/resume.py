@@ -1,14 +1,24 @@
 """Resuming a run: the newest committed checkpoint that reads back, refused with the
 differing fields named when the config changes the train state's structure, and an
 unreadable checkpoint moved aside (never deleted) so the run falls back to the previous one.
+
+A resume is bit-identical to an uninterrupted run only when it runs the same compiled
+step. Each process of a run records what its steps compute (`training/plan.py`
+`step_fingerprint`, per bucket) in `WORKDIR/compiled_steps.jsonl`; a resumed process
+compares its own with those of the process whose steps led to the checkpoint and names
+every bucket whose step changed (edited model or loss code, another JAX or XLA, other
+compiler flags or devices): the run goes on, but its numbers may differ from an
+uninterrupted run's in the last bits and grow apart from there.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
 import jax
+import jaxlib
 from jax.experimental import multihost_utils
 
 from sora_jax.run import checkpoint as ckpt_lib
@@ -85,3 +95,41 @@ def restore_for_resume(mngr, abstract_state, config_json: dict):
                 aside.name,
             )
     return None
+
+
+STEPS_FILE = "compiled_steps.jsonl"
+
+
+def record_compiled_steps(workdir, start: int, fingerprints: dict[str, str]) -> list[str]:
+    """Appends this process's compiled steps to WORKDIR/compiled_steps.jsonl and returns a
+    line per bucket whose step differs from the one that computed the steps before `start`.
+
+    Records of processes that started at or after `start` are dropped first (their steps
+    were not kept, as metrics after the checkpoint are not), so the last one left is the
+    process this one continues. Process 0 reads and writes; the others return nothing.
+    """
+    if jax.process_index() != 0:
+        return []
+    path = pathlib.Path(workdir) / STEPS_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    records = [r for r in map(json.loads, lines) if r["start_step"] < start]
+    versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
+    mine = {"start_step": start, "steps": fingerprints, **versions}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*records, mine]))
+    if not records:
+        return []
+    last = records[-1]
+    changed = [
+        f"bucket {b}: step {last['steps'][b]} -> {fp}"
+        for b, fp in sorted(fingerprints.items())
+        if fp and last["steps"].get(b) and last["steps"][b] != fp
+    ]
+    changed += [f"{k} {last[k]} -> {v}" for k, v in versions.items() if last.get(k, v) != v]
+    if not changed:
+        return []
+    return [
+        f"resumed at step {start} with another compiled step than the process that trained "
+        f"steps {last['start_step'] + 1}-{start} ({STEPS_FILE}): the model or loss code, "
+        "JAX/XLA, the compiler flags or the devices changed, so this run may differ from an "
+        "uninterrupted one from here (bit-identical resume needs the same step):"
+    ] + [f"  {c}" for c in changed]

@@ -43,6 +43,7 @@ from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import train_state as state_lib
 from sora_jax.run import validate as validate_lib
 from sora_jax.training import families
+from sora_jax.training import plan as plan_lib
 from sora_jax.training.step import apply_update, step_key
 
 # The VAE config check lives with the other config checks (sora_jax/run/validate.py).
@@ -266,7 +267,10 @@ class VAE(families.Family):
         }
         with jax.set_mesh(mesh), nn.logical_axis_rules(self.rules):
             exe = jitted.lower(abstract, batch).compile()
-        step = families.CompiledStep(exe, batch, d.global_batch_size, tokens=None, flops=None)
+        step = families.CompiledStep(
+            exe, batch, d.global_batch_size, tokens=None, flops=None,
+            fingerprint=plan_lib.step_fingerprint(exe.as_text()),
+        )  # fmt: skip
         return {self.clips.key: step}
 
     def evaluate(self, state, step: int) -> dict[str, float]:

@@ -2,6 +2,7 @@
 batches are skipped and k in a row roll back, corrupt checkpoints are skipped, elastic
 restore onto other device counts, and resumes that change the state's structure refused."""
 
+import functools
 import json
 import os
 import pathlib
@@ -13,6 +14,8 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
+import jaxlib
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -28,7 +31,7 @@ from sora_jax.run import checkpoint as ckpt_lib
 from sora_jax.run import optimizer as optimizer_lib
 from sora_jax.run import setup
 from sora_jax.run import train_state as state_lib
-from sora_jax.training import eval_hook, loop, perf, plan
+from sora_jax.training import eval_hook, loop, perf, plan, resume
 from sora_jax.training import metrics as metrics_lib
 from sora_jax.training import step as step_lib
 
@@ -63,8 +66,8 @@ def _metrics(work):
     return [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
 
 
-def _train_cli(work, *extra, **popen):
-    cmd = [sys.executable, "-m", "sora_jax.train", "--config=experiments/demo.py:tiny"]
+def _train_cli(work, *extra, variant="tiny", code=ROOT, **popen):
+    cmd = [sys.executable, "-m", "sora_jax.train", f"--config=experiments/demo.py:{variant}"]
     cmd += [
         f"--workdir={work}",
         "--config.log_every_steps=1",
@@ -72,7 +75,12 @@ def _train_cli(work, *extra, **popen):
         *extra,
     ]
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, **popen)
+    return subprocess.Popen(cmd, cwd=code, env=env, **popen)
+
+
+def _compiled_steps(work):
+    lines = (work / resume.STEPS_FILE).read_text().splitlines()
+    return [json.loads(x) for x in lines]
 
 
 def _saved_state(work, step):
@@ -193,12 +201,21 @@ def test_throughput_covers_the_timed_steps_only(dataset, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
+@pytest.mark.parametrize(
+    "variant, steps, batch",
+    [
+        # Batch 64 makes steps slow enough to kill the run part-way, and 4 steps an epoch.
+        ("tiny", 60, 64),
+        # Diffusion forcing (a time per chunk) and block-causal attention, kept cheap.
+        ("tiny,causal", 12, 16),
+    ],
+)
+def test_sigkill_then_resume_is_bit_identical(dataset, code, tmp_path, variant, steps, batch):
     straight, resumed = _workdir(tmp_path, dataset, "a"), _workdir(tmp_path, dataset, "b")
-    # Batch 64 makes steps slow enough to kill the run part-way (both runs use it).
-    steps = ["--config.total_steps=60", "--config.data.global_batch_size=64"]
-    assert _train_cli(straight, *steps).wait(timeout=900) == 0
-    proc = _train_cli(resumed, *steps, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = [f"--config.total_steps={steps}", f"--config.data.global_batch_size={batch}"]
+    run = functools.partial(_train_cli, variant=variant, code=code)
+    assert run(straight, *flags).wait(timeout=900) == 0
+    proc = run(resumed, *flags, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not (resumed / "checkpoints" / "4").is_dir():  # committed: renamed into place
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -206,12 +223,50 @@ def test_sigkill_then_resume_is_bit_identical(dataset, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (resumed / "checkpoints" / "60").exists()  # really killed part-way
-    assert _train_cli(resumed, *steps).wait(timeout=900) == 0
-    a, b = _saved_state(straight, 60), _saved_state(resumed, 60)
+    assert not (resumed / "checkpoints" / str(steps)).exists()  # really killed part-way
+    assert run(resumed, *flags).wait(timeout=900) == 0
+    # The three processes ran one compiled step (training/resume.py); the killed one and
+    # the one that resumed it each left a record.
+    (first,), (killed, after) = _compiled_steps(straight), _compiled_steps(resumed)
+    assert killed["start_step"] == 0 and after["start_step"] in (4, 8)
+    assert first["steps"] == killed["steps"] == after["steps"] and all(first["steps"].values())
+    a, b = _saved_state(straight, steps), _saved_state(resumed, steps)
     jax.tree.map(np.testing.assert_array_equal, a, b)  # params, optimizer state, EMA, step
     train_keys = lambda m: {k: v for k, v in m.items() if k.startswith("train/")}  # noqa: E731
     assert [train_keys(m) for m in _metrics(straight)] == [train_keys(m) for m in _metrics(resumed)]
+
+
+def test_a_resume_with_another_compiled_step_names_the_bucket(tmp_path):
+    """The record of compiled steps: a resume with another step (or another jaxlib) says
+    so and names the bucket; records of processes after the checkpoint are dropped."""
+    assert resume.record_compiled_steps(tmp_path, 0, {"5x16x16": "aaaa"}) == []
+    assert resume.record_compiled_steps(tmp_path, 4, {"5x16x16": "aaaa"}) == []
+    # A process that started at 8 and was killed before its first checkpoint.
+    assert resume.record_compiled_steps(tmp_path, 8, {"5x16x16": "cccc"})
+    out = resume.record_compiled_steps(tmp_path, 8, {"5x16x16": "bbbb", "1x16x16": "dddd"})
+    assert "steps 5-8" in out[0] and out[1:] == ["  bucket 5x16x16: step aaaa -> bbbb"]
+    assert [r["start_step"] for r in _compiled_steps(tmp_path)] == [0, 4, 8]
+    lines = (tmp_path / resume.STEPS_FILE).read_text().splitlines()
+    old = json.loads(lines[-1]) | {"jaxlib": "0.0.1"}
+    (tmp_path / resume.STEPS_FILE).write_text(json.dumps(old) + "\n")
+    out = resume.record_compiled_steps(tmp_path, 12, old["steps"])
+    assert out[1:] == [f"  jaxlib 0.0.1 -> {jaxlib.__version__}"]
+
+
+def test_step_fingerprint_ignores_source_locations_and_sees_computations():
+    """Two compilations of one function, from different source lines, agree; another
+    constant does not (the optimized HLO without its source locations)."""
+
+    def compiled(fn):
+        return jax.jit(fn).lower(np.ones((8, 8), np.float32)).compile().as_text()
+
+    a = compiled(lambda x: jnp.sin(x) @ x + 1.0)
+    b = compiled(
+        lambda x: jnp.sin(x) @ x + 1.0  # another line: other metadata
+    )
+    c = compiled(lambda x: jnp.sin(x) @ x + 2.0)
+    assert "FileLocations" in a and a != b
+    assert plan.step_fingerprint(a) == plan.step_fingerprint(b) != plan.step_fingerprint(c)
 
 
 def test_sigterm_saves_the_current_step_and_exits_cleanly(dataset, tmp_path):
