@@ -22,7 +22,7 @@ from sora_jax import config as config_lib
 from sora_jax.data import native, records, shards, tokenization
 from sora_jax.evaluation import generate
 from sora_jax.evaluation import requests as requests_lib
-from sora_jax.training import loop, plan
+from sora_jax.training import loop, plan, resume
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "experiments" / "demo.py")
@@ -126,21 +126,23 @@ def test_plan_of_a_packed_config_is_one_step(capsys):
     assert "packed" in capsys.readouterr().out
 
 
-def _train_cli(work, *extra, **popen):
+def _train_cli(work, *extra, code=ROOT, **popen):
     cmd = [sys.executable, "-m", "sora_jax.train", "--config=experiments/demo.py:tiny,packed"]
     cmd += [f"--workdir={work}", "--config.log_every_steps=1", "--config.checkpoint_every_steps=4"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    return subprocess.Popen([*cmd, *extra], cwd=ROOT, env=env, **popen)
+    return subprocess.Popen([*cmd, *extra], cwd=code, env=env, **popen)
 
 
-def test_sigkill_then_resume_is_bit_identical(native_dataset, tmp_path):
+def test_sigkill_then_resume_is_bit_identical(native_dataset, code, tmp_path):
     straight, resumed = (
         _workdir(tmp_path, native_dataset, "a"),
         _workdir(tmp_path, native_dataset, "b"),
     )
     steps = ["--config.total_steps=24", "--config.data.packing.rows_per_batch=16"]
-    assert _train_cli(straight, *steps).wait(timeout=900) == 0
-    proc = _train_cli(resumed, *steps, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _train_cli(straight, *steps, code=code).wait(timeout=900) == 0
+    proc = _train_cli(
+        resumed, *steps, code=code, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 600
     while not (resumed / "checkpoints" / "4").is_dir():
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -149,7 +151,14 @@ def test_sigkill_then_resume_is_bit_identical(native_dataset, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (resumed / "checkpoints" / "24").exists()
-    assert _train_cli(resumed, *steps).wait(timeout=900) == 0
+    assert _train_cli(resumed, *steps, code=code).wait(timeout=900) == 0
+    # One compiled step in the three processes (training/resume.py's record).
+    records = [
+        json.loads(x)["steps"]
+        for w in (straight, resumed)
+        for x in (w / resume.STEPS_FILE).read_text().splitlines()
+    ]
+    assert len(records) == 3 and all(r == records[0] for r in records), records
     restore = lambda w: ocp.StandardCheckpointer().restore(w / "checkpoints" / "24" / "state")  # noqa: E731
     jax.tree.map(np.testing.assert_array_equal, restore(straight), restore(resumed))
     keys = lambda w: [  # noqa: E731
