@@ -100,18 +100,17 @@ def _pack(rows):
 def _params(model, seed: int = 1):
     """Random parameters everywhere (adaLN-Zero's zero init would make every output 0)."""
     clip = _clips()[0][0]
-    init = model.init(
-        jax.random.key(0),
-        clip["x_in"][None],
-        clip["t"][None],
-        clip["text"][None],
-        clip["mask"][None],
-    )["params"]
-    leaves, tree = jax.tree.flatten(init)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(
-        tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    )
+
+    @jax.jit  # one compile, not one per operation of the model's init
+    def params(x_in, t, text, mask):
+        init = model.init(jax.random.key(0), x_in, t, text, mask)["params"]
+        leaves, tree = jax.tree.flatten(init)
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        return jax.tree.unflatten(
+            tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+        )
+
+    return params(clip["x_in"][None], clip["t"][None], clip["text"][None], clip["mask"][None])
 
 
 def _jit_apply(model):
