@@ -204,8 +204,9 @@ def test_throughput_covers_the_timed_steps_only(dataset, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "variant, steps, batch",
     [
-        # Batch 64 makes steps slow enough to kill the run part-way, and 4 steps an epoch.
-        ("tiny", 60, 64),
+        # Batch 64 makes steps slow enough to kill the run part-way, and 4 steps an epoch
+        # (6 epochs; 6 checkpoints, 3 kept).
+        ("tiny", 24, 64),
         # Diffusion forcing (a time per chunk) and block-causal attention, kept cheap.
         ("tiny,causal", 12, 16),
     ],
