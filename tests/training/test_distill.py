@@ -31,9 +31,19 @@ from sora_jax.training import distill_step, loop, plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DISTILL = str(ROOT / "experiments" / "distill.py")
-STEPS = 8
+# Checkpoints every 2 steps (distill.py:tiny): the SIGKILL test stops a run after step 2's
+# and resumes it through steps 3 and 4.
+STEPS = 4
 # data 2 x fsdp 4: the student, its optimizer state, EMA and the teacher sharded over fsdp.
 OVERRIDES = ["--config.mesh.ici_fsdp=4", f"--config.total_steps={STEPS}"]
+# The entry points' processes share the tests' compilation cache (tests/conftest.py): the
+# killed run loads the step the straight run compiled in this process instead of compiling
+# it again (the same program: the cache key is the step's HLO and compile options).
+ENV = {
+    **os.environ,
+    "TQDM_DISABLE": "1",
+    "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+}
 
 
 def student_config(teacher, **fields):
@@ -116,9 +126,8 @@ def test_sigkill_then_resume_is_bit_identical(method, tiny_run, tmp_path, reques
         f"--config={DISTILL}:tiny,teacher={tiny_run[0]},method={method}",
         f"--workdir={resumed}", *OVERRIDES,
     ]  # fmt: skip
-    env = {**os.environ, "TQDM_DISABLE": "1"}
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 600
     while not (resumed / "checkpoints" / "2").is_dir():  # committed: renamed into place
@@ -150,11 +159,16 @@ def test_student_samples_with_one_and_four_consistency_steps(student):
     video1, _ = gen.generate(prompts, one, pad_to=8)
     # One step is f(eps, 1) = eps - u(eps, 1), decoded: computed here without the sampler.
     shape = gen._latent_shape(one)
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(one.seed), i))(jnp.arange(2))
-    noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+
+    @jax.jit  # compiled once (op by op, the network and the noise draws are slow to run)
+    def one_step(params, text, mask):
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(one.seed), i))(jnp.arange(2))
+        noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+        u = gen.apply_fn(params, noise, jnp.ones(2), text, mask)
+        return consistency.consistency_fn(u, noise, jnp.ones(2))
+
     text, mask = gen.text_encoder.encode(prompts)
-    u = gen.apply_fn(jax.device_get(gen.params), noise, jnp.ones(2), text, mask)
-    expected = gen.tokenizer.decode(np.asarray(consistency.consistency_fn(u, noise, jnp.ones(2))))
+    expected = gen.tokenizer.decode(np.asarray(one_step(jax.device_get(gen.params), text, mask)))
     np.testing.assert_allclose(video1, np.clip(expected, -1, 1), atol=2e-4)
     four = SampleOptions.from_config(config.sample, num_steps=4)
     video4, timings = gen.generate(prompts, four, pad_to=8)
@@ -168,14 +182,13 @@ def test_sample_cli_samples_a_student_with_its_recorded_family(student, tmp_path
     work, _ = student
     cmd = [sys.executable, "-m", "sora_jax.sample", f"--workdir={work}", f"--output={tmp_path}"]
     cmd += ["--prompt=a red square moving left slowly", "--steps=1"]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     sidecar = json.loads(next(tmp_path.glob("000_*.json")).read_text())
     assert sidecar["sampler"] == "consistency" and sidecar["num_steps"] == 1
     assert sidecar["cfg_scale"] == 1.0
     bad = subprocess.run(
-        cmd + ["--cfg=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        cmd + ["--cfg=3"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600
     )
     assert bad.returncode == 2 and "--cfg=1" in bad.stderr
 
@@ -234,8 +247,7 @@ def test_few_step_benchmark_runs_on_the_tiny_teacher_and_student(tiny_run, stude
         sys.executable, "benchmarks/few_step.py", f"--teacher={teacher}",
         f"--student={student[0]}", "--steps=3", "--repeats=1", "--cache=1e9",
     ]  # fmt: skip
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     number = r"[0-9.]+"
     for row in [
