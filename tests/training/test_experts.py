@@ -46,7 +46,7 @@ def _tiny_experts():
     text, mask = jnp.zeros((1, 3, 8)), jnp.ones((1, 3), bool)
     params = jax.tree.map(
         lambda a: a.value if hasattr(a, "value") else a,
-        model.init(jax.random.key(0), x, jnp.zeros((1,)), text, mask)["params"],
+        jax.jit(model.init)(jax.random.key(0), x, jnp.zeros((1,)), text, mask)["params"],
         is_leaf=lambda a: hasattr(a, "value"),
     )
 
