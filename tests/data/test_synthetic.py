@@ -1,5 +1,6 @@
 """Synthetic captioned clips: captions parse back, rendering is deterministic, the object
-stays inside the frame, and it travels the distance its speed word promises."""
+stays inside the frame, and it travels the distance its speed word promises; wrapping
+clips equal a 3 x 3 tiled straight render folded onto the frame (exact on the torus)."""
 
 import dataclasses
 import itertools

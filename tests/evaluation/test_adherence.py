@@ -1,6 +1,8 @@
 """Prompt adherence from pixels: ground-truth clips measure back as their captions say
 (colour, direction, shape, speed), clips of another shape or speed do not, shuffled
-captions score near chance, and unreadable videos never match."""
+captions score near chance, and unreadable videos never match. The wrap measure reads
+wrapping clips back (objects straddling an edge included) and gives the straight
+measure's words on straight videos."""
 
 import dataclasses
 
