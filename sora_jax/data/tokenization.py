@@ -86,10 +86,22 @@ def tokenize_option(config: ml_collections.ConfigDict, name: str, default):
     return section.get(name, default) if hasattr(section, "get") else default
 
 
+def _source_record(section: Any) -> Any:
+    """`data.source` as the job records it: a synthetic source's default `motion`
+    ('straight') is left out, as in jobs written before the option (recursively, for the
+    parts of a mixture)."""
+    if not isinstance(section, dict):
+        return section
+    out = {k: _source_record(v) for k, v in section.items()}
+    if out.get("name") == "synthetic" and out.get("motion") == "straight":
+        del out["motion"]
+    return out
+
+
 def _job_record(config, source, options, per_unit, tokenizer, text_encoder) -> dict[str, Any]:
     bucket_list = buckets_lib.buckets_from_config(config.data)
     job = {
-        "source": config.data.source.to_dict(),
+        "source": _source_record(config.data.source.to_dict()),
         "num_inputs": len(source),
         "buckets": {b.name: list(b.shape) for b in bucket_list},
         "keep_prob": {b.name: b.keep_prob for b in bucket_list},

@@ -4,12 +4,17 @@ clips equal a 3 x 3 tiled straight render folded onto the frame (exact on the to
 
 import dataclasses
 import itertools
+import json
+import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
 
-from sora_jax.data import buckets, sources, synthetic
+from sora_jax import config as config_lib
+from sora_jax.data import buckets, sources, synthetic, tokenization
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_caption_round_trip_over_every_attribute_combination():
@@ -203,3 +208,20 @@ def test_wrapping_starts_spread_along_the_motion_and_motion_is_validated():
     )
     with pytest.raises(ValueError, match="data.source.motion='bounce'"):
         sources.build_source(sources.source_config("synthetic", motion="bounce"), [bucket])
+
+
+def test_tokenize_records_motion_only_when_it_wraps(tmp_path):
+    """Datasets tokenized before the option (no `motion` in _units/job.json) resume under
+    the default; a wrap config is refused on them, naming the source."""
+    config = config_lib.load_config(f"{ROOT}/experiments/demo.py:tiny")
+    config.data.source.num_clips = 8
+    tokenization.run(config, tmp_path / "run")
+    job = json.loads((tmp_path / "run/data/_units/job.json").read_text())
+    assert "motion" not in job["source"]
+    tokenization.run(config, tmp_path / "run")  # resumes: nothing differs
+    config.data.source.motion = "wrap"
+    with pytest.raises(ValueError, match="differs in \\['source'\\]"):
+        tokenization.run(config, tmp_path / "run")
+    tokenization.run(config, tmp_path / "wrap")
+    job = json.loads((tmp_path / "wrap/data/_units/job.json").read_text())
+    assert job["source"]["motion"] == "wrap"
