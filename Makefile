@@ -36,7 +36,7 @@ format: $(STAMP)
 # --dist loadscope keeps each test module on one worker, so a module's fixtures (trained
 # runs, tokenized sets) are built once rather than once per worker.
 test: lint
-	$(PY) -m pytest -n 2 --dist loadscope --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -n 2 --dist loadscope --no-loadscope-reorder --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
