@@ -230,9 +230,7 @@ def stream_barrier(x: jax.Array) -> jax.Array:
 @stream_barrier.defjvp
 def _stream_barrier_jvp(primals, tangents):
     (t,) = tangents
-    corner = (0,) * t.ndim
-    one = jax.lax.slice(t, corner, (1,) * t.ndim)  # t's first element, [1, ..., 1]
-    return primals[0], jax.lax.dynamic_update_slice(t, one, corner)
+    return primals[0], materialize(t)
 
 
 def materialize(x: jax.Array) -> jax.Array:
@@ -240,7 +238,7 @@ def materialize(x: jax.Array) -> jax.Array:
     recompute a cheap-looking producer inside every consumer (the RoPE tables' cos and sin,
     once per element of q and k and again in the backward: ~4% of the 320-token step of
     benchmarks/peer_step.py). An in-place update of one element with its own value needs
-    its operand in a buffer (`stream_barrier`); values are bit-identical."""
+    its operand in a buffer (`stream_barrier`'s tangent is this); values are bit-identical."""
     corner = (0,) * x.ndim
     return jax.lax.dynamic_update_slice(x, jax.lax.slice(x, corner, (1,) * x.ndim), corner)
 
