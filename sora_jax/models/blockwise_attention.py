@@ -82,11 +82,13 @@ from jax.ad_checkpoint import checkpoint_name
 from sora_jax.models import attention_jvp
 from sora_jax.models.splash import RESIDUALS
 
-# Block sizes: Q × K float32 scores per (sample, head) are live at a time (256 × 512 × 4 B =
-# 512 KiB per head). On the 2-core CPU of docs/perf.md, 256 × 512 ran the forward and
-# backward at 2048 tokens 2-3× faster than 512 × 1024 or 1024 × 1024 (blocks that stay in
-# cache); other platforms may prefer larger blocks: tune with the arguments.
-BLOCK_Q, BLOCK_KV = 256, 512
+# Block sizes: Q × K float32 scores per (sample, head) are live at a time (256 × 2048 × 4 B =
+# 2 MiB per head). On the 2-core CPU of docs/perf.md, forward + backward `[2, L, 4, 64]`, keys
+# of 2048 against 512 cut the wall time by 18% at L = 640, 33% at 1,280, 16% at 2,048 and 10%
+# at 4,096 (fewer, larger key blocks keep both cores busy inside the loops); query blocks of
+# 128 or 512 were no better than 256. Other platforms may prefer other sizes: tune with the
+# arguments.
+BLOCK_Q, BLOCK_KV = 256, 2048
 _MIN = float(jnp.finfo(jnp.float32).min)
 
 
