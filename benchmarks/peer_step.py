@@ -12,6 +12,10 @@ diffusers, which are not dependencies of sora_jax: pass `--peer_python` for an i
 that has them); the driver asks the two for one step in turn, so both see the same machine
 load, and reports the median of each and the ratio `peer time / sora_jax time` (above 1:
 sora_jax is faster). Without a peer, only sora_jax's time is reported.
+
+`--split` also times each side with its attention replaced by an elementwise stand-in that
+still consumes q, k and v (so the projections, norms and RoPE that feed attention stay in the
+step): the difference is what attention costs each side inside the step (docs/perf.md).
 """
 
 from __future__ import annotations
@@ -33,13 +37,20 @@ def _latent(spec: str) -> tuple[int, int, int]:
     return t, h, w
 
 
-def jax_worker(latent: tuple[int, int, int], attention: str):
-    """A `step()` of sora_jax's VideoDiT and its parameter count."""
+def jax_worker(latent: tuple[int, int, int], attention: str, stand_in: bool = False):
+    """A `step()` of sora_jax's VideoDiT and its parameter count (`stand_in`: attention
+    replaced by `_stand_in`)."""
     import jax
     import jax.numpy as jnp
     from flax import linen as nn
 
+    from sora_jax.models import attention as attention_lib
     from sora_jax.models import build_model
+
+    if stand_in:  # the layers look the function up on the module at each call
+        attention_lib.dot_product_attention = lambda q, k, v, *a, **kw: _stand_in(
+            q, k, v, seq_axis=1, mean=lambda x: jnp.mean(x, axis=1, keepdims=True)
+        )
 
     w = WIDTHS
     cfg = dict(
@@ -75,10 +86,16 @@ def jax_worker(latent: tuple[int, int, int], attention: str):
     return step, sum(a.size for a in jax.tree.leaves(params))
 
 
-def torch_worker(latent: tuple[int, int, int]):
-    """A `step()` of diffusers' WanTransformer3DModel and its parameter count."""
+def torch_worker(latent: tuple[int, int, int], stand_in: bool = False):
+    """A `step()` of diffusers' WanTransformer3DModel and its parameter count (`stand_in`:
+    attention replaced by `_stand_in`)."""
     import torch
     from diffusers import WanTransformer3DModel
+
+    if stand_in:  # diffusers' native backend calls it through the module: [B, N, L, E]
+        torch.nn.functional.scaled_dot_product_attention = lambda query, key, value, *a, **kw: (
+            _stand_in(query, key, value, seq_axis=2, mean=lambda x: x.mean(2, keepdim=True))
+        )
 
     w = WIDTHS
     torch.manual_seed(0)
@@ -108,9 +125,22 @@ def torch_worker(latent: tuple[int, int, int]):
     return step, sum(p.numel() for p in model.parameters())
 
 
+def _stand_in(q, k, v, seq_axis: int, mean):
+    """What `--split` puts where attention was: self-attention returns `v + 1e-6 (q + k)`,
+    cross-attention `q + 1e-6 mean(k + v)` over the keys; elementwise, so the step keeps
+    computing q, k and v (they are not dead code) but none of attention's own work."""
+    if v.shape[seq_axis] == q.shape[seq_axis]:
+        return v + 1e-6 * (q + k)
+    return q + 1e-6 * mean(k + v)
+
+
 def serve(kind: str, latent: tuple[int, int, int], attention: str, warmup: int) -> None:
     """Worker: builds its side, warms up, then times one step per line read on stdin."""
-    step, count = jax_worker(latent, attention) if kind == "jax" else torch_worker(latent)
+    side, stand_in = kind.removesuffix("-stand_in"), kind.endswith("-stand_in")
+    if side == "jax":
+        step, count = jax_worker(latent, attention, stand_in)
+    else:
+        step, count = torch_worker(latent, stand_in)
     for _ in range(warmup):
         step()
     print(json.dumps({"ready": True, "params": count}), flush=True)
@@ -161,6 +191,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="auto", help="sora_jax's model.attention_impl")
     p.add_argument("--peer_python", default=sys.executable, help="'' = no peer")
+    p.add_argument("--split", action="store_true", help="also time each side without attention")
     p.add_argument("--_worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
@@ -169,30 +200,45 @@ def main(argv=None) -> None:
     peer = args.peer_python and _has_peer(args.peer_python)
     if not peer:
         print("peer: torch + diffusers not found (pass --peer_python); timing sora_jax only")
+    sides = ["jax", "torch"] if peer else ["jax"]
+    kinds = sides + [f"{side}-stand_in" for side in sides] if args.split else sides
     print(f"{'tokens':>7} {'sora_jax s':>11} {'peer s':>9} {'peer / sora_jax':>16}  params")
+    split_rows = []
     for spec in args.latents.split(","):
         args.latent = spec
         t, h, w = _latent(spec)
         tokens = t * (h // 2) * (w // 2)
-        ours = Worker(sys.executable, "jax", args)
-        theirs = Worker(args.peer_python, "torch", args) if peer else None
-        times = {"jax": [], "torch": []}
-        for _ in range(args.steps):  # alternate: both see the same load
-            times["jax"].append(ours.step())
-            if theirs:
-                times["torch"].append(theirs.step())
-        ours.close()
-        jax_s = statistics.median(times["jax"])
-        row = f"{tokens:>7} {jax_s:>11.3f}"
-        params = f"{ours.info['params']:,}"
-        if theirs:
-            theirs.close()
-            torch_s = statistics.median(times["torch"])
-            row += f" {torch_s:>9.3f} {torch_s / jax_s:>15.2f}x"
-            params += f" vs {theirs.info['params']:,}"
+        python = {"jax": sys.executable, "torch": args.peer_python}
+        workers = {k: Worker(python[k.split("-")[0]], k, args) for k in kinds}
+        times = {k: [] for k in kinds}
+        for _ in range(args.steps):  # alternate: every worker sees the same load
+            for k, worker in workers.items():
+                times[k].append(worker.step())
+        for worker in workers.values():
+            worker.close()
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row = f"{tokens:>7} {med['jax']:>11.3f}"
+        params = f"{workers['jax'].info['params']:,}"
+        if peer:
+            row += f" {med['torch']:>9.3f} {med['torch'] / med['jax']:>15.2f}x"
+            params += f" vs {workers['torch'].info['params']:,}"
         else:
             row += f" {'-':>9} {'-':>16}"
         print(f"{row}  {params}", flush=True)
+        if args.split:
+            cells = []
+            for side in ("jax", "torch"):
+                if side in sides:
+                    rest = med[f"{side}-stand_in"]
+                    cells += [f"{med[side]:.3f}", f"{rest:.3f}", f"{med[side] - rest:.3f}"]
+                else:
+                    cells += ["-"] * 3
+            split_rows.append(f"{tokens:>7} " + " ".join(f"{c:>10}" for c in cells))
+    if args.split:
+        print("\nseconds per step; 'rest' = attention replaced by the elementwise stand-in")
+        head = ["sora_jax", "rest", "attention", "peer", "rest", "attention"]
+        print(f"{'tokens':>7} " + " ".join(f"{c:>10}" for c in head))
+        print("\n".join(split_rows))
 
 
 if __name__ == "__main__":

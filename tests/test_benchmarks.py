@@ -47,6 +47,22 @@ TINY = {
             rf"blocking / step\s+{NUMBER}",
         ],
     ),
+    "cpu_kernels.py": (  # no peer: jax's side only
+        [
+            "--lengths=64",
+            "--blocks=32x32,32x64",
+            "--heads=2",
+            "--head_dim=8",
+            "--ops_length=64",
+            "--matmuls=64x16x32",
+            "--reps=1",
+        ],
+        [
+            rf"\n\s+64\s+{NUMBER} \({NUMBER}\)\s+{NUMBER} \({NUMBER}\)",
+            rf"exp\(s - rowmax s\)\s+{NUMBER} ms per block",
+            rf"\[64, 16\] @ \[16, 32\]\s+{NUMBER}\s+xᵀ dy\s+{NUMBER}",
+        ],
+    ),
     "data_pipeline.py": (
         ["--records=64", "--batch=8", "--seconds=0.2", "--settings=0/0"],
         [rf"\n\s*0\s+0\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
@@ -94,8 +110,11 @@ TINY = {
         ],
     ),
     "peer_step.py": (  # sora_jax's side only: the peer (torch + diffusers) is not installed
-        ["--latents=5x8x8", "--steps=1", "--warmup=1", "--peer_python="],
-        [rf"\n\s+80\s+{NUMBER}\s+-\s+-\s+4,944,192"],
+        ["--latents=5x8x8", "--steps=1", "--warmup=1", "--peer_python=", "--split"],
+        [
+            rf"\n\s+80\s+{NUMBER}\s+-\s+-\s+4,944,192",
+            rf"\n\s+80\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+-\s+-\s+-",  # --split's table
+        ],
     ),
     "sample.py": (
         ["--workdir={run}"],
