@@ -77,8 +77,7 @@ def forward_ops(args) -> None:
     the block shape, times the number of query blocks."""
     length = args.ops_length
     q, k, v, _ = _qkv(length, args)
-    bk = bw._block(length, bw.BLOCK_KV)
-    bq = length if length * bk <= bw.BLOCK_Q * bw.BLOCK_KV else bw._block(length, bw.BLOCK_Q)
+    bq, bk = bw.block_shape(length, length)
     nq = -(-length // bq)
     b, n, e = args.batch, args.heads, args.head_dim
     fwd = jax.jit(bw.blockwise_attention)

@@ -371,6 +371,13 @@ def _block(length: int, block: int) -> int:
     return min(block, -(-size // 8) * 8) if size > 8 else size
 
 
+def block_shape(lq: int, s: int, block_q: int = BLOCK_Q, block_kv: int = BLOCK_KV):
+    """`(Q, K)`: the query and key block sizes the kernel uses for L = `lq` queries and
+    S = `s` keys (module docstring, "Blocks")."""
+    bk = _block(s, block_kv)
+    return (lq if lq * bk <= block_q * block_kv else _block(lq, block_q)), bk
+
+
 def _pair(ids, name: str):
     """`ids` as (query ids, key ids): a pair as given, or one array for self-attention."""
     if ids is None:
@@ -432,8 +439,7 @@ def blockwise_attention_with_lse(
         )
     b, lq, n, _ = q.shape
     s = k.shape[1]
-    bk = _block(s, block_kv)
-    bq = lq if lq * bk <= block_q * block_kv else _block(lq, block_q)
+    bq, bk = block_shape(lq, s, block_q, block_kv)
     lp, sp = -(-lq // bq) * bq, -(-s // bk) * bk
 
     valid = None
