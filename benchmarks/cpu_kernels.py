@@ -26,15 +26,17 @@ import jax.numpy as jnp
 from sora_jax.models import blockwise_attention as bw
 
 
+def _once(fn) -> tuple[float, float]:
+    """(wall s, CPU s) of one `fn()` call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def _timed(fn, reps: int) -> tuple[float, float]:
     """(median wall s, median CPU s) of `fn()` after one warm-up call."""
     fn()
-    wall, cpu = [], []
-    for _ in range(reps):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    wall, cpu = zip(*(_once(fn) for _ in range(reps)), strict=True)
     return statistics.median(wall), statistics.median(cpu)
 
 
@@ -64,7 +66,7 @@ def attention_blocks(args) -> None:
         for _ in range(args.reps):  # alternate the block sizes
             for i, fn in enumerate(fns):
                 run = lambda fn=fn, qkv=(q, k, v): jax.block_until_ready(fn(*qkv))
-                times[i].append(_timed(run, 1))
+                times[i].append(_once(run))  # compiled and warmed up above
         cells = []
         for t in times:
             wall, cpu = statistics.median(w for w, _ in t), statistics.median(c for _, c in t)

@@ -84,9 +84,9 @@ from sora_jax.models.splash import RESIDUALS
 
 # Block sizes: Q × K float32 scores per (sample, head) are live at a time (256 × 2048 × 4 B =
 # 2 MiB per head). On the 2-core CPU of docs/perf.md, forward + backward `[2, L, 4, 64]`, keys
-# of 2048 against 512 cut the wall time by 18% at L = 640, 33% at 1,280, 16% at 2,048 and 10%
-# at 4,096 (fewer, larger key blocks keep both cores busy inside the loops); query blocks of
-# 128 or 512 were no better than 256. Other platforms may prefer other sizes: tune with the
+# of 2048 against 512 cut the wall time by 10-29% at L = 640 to 4,096 (fewer, larger key blocks
+# keep both cores busy inside the loops); of the other pairs benchmarks/cpu_kernels.py tries,
+# none is better at every length. Other platforms may prefer other sizes: tune with the
 # arguments.
 BLOCK_Q, BLOCK_KV = 256, 2048
 _MIN = float(jnp.finfo(jnp.float32).min)
